@@ -1,0 +1,25 @@
+"""Argument docs shared by the algorithms' docstrings (torch's wording, fuseopt's defaults)."""
+
+params = """params (iterable): iterable of parameters or named_parameters to optimize
+            or iterable of dicts defining parameter groups. When using named_parameters,
+            all parameters in all groups should be named"""
+foreach = """foreach (bool, optional): whether the foreach (multi-tensor) implementation is
+            used. If unspecified by the user (so foreach is None), fuseopt runs its fused
+            kernel where it has one for the device and dtype (default: None)"""
+fused = """fused (bool, optional): whether the fused implementation (one numba kernel per step
+            on CPU, float32 and float64) is used. If unspecified (None), fuseopt picks it on CPU
+            for those dtypes, unlike torch, whose CPU default is the for-loop (default: None)"""
+maximize = """maximize (bool, optional): maximize the objective with respect to the params,
+            instead of minimizing (default: False)"""
+capturable = """capturable (bool, optional): whether this instance is safe to capture in a
+            graph (CUDA graphs): step counters stay on the device (default: False)"""
+differentiable = """differentiable (bool, optional): whether autograd should occur through the
+            optimizer step; runs the reference implementation with grad enabled (default: False)"""
+
+
+def fill(doc: str) -> str:
+    """Replace ``{name}`` placeholders by the shared docs above (LaTeX braces stay untouched)."""
+    for name, text in list(globals().items()):
+        if isinstance(text, str) and not name.startswith("_"):
+            doc = doc.replace("{" + name + "}", text)
+    return doc

@@ -1,0 +1,164 @@
+"""Adam: adaptive moment estimation (Kingma & Ba, 2014), with AMSGrad and decoupled weight decay."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from fuseopt import _docs
+from fuseopt.optimizer import Optimizer
+from fuseopt.rule import Rule, Zeros
+
+__all__ = ["Adam"]
+
+
+def _scalar(x):
+    """A 1-element tensor hyperparameter as a 0-dim tensor (torch's ``_to_scalar``)."""
+    return x.view(()) if isinstance(x, Tensor) and x.dim() != 0 else x
+
+
+class AdamRule(Rule):
+    """Adam's elementwise update, the same for Adam and AdamW (``decoupled_weight_decay``)."""
+
+    state = (
+        Zeros("exp_avg"),
+        Zeros("exp_avg_sq"),
+        Zeros("max_exp_avg_sq", when=lambda g: g["amsgrad"]),
+    )
+    sparse_error = "Adam does not support sparse gradients, please consider SparseAdam instead"
+
+    def flags(self, g, first):
+        return dict(
+            amsgrad=g["amsgrad"],
+            maximize=g["maximize"],
+            wd=g["weight_decay"] != 0,
+            decoupled=g["decoupled_weight_decay"],
+        )
+
+    def scalars(self, g, step):
+        lr, (b1, b2), wd = _scalar(g["lr"]), map(_scalar, g["betas"]), g["weight_decay"]
+        bc1, bc2 = 1 - b1**step, 1 - b2**step
+        return dict(
+            decay=1 - lr * wd, wd=wd, omb1=1 - b1, b2=b2, omb2=1 - b2,
+            bc2_sqrt=bc2**0.5, eps=g["eps"], neg_step_size=-(lr / bc1),
+        )  # fmt: skip
+
+    def update(self, ops, f, s, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None):
+        if f.maximize:
+            grad = -grad
+        if f.wd and f.decoupled:
+            param = param * s.decay
+        elif f.wd:
+            grad = ops.add(grad, param, alpha=s.wd)
+        exp_avg = ops.lerp(exp_avg, grad, s.omb1)
+        exp_avg_sq = ops.addcmul(exp_avg_sq * s.b2, grad, grad, value=s.omb2)
+        if f.amsgrad:
+            max_exp_avg_sq = ops.maximum(max_exp_avg_sq, exp_avg_sq)
+        denom = ops.sqrt(max_exp_avg_sq if f.amsgrad else exp_avg_sq) / s.bc2_sqrt + s.eps
+        param = ops.addcdiv(param, exp_avg, denom, value=s.neg_step_size)
+        return dict(
+            param=param, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, max_exp_avg_sq=max_exp_avg_sq
+        )
+
+
+def _check_adam_args(lr, betas, eps, weight_decay, foreach, capturable):
+    """torch.optim's validation of Adam's and AdamW's arguments, with its messages."""
+    if isinstance(lr, Tensor):
+        if foreach and not capturable:
+            raise ValueError(
+                "lr as a Tensor is not supported for capturable=False and foreach=True"
+            )
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+    if not lr >= 0.0:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not eps >= 0.0:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    for i in (0, 1):
+        if not 0.0 <= betas[i] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {betas[i]}")
+    if not weight_decay >= 0.0:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+    if not (all(isinstance(b, float) for b in betas) or all(isinstance(b, Tensor) for b in betas)):
+        raise ValueError("betas must be either both floats or both Tensors")
+    for i in (0, 1):
+        if isinstance(betas[i], Tensor):
+            if foreach and not capturable:
+                raise ValueError(
+                    f"betas[{i}] as a Tensor is not supported for capturable=False and foreach=True"
+                )
+            if betas[i].numel() != 1:
+                raise ValueError(f"Tensor betas[{i}] must be 1-element")
+
+
+class Adam(Optimizer):
+    r"""Implements Adam.
+
+    .. math::
+       \begin{aligned}
+            &g_t \leftarrow \pm\nabla_\theta f_t(\theta_{t-1})
+                \quad (-\text{ if maximize})                                              \\
+            &\text{if } \lambda \neq 0: \text{decoupled: } \theta_{t-1} \leftarrow
+                \theta_{t-1}(1 - \gamma\lambda) \text{, else } g_t \leftarrow g_t + \lambda\theta_{t-1} \\
+            &m_t \leftarrow \beta_1 m_{t-1} + (1 - \beta_1) g_t                            \\
+            &v_t \leftarrow \beta_2 v_{t-1} + (1 - \beta_2) g_t^2                          \\
+            &\text{if amsgrad: } v_t^{max} \leftarrow \max(v_{t-1}^{max}, v_t), \;
+                \hat{v} = v_t^{max} \text{ else } \hat{v} = v_t                             \\
+            &\theta_t \leftarrow \theta_{t-1} - \frac{\gamma}{1 - \beta_1^t}\,
+                m_t \big/ \big(\sqrt{\hat{v}} / \sqrt{1 - \beta_2^t} + \epsilon\big)
+       \end{aligned}
+
+    Numbers, state keys (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``) and state
+    dicts are those of :class:`torch.optim.Adam`.
+
+    Args:
+        {params}
+        lr (float, Tensor, optional): learning rate (default: 1e-3)
+        betas (tuple[float, float], optional): coefficients of the running averages of the
+            gradient and its square (default: (0.9, 0.999))
+        eps (float, optional): term added to the denominator for numerical stability
+            (default: 1e-8)
+        weight_decay (float, optional): weight decay, L2 penalty (default: 0)
+        amsgrad (bool, optional): use the AMSGrad variant (default: False)
+        {foreach}
+        {maximize}
+        {capturable}
+        {differentiable}
+        {fused}
+        decoupled_weight_decay (bool, optional): decay the weights directly, as AdamW
+            (default: False)
+    """
+
+    rule = AdamRule()
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+    ) -> None:
+        _check_adam_args(lr, betas, eps, weight_decay, foreach, capturable)
+        defaults = dict(
+            lr=lr, betas=tuple(map(_scalar, betas)), eps=eps, weight_decay=weight_decay,
+            amsgrad=amsgrad, maximize=maximize, foreach=foreach, capturable=capturable,
+            differentiable=differentiable, fused=fused,
+            decoupled_weight_decay=decoupled_weight_decay,
+        )  # fmt: skip
+        super().__init__(params, defaults)
+        if fused:
+            if differentiable:
+                raise RuntimeError("`fused` does not support `differentiable`")
+            if foreach:
+                raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+
+
+Adam.__doc__ = _docs.fill(Adam.__doc__)

@@ -1,0 +1,76 @@
+"""Scalar helpers for generated numba kernels, matching ATen's CPU formulas (see ``ops.py``).
+
+Imported by the generated kernel modules, so they are module-level and cache-safe.
+"""
+
+import math
+
+import numba
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+
+@intrinsic
+def fma(typingctx, a, b, c):
+    """``a * b + c`` rounded once (LLVM's ``llvm.fma``), as ATen's vectorised CPU kernels compute."""
+    if not (a == b == c and isinstance(a, types.Float)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        t = args[0].type
+        fn = builder.module.declare_intrinsic("llvm.fma", [t], ir.FunctionType(t, [t, t, t]))
+        return builder.call(fn, args)
+
+    return a(a, a, a), codegen
+
+
+def _pointer_cast(nbtype):
+    @intrinsic
+    def cast(typingctx, addr):
+        """Reinterpret an int64 address as a typed pointer (one kernel walks many tensors)."""
+        if not isinstance(addr, types.Integer):
+            return None
+        ret = types.CPointer(nbtype)
+
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], ir.PointerType(context.get_data_type(nbtype)))
+
+        return ret(addr), codegen
+
+    return cast
+
+
+ptr_float32 = _pointer_cast(types.float32)
+ptr_float64 = _pointer_cast(types.float64)
+
+
+@numba.njit(inline="always")
+def lerp(a, b, w, one):
+    """ATen's two-sided lerp: ``a + w*(b-a)`` for ``|w| < 0.5``, else ``b - (b-a)*(1-w)``, FMA."""
+    d = b - a
+    if abs(w) < 0.5:
+        return fma(w, d, a)
+    return fma(-d, one - w, b)
+
+
+@numba.njit(inline="always")
+def maximum(a, b):
+    """``torch.maximum``: NaN if either operand is NaN."""
+    if a != a or b != b:
+        return a + b
+    return a if a > b else b
+
+
+@numba.njit(inline="always")
+def minimum(a, b):
+    """``torch.minimum``: NaN if either operand is NaN."""
+    if a != a or b != b:
+        return a + b
+    return a if a < b else b
+
+
+@numba.njit(inline="always")
+def sqrt(a):
+    """Square root (correctly rounded; torch's vectorised fp32 sqrt is within 1 ulp of it)."""
+    return math.sqrt(a)

@@ -1,0 +1,90 @@
+"""Foreach backend: the rule evaluated once on tensor lists with ``torch._foreach_*`` ops.
+
+:class:`TensorList` maps Python operators onto foreach ops, so the same ``update`` that runs on
+single tensors runs here on whole lists; results are written back with ``_foreach_copy_``.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+
+class TensorList(list):
+    """A list of same-device, same-dtype tensors with elementwise operators (foreach ops)."""
+
+    def _bin(self, op, other):
+        return TensorList(op(self, other))
+
+    def __neg__(self):
+        return TensorList(torch._foreach_neg(self))
+
+    def __add__(self, o):
+        return self._bin(torch._foreach_add, o)
+
+    __radd__ = __add__
+
+    def __sub__(self, o):
+        return self._bin(torch._foreach_sub, o)
+
+    def __rsub__(self, o):  # scalar - x: exact negation, then one rounding, as torch's rsub
+        return TensorList(torch._foreach_add(torch._foreach_neg(self), o))
+
+    def __mul__(self, o):
+        return self._bin(torch._foreach_mul, o)
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, o):
+        return self._bin(torch._foreach_div, o)
+
+    def __rtruediv__(self, o):
+        return TensorList([o / t for t in self])
+
+
+class ForeachOps:
+    """The ops vocabulary on :class:`TensorList` s."""
+
+    @staticmethod
+    def add(a, b, alpha=1):
+        return TensorList(torch._foreach_add(a, b, alpha=alpha))
+
+    @staticmethod
+    def addcmul(a, b, c, value=1):
+        return TensorList(torch._foreach_addcmul(a, b, c, value=value))
+
+    @staticmethod
+    def addcdiv(a, b, c, value=1):
+        return TensorList(torch._foreach_addcdiv(a, b, c, value=value))
+
+    @staticmethod
+    def lerp(a, b, w):
+        return TensorList(torch._foreach_lerp(a, b, w))
+
+    @staticmethod
+    def sqrt(a):
+        return TensorList(torch._foreach_sqrt(a))
+
+    @staticmethod
+    def maximum(a, b):
+        return TensorList(torch._foreach_maximum(a, b))
+
+    @staticmethod
+    def minimum(a, b):
+        return TensorList(torch._foreach_minimum(a, b))
+
+
+def run(rule, flags, scalars: dict, params: list, grads: list, states: dict[str, list]) -> None:
+    """Apply ``rule`` to all tensors at once, writing params and state in place."""
+    state = {k: TensorList(v) for k, v in states.items()}
+    p = TensorList(params)
+    out = rule.update(ForeachOps, flags, SimpleNamespace(**scalars), p, TensorList(grads), **state)
+    targets, values = [], []
+    for name, value in out.items():
+        target = p if name == "param" else state.get(name)
+        if value is not None and value is not target:
+            targets.extend(target)
+            values.extend(value)
+    if targets:
+        torch._foreach_copy_(targets, values)

@@ -1,0 +1,133 @@
+"""Trace a rule's ``update`` on symbols into a small expression graph that kernel backends compile.
+
+Operands are :class:`Sym` nodes; Python operators and the :class:`SymOps` vocabulary record nodes in
+a :class:`Graph`. Host scalars become ``scalar`` nodes named by the attribute the rule reads, so the
+kernel takes them at run time (a new ``lr`` never recompiles).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+
+@dataclass
+class Graph:
+    """Nodes in evaluation order: ``(op, args)``; args are node ids, or literals for ``const``."""
+
+    nodes: list[tuple[str, tuple]] = field(default_factory=list)
+    inputs: dict[str, int] = field(default_factory=dict)  # operand name -> node id
+    scalars: dict[str, int] = field(default_factory=dict)  # scalar name -> node id
+    outputs: dict[str, int] = field(default_factory=dict)  # operand name -> node id
+
+    def add(self, op: str, *args: Any) -> Sym:
+        self.nodes.append((op, args))
+        return Sym(self, len(self.nodes) - 1)
+
+
+class Sym:
+    """A traced value; arithmetic records nodes (operators mean torch's plain, unfused ops)."""
+
+    __slots__ = ("graph", "id")
+
+    def __init__(self, graph: Graph, id: int) -> None:
+        self.graph, self.id = graph, id
+
+    def _arg(self, other: Any) -> int:
+        if isinstance(other, Sym):
+            return other.id
+        return self.graph.add("const", float(other)).id
+
+    def _bin(self, op: str, a: Any, b: Any) -> Sym:
+        return self.graph.add(op, self._arg(a), self._arg(b))
+
+    def __neg__(self) -> Sym:
+        return self.graph.add("neg", self.id)
+
+    def __add__(self, o: Any) -> Sym:
+        return self._bin("add", self, o)
+
+    def __radd__(self, o: Any) -> Sym:
+        return self._bin("add", o, self)
+
+    def __sub__(self, o: Any) -> Sym:
+        return self._bin("sub", self, o)
+
+    def __rsub__(self, o: Any) -> Sym:
+        return self._bin("sub", o, self)
+
+    def __mul__(self, o: Any) -> Sym:
+        return self._bin("mul", self, o)
+
+    def __rmul__(self, o: Any) -> Sym:
+        return self._bin("mul", o, self)
+
+    def __truediv__(self, o: Any) -> Sym:
+        return self._bin("div", self, o)
+
+    def __rtruediv__(self, o: Any) -> Sym:
+        return self._bin("div", o, self)
+
+
+class SymScalars:
+    """The ``s`` argument of ``update`` while tracing: each attribute read is a runtime scalar."""
+
+    def __init__(self, graph: Graph) -> None:
+        self._graph = graph
+
+    def __getattr__(self, name: str) -> Sym:
+        graph = self._graph
+        if name not in graph.scalars:
+            graph.scalars[name] = graph.add("scalar", name).id
+        return Sym(graph, graph.scalars[name])
+
+
+class SymOps:
+    """The ops vocabulary on symbols (same names and meaning as :class:`~.reference.TorchOps`)."""
+
+    @staticmethod
+    def add(a: Sym, b: Sym, alpha: Any = 1) -> Sym:
+        return a.graph.add("fma", b._arg(b), a._arg(alpha), a.id)  # ATen: fma(b, alpha, a)
+
+    @staticmethod
+    def addcmul(a: Sym, b: Sym, c: Sym, value: Any = 1) -> Sym:
+        return a.graph.add("fma", (b * value).id, c.id, a.id)  # ATen: fma(value*b, c, a)
+
+    @staticmethod
+    def addcdiv(a: Sym, b: Sym, c: Sym, value: Any = 1) -> Sym:
+        return a + (b * value) / c  # ATen: a + (value*b)/c
+
+    @staticmethod
+    def lerp(a: Sym, b: Sym, w: Any) -> Sym:
+        return a.graph.add("lerp", a.id, b._arg(b), a._arg(w))
+
+    @staticmethod
+    def sqrt(a: Sym) -> Sym:
+        return a.graph.add("sqrt", a.id)
+
+    @staticmethod
+    def maximum(a: Sym, b: Sym) -> Sym:
+        return a.graph.add("maximum", a.id, b.id)
+
+    @staticmethod
+    def minimum(a: Sym, b: Sym) -> Sym:
+        return a.graph.add("minimum", a.id, b.id)
+
+
+@cache
+def trace(rule, flags, operands: tuple[str, ...]) -> Graph:
+    """Trace ``rule.update`` for one flag combination; ``operands`` = param, grad, then state names."""
+    graph = Graph()
+    syms = {}
+    for name in operands:
+        syms[name] = graph.add("input", name)
+        graph.inputs[name] = syms[name].id
+    state = {k: syms[k] for k in operands[2:]}
+    out = rule.update(SymOps, flags, SymScalars(graph), syms["param"], syms["grad"], **state)
+    for name, value in out.items():
+        if value is not None and not (
+            isinstance(value, Sym) and value.id == graph.inputs.get(name)
+        ):
+            graph.outputs[name] = value.id
+    return graph

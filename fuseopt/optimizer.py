@@ -1,0 +1,487 @@
+"""The optimizer base class: param groups, state, hooks, ``state_dict`` and the ``step`` template.
+
+Everything here is fuseopt's own code. ``Optimizer`` subclasses ``torch.optim.Optimizer`` only as a
+type marker, so that ``isinstance`` checks in torch's schedulers, GradScaler, distributed
+checkpointing and torch.compile accept it; it never calls that class's ``__init__`` (which would
+patch ``step``) and overrides every public method.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Iterable
+from copy import deepcopy
+from itertools import chain
+from typing import Any
+
+import torch
+from torch.utils.hooks import RemovableHandle
+
+__all__ = ["Optimizer", "register_optimizer_step_pre_hook", "register_optimizer_step_post_hook"]
+
+_global_optimizer_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
+_global_optimizer_post_hooks: OrderedDict[int, Callable] = OrderedDict()
+
+_HOOK_DICTS = (
+    "_optimizer_step_pre_hooks",
+    "_optimizer_step_post_hooks",
+    "_optimizer_state_dict_pre_hooks",
+    "_optimizer_state_dict_post_hooks",
+    "_optimizer_load_state_dict_pre_hooks",
+    "_optimizer_load_state_dict_post_hooks",
+)
+
+
+class _RequiredParameter:
+    """Marks an option that every param group must give (e.g. ``lr`` of an optimizer without default)."""
+
+    def __repr__(self) -> str:
+        return "<required parameter>"
+
+
+required = _RequiredParameter()
+
+
+def _add_hook(hooks: OrderedDict, hook: Callable, prepend: bool = False) -> RemovableHandle:
+    handle = RemovableHandle(hooks)
+    hooks[handle.id] = hook
+    if prepend:
+        hooks.move_to_end(handle.id, last=False)
+    return handle
+
+
+def register_optimizer_step_pre_hook(hook: Callable) -> RemovableHandle:
+    r"""Register a pre hook common to all optimizers.
+
+    The hook has the signature ``hook(optimizer, args, kwargs) -> None or (new_args, new_kwargs)``.
+
+    Args:
+        hook (Callable): called before every optimizer's ``step``.
+
+    Returns:
+        :class:`torch.utils.hooks.RemovableHandle`: ``handle.remove()`` unregisters the hook.
+    """
+    return _add_hook(_global_optimizer_pre_hooks, hook)
+
+
+def register_optimizer_step_post_hook(hook: Callable) -> RemovableHandle:
+    r"""Register a post hook common to all optimizers.
+
+    The hook has the signature ``hook(optimizer, args, kwargs) -> None``.
+
+    Args:
+        hook (Callable): called after every optimizer's ``step``.
+
+    Returns:
+        :class:`torch.utils.hooks.RemovableHandle`: ``handle.remove()`` unregisters the hook.
+    """
+    return _add_hook(_global_optimizer_post_hooks, hook)
+
+
+class Optimizer(torch.optim.Optimizer):
+    r"""Base class for all fuseopt optimizers, with the API of :class:`torch.optim.Optimizer`.
+
+    Subclasses either name an elementwise :class:`~fuseopt.rule.Rule` in ``rule`` (the base then does
+    the whole step) or override :meth:`_step`.
+
+    Args:
+        params (iterable): an iterable of :class:`torch.Tensor` s, of ``(name, tensor)`` pairs, or of
+            :class:`dict` s (param groups). Specifies what Tensors should be optimized.
+        defaults (dict): default values of optimization options, used where a param group does not
+            give them.
+    """
+
+    rule = None  # the elementwise update rule; None for optimizers that override ``_step``
+
+    def __init__(self, params: Iterable, defaults: dict[str, Any]) -> None:
+        torch._C._log_api_usage_once("python.optimizer")
+        self.defaults = defaults
+        for name in _HOOK_DICTS:
+            setattr(self, name, OrderedDict())
+        if isinstance(params, torch.Tensor):
+            raise TypeError(
+                "params argument given to the optimizer should be an iterable of Tensors or dicts, "
+                "but got " + torch.typename(params)
+            )
+        self.state: defaultdict[torch.Tensor, dict[str, Any]] = defaultdict(dict)
+        self.param_groups: list[dict[str, Any]] = []
+        param_groups = list(params)
+        if len(param_groups) == 0:
+            raise ValueError("optimizer got an empty parameter list")
+        if not isinstance(param_groups[0], dict):
+            param_groups = [{"params": param_groups}]
+        for group in param_groups:
+            self.add_param_group(group)
+        self._warned_capturable_if_run_uncaptured = True
+
+    # ----------------------------------------------------------------------------------- pickling
+    def __getstate__(self) -> dict[str, Any]:
+        return {"defaults": self.defaults, "state": self.state, "param_groups": self.param_groups}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        for name in _HOOK_DICTS:
+            if name not in self.__dict__:
+                setattr(self, name, OrderedDict())
+        self.defaults.setdefault("differentiable", False)
+        # Groups saved by an older version lack newer options: back-fill them from the signature.
+        for key, value in self._signature_defaults().items():
+            for group in self.param_groups:
+                group.setdefault(key, value)
+        self._after_setstate()
+
+    def _after_setstate(self) -> None:
+        """Per-algorithm fix-ups after unpickling or loading (e.g. AdamW forces decoupled decay)."""
+
+    @classmethod
+    def _signature_defaults(cls) -> dict[str, Any]:
+        params = inspect.signature(cls.__init__).parameters.values()
+        return {
+            p.name: p.default
+            for p in params
+            if p.default is not inspect.Parameter.empty and p.name not in ("self", "params")
+        }
+
+    def __repr__(self) -> str:
+        lines = [self.__class__.__name__ + " ("]
+        for i, group in enumerate(self.param_groups):
+            lines.append(f"Parameter Group {i}")
+            lines.extend(f"    {key}: {group[key]}" for key in sorted(group) if key != "params")
+        return "\n".join(lines) + "\n)"
+
+    # ------------------------------------------------------------------------------ param groups
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        r"""Add a param group to the :class:`Optimizer` s ``param_groups``.
+
+        Useful when fine-tuning: frozen layers can be made trainable and added as training goes on.
+
+        Args:
+            param_group (dict): the Tensors to optimize (``"params"``), with group-specific options.
+        """
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
+        params = param_group["params"]
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        elif isinstance(params, set):
+            raise TypeError(
+                "optimizer parameters need to be organized in ordered collections, but the ordering "
+                "of tensors in sets will change between runs. Please use a list instead."
+            )
+        else:
+            params = list(params)
+        names = [p[0] for p in params if isinstance(p, tuple)]
+        param_group["params"] = [p[1] if isinstance(p, tuple) else p for p in params]
+        if names:
+            if len(names) != len(params):
+                raise ValueError(
+                    "all optimizer params should be with/without names. Some param names are missing"
+                )
+            param_group["param_names"] = names
+
+        for param in param_group["params"]:
+            if not isinstance(param, torch.Tensor):
+                raise TypeError(
+                    "optimizer can only optimize Tensors, but one of the params is "
+                    + torch.typename(param)
+                )
+            if not self.defaults.get("differentiable", None) and not (
+                param.is_leaf or param.retains_grad
+            ):
+                raise ValueError("can't optimize a non-leaf Tensor")
+
+        for name, default in self.defaults.items():
+            if default is required and name not in param_group:
+                raise ValueError(
+                    "parameter group didn't specify a value of required optimization parameter "
+                    + name
+                )
+            param_group.setdefault(name, default)
+
+        params = param_group["params"]
+        if len(params) != len(set(params)):
+            warnings.warn(
+                "optimizer contains a parameter group with duplicate parameters; in future, this will "
+                "cause an error; see github.com/pytorch/pytorch/issues/40967 for more information",
+                stacklevel=3,
+            )
+        seen: set[torch.Tensor] = set()
+        for group in self.param_groups:
+            seen.update(group["params"])
+            if ("param_names" in param_group) != ("param_names" in group):
+                which = "with names" if "param_names" in param_group else "without names"
+                raise ValueError(
+                    "all optimizer param groups should be with/without names. "
+                    f"cannot add param group {which} to the optimizer"
+                )
+        if not seen.isdisjoint(params):
+            raise ValueError("some parameters appear in more than one parameter group")
+        self.param_groups.append(param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        r"""Reset the gradients of all optimized :class:`torch.Tensor` s.
+
+        Args:
+            set_to_none (bool, optional): set the grads to None instead of zero; saves memory, and
+                optimizers skip params whose grad is None (default: True)
+        """
+        dense: defaultdict[tuple, list[torch.Tensor]] = defaultdict(list)
+        with torch.autograd.profiler.record_function(
+            f"Optimizer.zero_grad#{self.__class__.__name__}.zero_grad"
+        ):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    if set_to_none:
+                        p.grad = None
+                        continue
+                    if p.grad.grad_fn is not None:
+                        p.grad.detach_()
+                    else:
+                        p.grad.requires_grad_(False)
+                    if p.grad.is_sparse:
+                        p.grad.zero_()
+                    else:
+                        dense[(p.grad.device, p.grad.dtype)].append(p.grad)
+            for grads in dense.values():
+                torch._foreach_zero_(grads)
+
+    # ------------------------------------------------------------------------------------ step
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        r"""Perform a single optimization step.
+
+        Args:
+            closure (Callable, optional): a closure that re-evaluates the model and returns the loss;
+                it runs with gradients enabled.
+        """
+        args: tuple = (self,) if closure is None else (self, closure)
+        kwargs: dict[str, Any] = {}
+        with torch.autograd.profiler.record_function(
+            f"Optimizer.step#{self.__class__.__name__}.step"
+        ):
+            for hook in chain(
+                _global_optimizer_pre_hooks.values(), self._optimizer_step_pre_hooks.values()
+            ):
+                result = hook(self, args, kwargs)
+                if result is not None:
+                    if not (isinstance(result, tuple) and len(result) == 2):
+                        raise RuntimeError(
+                            f"{self.__class__.__name__}.step pre-hook must return None or a tuple of "
+                            f"(new_args, new_kwargs), but got {result}."
+                        )
+                    args, kwargs = result
+            out = self._step(*args[1:], **kwargs)
+            self._optimizer_step_code()
+            for hook in chain(
+                self._optimizer_step_post_hooks.values(), _global_optimizer_post_hooks.values()
+            ):
+                hook(self, args, kwargs)
+        return out
+
+    def _step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """The algorithm's step, without hooks: evaluate the closure, then apply the rule per group."""
+        if self.rule is None:
+            raise NotImplementedError(f"{self.__class__.__name__} does not define a step")
+        from fuseopt._dispatch import apply_rule  # the dispatcher imports this module
+
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            with torch.set_grad_enabled(bool(group.get("differentiable", False))):
+                apply_rule(self, group)
+        return loss
+
+    @staticmethod
+    def profile_hook_step(func: Callable) -> Callable:
+        """Return ``func`` unchanged: fuseopt's :meth:`step` runs the hooks and profiler range itself.
+
+        torch.optim wraps ``step`` with this at construction; fuseopt never patches a class.
+        """
+        return func
+
+    def _optimizer_step_code(self) -> None:
+        """Entry point for ``torch.profiler``'s Python tracer, called after each step (as torch)."""
+
+    # ------------------------------------------------------------------------------------- hooks
+    def register_step_pre_hook(self, hook: Callable) -> RemovableHandle:
+        r"""Register a hook called before :meth:`step`.
+
+        The hook has the signature ``hook(optimizer, args, kwargs) -> None or (new_args, new_kwargs)``;
+        returned args and kwargs replace those that ``step`` is called with.
+
+        Args:
+            hook (Callable): the hook.
+
+        Returns:
+            :class:`torch.utils.hooks.RemovableHandle`: ``handle.remove()`` unregisters the hook.
+        """
+        return _add_hook(self._optimizer_step_pre_hooks, hook)
+
+    def register_step_post_hook(self, hook: Callable) -> RemovableHandle:
+        r"""Register a hook called after :meth:`step`, as ``hook(optimizer, args, kwargs) -> None``.
+
+        Args:
+            hook (Callable): the hook.
+
+        Returns:
+            :class:`torch.utils.hooks.RemovableHandle`: ``handle.remove()`` unregisters the hook.
+        """
+        return _add_hook(self._optimizer_step_post_hooks, hook)
+
+    def register_state_dict_pre_hook(
+        self, hook: Callable, prepend: bool = False
+    ) -> RemovableHandle:
+        r"""Register a hook called as ``hook(optimizer) -> None`` before :meth:`state_dict`.
+
+        Args:
+            hook (Callable): the hook.
+            prepend (bool): run it before the hooks already registered (default: False)
+
+        Returns:
+            :class:`torch.utils.hooks.RemovableHandle`: ``handle.remove()`` unregisters the hook.
+        """
+        return _add_hook(self._optimizer_state_dict_pre_hooks, hook, prepend)
+
+    def register_state_dict_post_hook(
+        self, hook: Callable, prepend: bool = False
+    ) -> RemovableHandle:
+        r"""Register a hook called as ``hook(optimizer, state_dict) -> state_dict or None``.
+
+        It runs after :meth:`state_dict` built the dict; a returned dict replaces it.
+
+        Args:
+            hook (Callable): the hook.
+            prepend (bool): run it before the hooks already registered (default: False)
+
+        Returns:
+            :class:`torch.utils.hooks.RemovableHandle`: ``handle.remove()`` unregisters the hook.
+        """
+        return _add_hook(self._optimizer_state_dict_post_hooks, hook, prepend)
+
+    def register_load_state_dict_pre_hook(
+        self, hook: Callable, prepend: bool = False
+    ) -> RemovableHandle:
+        r"""Register a hook called as ``hook(optimizer, state_dict) -> state_dict or None``.
+
+        It runs before :meth:`load_state_dict` loads (on a shallow copy of the given dict); a returned
+        dict is loaded instead.
+
+        Args:
+            hook (Callable): the hook.
+            prepend (bool): run it before the hooks already registered (default: False)
+
+        Returns:
+            :class:`torch.utils.hooks.RemovableHandle`: ``handle.remove()`` unregisters the hook.
+        """
+        return _add_hook(self._optimizer_load_state_dict_pre_hooks, hook, prepend)
+
+    def register_load_state_dict_post_hook(
+        self, hook: Callable, prepend: bool = False
+    ) -> RemovableHandle:
+        r"""Register a hook called as ``hook(optimizer) -> None`` after :meth:`load_state_dict`.
+
+        Args:
+            hook (Callable): the hook.
+            prepend (bool): run it before the hooks already registered (default: False)
+
+        Returns:
+            :class:`torch.utils.hooks.RemovableHandle`: ``handle.remove()`` unregisters the hook.
+        """
+        return _add_hook(self._optimizer_load_state_dict_post_hooks, hook, prepend)
+
+    # -------------------------------------------------------------------------------- state dict
+    def state_dict(self) -> dict[str, Any]:
+        r"""Return the optimizer's state as a :class:`dict`, in torch.optim's format.
+
+        ``state`` maps integer param ids to each param's state; ``param_groups`` lists the groups
+        with their options, ``params`` as ids (and ``param_names`` where the group was built from
+        named parameters). Ids number the params in group order.
+        """
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        ids: dict[int, int] = {}
+        groups = []
+        for group in self.param_groups:
+            packed = {k: v for k, v in group.items() if k != "params"}
+            for p in group["params"]:
+                ids.setdefault(id(p), len(ids))
+            packed["params"] = [ids[id(p)] for p in group["params"]]
+            groups.append(packed)
+        state = {
+            (ids[id(k)] if isinstance(k, torch.Tensor) else k): v for k, v in self.state.items()
+        }
+        state_dict = {"state": state, "param_groups": groups}
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        r"""Load an optimizer state saved by :meth:`state_dict` (of fuseopt or of torch.optim).
+
+        Group count and sizes must match, else ``ValueError`` and nothing changes. State tensors are
+        moved to each param's device, and floating ones cast to its dtype; ``step`` is kept as saved
+        (moved to the param's device as float32 where the group is ``fused`` or ``capturable``).
+
+        Args:
+            state_dict (dict): optimizer state, as returned by :meth:`state_dict`.
+        """
+        state_dict = state_dict.copy()  # shallow, as nn.Module does
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        groups = self.param_groups
+        saved_groups = deepcopy(state_dict["param_groups"])
+        if len(groups) != len(saved_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        if any(len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved_groups)):
+            raise ValueError(
+                "loaded state dict contains a parameter group that doesn't match the size of "
+                "optimizer's group"
+            )
+        id_map = dict(
+            zip(
+                chain.from_iterable(g["params"] for g in saved_groups),
+                chain.from_iterable(g["params"] for g in groups),
+            )
+        )
+        flags_of = {}
+        for g in state_dict["param_groups"]:
+            for pid in g["params"]:
+                flags_of.setdefault(pid, bool(g.get("fused")) or bool(g.get("capturable")))
+
+        def cast(param, value, on_device_step, key=None):
+            if isinstance(value, torch.Tensor):
+                if key == "step":
+                    if on_device_step:
+                        return value.to(dtype=torch.float32, device=param.device)
+                    return value
+                if param.is_floating_point():
+                    return value.to(dtype=param.dtype, device=param.device)
+                return value.to(device=param.device)
+            if isinstance(value, dict):
+                return {k: cast(param, v, on_device_step, k) for k, v in value.items()}
+            if isinstance(value, Iterable) and not isinstance(value, str):
+                return type(value)(cast(param, v, on_device_step) for v in value)
+            return value
+
+        state: defaultdict[Any, dict[str, Any]] = defaultdict(dict)
+        for k, v in state_dict["state"].items():
+            if k in id_map:
+                state[id_map[k]] = cast(id_map[k], v, flags_of.get(k, False))
+            else:
+                state[k] = v  # state of no param is kept as is (torch does so for old checkpoints)
+        for group, saved in zip(groups, saved_groups):
+            saved["params"] = group["params"]
+            if "param_names" in group and "param_names" not in saved:
+                saved["param_names"] = group["param_names"]
+        self.__setstate__({"state": state, "param_groups": saved_groups})
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)

@@ -1,0 +1,87 @@
+"""The elementwise update rule: an algorithm's math, written once for every backend.
+
+A :class:`Rule` declares the per-param state it keeps (:class:`Zeros`, :class:`Fill`,
+:class:`FirstValue`), the static choices of a param group (``flags``: each combination is one
+kernel variant), the per-step host scalars (``scalars``: Python doubles computed as torch computes
+them, passed to kernels at run time) and the ``update`` itself, plain arithmetic on operands through
+the ops vocabulary of :mod:`fuseopt.kernels.ops`. Backends evaluate ``update`` on tensors
+(reference), tensor lists (foreach) or symbols (traced into numba / Triton kernels).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Rule", "Zeros", "Fill", "FirstValue", "Flags"]
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """A state tensor kept per param, under torch's key ``name``, when ``when(group)`` holds."""
+
+    name: str
+    when: Callable[[dict], bool] | None = None
+
+    def wanted(self, group: dict) -> bool:
+        return self.when is None or bool(self.when(group))
+
+
+@dataclass(frozen=True)
+class Zeros(StateSpec):
+    """State initialised to zeros like the param (e.g. Adam's ``exp_avg``)."""
+
+
+@dataclass(frozen=True)
+class Fill(StateSpec):
+    """State initialised to the group option ``key`` like the param (e.g. Adagrad's ``sum``)."""
+
+    key: str = ""
+
+
+@dataclass(frozen=True)
+class FirstValue(StateSpec):
+    """State created by the first update that writes it (e.g. SGD's ``momentum_buffer``).
+
+    While it is missing, the rule's ``flags`` see ``first=True`` and ``update`` must not read it.
+    """
+
+
+class Flags(dict):
+    """Static choices of a batch (hashable); read as attributes inside ``update``."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(tuple(sorted(self.items())))
+
+
+class Rule:
+    """Base class of elementwise update rules; see the module docstring."""
+
+    state: tuple[StateSpec, ...] = ()
+    #: whether torch keeps a per-param ``step`` tensor for this algorithm (SGD does not)
+    has_step: bool = True
+    #: whether ``update`` supports sparse grads (reference backend only); else this error is raised
+    sparse_ok: bool = False
+    sparse_error: str = "this optimizer does not support sparse gradients"
+
+    def flags(self, group: dict, first: bool) -> dict:
+        """Static choices for a batch; ``first`` is True while a :class:`FirstValue` is missing."""
+        return {}
+
+    def scalars(self, group: dict, step: Any) -> dict:
+        """Per-step host scalars, from the group's options and the step count (None if no step)."""
+        return {}
+
+    def update(self, ops, f: Flags, s, param, grad, **state) -> dict:
+        """Return the new ``param`` and state values (a dict; a None value is not written)."""
+        raise NotImplementedError
+
+    def check(self, group: dict) -> None:
+        """Raise torch's error for a group option out of range (constructor and add_param_group)."""

@@ -1,0 +1,119 @@
+"""SGD: stochastic gradient descent, with momentum, dampening, Nesterov and weight decay."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from fuseopt import _docs
+from fuseopt.optimizer import Optimizer
+from fuseopt.rule import FirstValue, Rule
+
+__all__ = ["SGD"]
+
+
+class SGDRule(Rule):
+    """SGD's elementwise update; the momentum buffer is the first step's gradient, as in torch."""
+
+    state = (FirstValue("momentum_buffer", when=lambda g: g["momentum"] != 0),)
+    has_step = False
+    sparse_ok = True
+
+    def flags(self, g, first):
+        return dict(
+            maximize=g["maximize"],
+            wd=g["weight_decay"] != 0,
+            momentum=g["momentum"] != 0,
+            first=first,
+            nesterov=g["nesterov"],
+        )
+
+    def scalars(self, g, step):
+        return dict(
+            wd=g["weight_decay"], momentum=g["momentum"], damp=1 - g["dampening"], neg_lr=-g["lr"]
+        )
+
+    def update(self, ops, f, s, param, grad, momentum_buffer=None):
+        if f.maximize:
+            grad = -grad
+        if f.wd:
+            grad = ops.add(grad, param, alpha=s.wd)
+        if f.momentum:
+            if not f.first:
+                momentum_buffer = ops.add(momentum_buffer * s.momentum, grad, alpha=s.damp)
+            else:
+                momentum_buffer = grad
+            grad = (
+                ops.add(grad, momentum_buffer, alpha=s.momentum) if f.nesterov else momentum_buffer
+            )
+        return dict(param=ops.add(param, grad, alpha=s.neg_lr), momentum_buffer=momentum_buffer)
+
+
+class SGD(Optimizer):
+    r"""Implements stochastic gradient descent (optionally with momentum).
+
+    .. math::
+       \begin{aligned}
+            &g_t \leftarrow \pm\nabla_\theta f_t(\theta_{t-1}) + \lambda\theta_{t-1}
+                \quad (-\text{ if maximize})                                              \\
+            &\text{if } \mu \neq 0: b_t \leftarrow g_t \text{ if } t = 1
+                \text{ else } \mu b_{t-1} + (1 - \tau) g_t;\;
+                g_t \leftarrow g_t + \mu b_t \text{ if nesterov else } b_t                \\
+            &\theta_t \leftarrow \theta_{t-1} - \gamma g_t
+       \end{aligned}
+
+    State (``momentum_buffer``, only with momentum) and state dicts are those of
+    :class:`torch.optim.SGD`. Sparse gradients run the reference implementation.
+
+    Args:
+        {params}
+        lr (float, Tensor, optional): learning rate (default: 1e-3)
+        momentum (float, optional): momentum factor (default: 0)
+        dampening (float, optional): dampening for momentum (default: 0)
+        weight_decay (float, optional): weight decay, L2 penalty (default: 0)
+        nesterov (bool, optional): enables Nesterov momentum (default: False)
+        {maximize}
+        {foreach}
+        {differentiable}
+        {fused}
+    """
+
+    rule = SGDRule()
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-3,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float | Tensor = 0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
+    ) -> None:
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        defaults = dict(
+            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+            nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
+            fused=fused,
+        )  # fmt: skip
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        super().__init__(params, defaults)
+        if fused:
+            if differentiable:
+                raise RuntimeError("`fused` does not support `differentiable`")
+            if foreach:
+                raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+
+
+SGD.__doc__ = _docs.fill(SGD.__doc__)
