@@ -52,6 +52,10 @@ def _dense(t: torch.Tensor) -> bool:
 
 def _backend(group: dict, p: torch.Tensor, sparse: bool) -> str:
     fused, foreach = group.get("fused"), group.get("foreach")
+    if fused:
+        if sparse:
+            raise RuntimeError("`fused=True` does not support sparse gradients")
+        check_fused(p)
     if group.get("differentiable") or sparse:
         return "reference"
     if fused:
@@ -63,6 +67,28 @@ def _backend(group: dict, p: torch.Tensor, sparse: bool) -> str:
             return "numba" if numba_cpu.supports(p.dtype) and numba_cpu.available() else "reference"
         return "foreach"
     return "reference"
+
+
+def _layout(p: torch.Tensor, g: torch.Tensor, state: dict, names: list[str]):
+    """The slow path of the fused kernels' layout check: (backend, grad) for a non-contiguous param."""
+    tensors = [state[n] for n in names if n in state]
+    if not _dense(p) or any(not _dense(t) or t.stride() != p.stride() for t in tensors):
+        return "reference", g  # views with gaps: the flat kernel cannot walk them
+    if g.stride() != p.stride() or not _dense(g):
+        g = torch.empty_like(p).copy_(g)  # a grad laid out like the param
+    return "numba", g
+
+
+def _bump_steps(steps: list[torch.Tensor], capturable: bool) -> list:
+    """Add 1 to every ``step`` tensor; return the new values (the tensors where capturable)."""
+    if capturable:
+        torch._foreach_add_(steps, 1)
+        return steps  # stay on the device: no host sync
+    values = numba_cpu.bump_steps(steps) if numba_cpu.available() else None
+    if values is None:
+        torch._foreach_add_(steps, 1)
+        values = torch.stack(steps).tolist()  # one host read for the whole group
+    return values
 
 
 def _new_state(rule, group: dict, p: torch.Tensor, specs) -> dict:
@@ -88,73 +114,70 @@ def apply_rule(opt, group: dict) -> None:
     """One step of ``opt.rule`` on every param of ``group`` that has a grad."""
     rule = opt.rule
     specs = [s for s in rule.state if s.wanted(group)]
+    names = [s.name for s in specs]
     firsts = [s.name for s in specs if isinstance(s, FirstValue)]
-    capturable = bool(group.get("capturable"))
-    entries = []  # (param, grad, state dict, first)
+    keeps_state = rule.has_step or bool(specs)  # torch's SGD without momentum keeps no state
+    backends: dict[tuple, str] = {}
+    entries = []  # (param, grad, state, first, backend)
     for p in group["params"]:
         g = p.grad
         if g is None:
             continue
-        if g.is_sparse and not rule.sparse_ok:
+        sparse = g.is_sparse
+        if sparse and not rule.sparse_ok:
             raise RuntimeError(rule.sparse_error)
-        # only touch opt.state for rules that keep state: torch's SGD without momentum keeps none
-        state = opt.state[p] if rule.has_step or specs else {}
-        if not state and (rule.has_step or specs):
+        state = opt.state[p] if keeps_state else {}
+        if keeps_state and not state:
             if group.get("fused"):
                 check_fused(p)
             state.update(_new_state(rule, group, p, specs))
-        if capturable and (
-            p.device.type not in _CAPTURABLE_DEVICES or state["step"].device.type != p.device.type
+        key = (p.device, p.dtype, sparse)
+        backend = backends.get(key) or backends.setdefault(key, _backend(group, p, sparse))
+        if backend == "numba" and not (
+            p.is_contiguous()
+            and g.is_contiguous()
+            and all(state[n].is_contiguous() for n in names if n in state)
         ):
-            raise AssertionError(
-                "If capturable=True, params and state_steps must be on supported devices: "
-                f"{_CAPTURABLE_DEVICES}."
-            )
-        if group.get("differentiable") and rule.has_step and state["step"].requires_grad:
-            raise RuntimeError("`requires_grad` is not supported for `step` in differentiable mode")
-        first = any(name not in state for name in firsts)
-        entries.append((p, g, state, first))
+            backend, g = _layout(p, g, state, names)
+        first = bool(firsts) and any(n not in state for n in firsts)
+        entries.append((p, g, state, first, backend))
     if not entries:
         return
-
-    steps = None
-    if rule.has_step:
-        step_tensors = [e[2]["step"] for e in entries]
-        torch._foreach_add_(step_tensors, 1)
-        # capturable keeps steps on the device (no host sync); else one read for the whole group
-        steps = step_tensors if capturable else torch.stack(step_tensors).tolist()
+    capturable = bool(group.get("capturable"))
+    if capturable:
+        for p, _, state, _, _ in entries:
+            if p.device.type not in _CAPTURABLE_DEVICES or state["step"].device != p.device:
+                raise AssertionError(
+                    "If capturable=True, params and state_steps must be on supported devices: "
+                    f"{_CAPTURABLE_DEVICES}."
+                )
+    if (
+        group.get("differentiable")
+        and rule.has_step
+        and any(e[2]["step"].requires_grad for e in entries)
+    ):
+        raise RuntimeError("`requires_grad` is not supported for `step` in differentiable mode")
+    steps = _bump_steps([e[2]["step"] for e in entries], capturable) if rule.has_step else None
 
     batches: dict[tuple, list] = defaultdict(list)
-    for i, (p, g, state, first) in enumerate(entries):
+    for i, (p, g, state, first, backend) in enumerate(entries):
         step = None if steps is None else steps[i]
-        sparse = g.is_sparse
-        backend = _backend(group, p, sparse)
-        if backend == "numba":
-            if group.get("fused"):
-                if sparse:
-                    raise RuntimeError("`fused=True` does not support sparse gradients")
-                check_fused(p)
-            if not _dense(p) or any(
-                not _dense(v) or v.stride() != p.stride() for k, v in state.items() if k != "step"
-            ):
-                backend = "reference"  # views with gaps: the flat kernel cannot walk them
-            elif g.stride() != p.stride() or not _dense(g):
-                g = torch.empty_like(p).copy_(g)  # grad laid out like the param
         key_step = id(step) if capturable else step
         batches[(backend, p.device, p.dtype, first, key_step)].append((p, g, state, step))
 
     for (backend, _, _, first, _), batch in batches.items():
         flags = Flags(rule.flags(group, first))
         scalars = rule.scalars(group, batch[0][3])
-        params, grads, states = [], [], defaultdict(list)
+        params, grads, states = [], [], {n: [] for n in names}
         for p, g, state, _ in batch:
             for name in firsts:
                 if name not in state:
                     state[name] = torch.empty_like(p, memory_format=torch.preserve_format)
-            complex_ = torch.is_complex(p)
-            params.append(torch.view_as_real(p) if complex_ else p)
-            grads.append(torch.view_as_real(g) if complex_ else g)
-            for spec in specs:
-                v = state[spec.name]
-                states[spec.name].append(torch.view_as_real(v) if complex_ else v)
-        kernels.get(backend).run(rule, flags, scalars, params, grads, dict(states))
+            if torch.is_complex(p):  # as torch: complex math is real math on the (re, im) view
+                p, g = torch.view_as_real(p), torch.view_as_real(g)
+                state = {n: torch.view_as_real(state[n]) for n in names}
+            params.append(p)
+            grads.append(g)
+            for n in names:
+                states[n].append(state[n])
+        kernels.get(backend).run(rule, flags, scalars, params, grads, states)

@@ -6,6 +6,7 @@ Imported by the generated kernel modules, so they are module-level and cache-saf
 import math
 
 import numba
+import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
@@ -74,3 +75,25 @@ def minimum(a, b):
 def sqrt(a):
     """Square root (correctly rounded; torch's vectorised fp32 sqrt is within 1 ulp of it)."""
     return math.sqrt(a)
+
+
+@numba.njit(cache=True, nogil=True)
+def bump_steps32(ptrs):
+    """Add 1 to float32 scalars at ``ptrs`` (the ``step`` tensors); return the new values."""
+    out = np.empty(len(ptrs))
+    for i in range(len(ptrs)):
+        x = numba.carray(ptr_float32(ptrs[i]), 1)
+        x[0] += np.float32(1.0)
+        out[i] = x[0]
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def bump_steps64(ptrs):
+    """Add 1 to float64 scalars at ``ptrs`` (the ``step`` tensors); return the new values."""
+    out = np.empty(len(ptrs))
+    for i in range(len(ptrs)):
+        x = numba.carray(ptr_float64(ptrs[i]), 1)
+        x[0] += 1.0
+        out[i] = x[0]
+    return out

@@ -58,7 +58,9 @@ def source(graph: Graph, operands: tuple[str, ...], dtype: str) -> str:
     for i, (op, args) in enumerate(graph.nodes):
         if op == "input":
             k = operands.index(args[0])
-            arrays.append(f"        a{k} = numba.carray(PTR(ptrs[{k}, t]), hi)  # {args[0]}")
+            arrays.append(
+                f"        a{k} = numba.carray(PTR(ptrs[{k}, t] + lo * SIZE), n)  # {args[0]}"
+            )
             body.append(f"            v{i} = a{k}[j]")
         elif op == "scalar":
             hoisted.append(
@@ -81,12 +83,16 @@ def source(graph: Graph, operands: tuple[str, ...], dtype: str) -> str:
             "",
             '@numba.njit(parallel=True, cache=True, nogil=True, error_model="numpy")',
             "def kernel(ptrs, chunks, scal):",
+            f"    SIZE = {np.dtype(dtype).itemsize}",
             *hoisted,
             "    for c in numba.prange(chunks.shape[0]):",
             "        t = chunks[c, 0]",
-            "        hi = chunks[c, 2]",
+            "        lo = chunks[c, 1]",
+            "        n = chunks[c, 2] - lo",
+            # Arrays start at the chunk and the loop at 0: numba then knows j >= 0 (no wraparound
+            # code), and LLVM vectorises the loop.
             *arrays,
-            "        for j in range(chunks[c, 1], hi):",
+            "        for j in range(n):",
             *body,
             "",
         ]
@@ -151,6 +157,17 @@ def _sync_threads() -> None:
     n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     if numba.get_num_threads() != n:
         numba.set_num_threads(n)  # follow torch.set_num_threads, never oversubscribe
+
+
+def bump_steps(steps: list[torch.Tensor]) -> list[float] | None:
+    """Add 1 to CPU float ``step`` tensors in one call; None where they do not qualify."""
+    dtype = steps[0].dtype
+    if dtype not in DTYPES or any(s.dtype != dtype or s.device.type != "cpu" for s in steps):
+        return None
+    from fuseopt.kernels import _numba_ops
+
+    bump = _numba_ops.bump_steps32 if dtype == torch.float32 else _numba_ops.bump_steps64
+    return bump(np.array([s.data_ptr() for s in steps], dtype=np.int64)).tolist()
 
 
 def run(rule, flags, scalars: dict, params: list, grads: list, states: dict[str, list]) -> None:
