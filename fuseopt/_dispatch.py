@@ -33,10 +33,11 @@ def scalar_dtype(fused: bool | None = None) -> torch.dtype:
 
 def check_fused(p: torch.Tensor) -> None:
     """torch's error for ``fused=True`` on a param the fused kernels do not cover."""
-    if not (p.device.type == "cpu" and numba_cpu.supports(p.dtype)):
+    if not (p.device.type == "cpu" and numba_cpu.supports(p.dtype.to_real())):
         raise RuntimeError(
             "`fused=True` requires all the params to be floating point Tensors of supported "
-            f"devices: ['cpu'] with dtype float32 or float64, but {p.dtype} and {p.device.type}"
+            "devices: ['cpu'] with dtype float32 or float64 (or complex64/complex128), "
+            f"but {p.dtype} and {p.device.type}"
         )
 
 
@@ -64,7 +65,8 @@ def _backend(group: dict, p: torch.Tensor, sparse: bool) -> str:
         return "foreach"
     if fused is None and foreach is None:
         if p.device.type == "cpu":
-            return "numba" if numba_cpu.supports(p.dtype) and numba_cpu.available() else "reference"
+            real = p.dtype.to_real()  # complex runs on its real view
+            return "numba" if numba_cpu.supports(real) and numba_cpu.available() else "reference"
         return "foreach"
     return "reference"
 
@@ -79,9 +81,9 @@ def _layout(p: torch.Tensor, g: torch.Tensor, state: dict, names: list[str]):
     return "numba", g
 
 
-def _bump_steps(steps: list[torch.Tensor], capturable: bool) -> list:
-    """Add 1 to every ``step`` tensor; return the new values (the tensors where capturable)."""
-    if capturable:
+def _bump_steps(steps: list[torch.Tensor], as_tensors: bool) -> list:
+    """Add 1 to every ``step`` tensor; return the new values (or the tensors themselves)."""
+    if as_tensors:
         torch._foreach_add_(steps, 1)
         return steps  # stay on the device: no host sync
     values = numba_cpu.bump_steps(steps) if numba_cpu.available() else None
@@ -157,12 +159,14 @@ def apply_rule(opt, group: dict) -> None:
         and any(e[2]["step"].requires_grad for e in entries)
     ):
         raise RuntimeError("`requires_grad` is not supported for `step` in differentiable mode")
-    steps = _bump_steps([e[2]["step"] for e in entries], capturable) if rule.has_step else None
+    # capturable and differentiable compute host scalars from the step tensors, as torch does
+    on_tensors = capturable or bool(group.get("differentiable"))
+    steps = _bump_steps([e[2]["step"] for e in entries], on_tensors) if rule.has_step else None
 
     batches: dict[tuple, list] = defaultdict(list)
     for i, (p, g, state, first, backend) in enumerate(entries):
         step = None if steps is None else steps[i]
-        key_step = id(step) if capturable else step
+        key_step = id(step) if on_tensors else step
         batches[(backend, p.device, p.dtype, first, key_step)].append((p, g, state, step))
 
     for (backend, _, _, first, _), batch in batches.items():

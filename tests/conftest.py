@@ -1,0 +1,52 @@
+"""Shared fixtures: implementations, dtypes and a seeded problem factory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+# name -> constructor flags that select the implementation
+IMPLS = {
+    "forloop": dict(foreach=False),
+    "foreach": dict(foreach=True),
+    "fused": dict(fused=True),
+    "default": {},
+}
+
+# Shapes that exercise the backends: a matrix, a vector, a 3-d tensor, a scalar, an empty tensor,
+# a transposed (dense, non-contiguous) matrix, and one larger than a kernel chunk.
+SHAPES = [(4, 3), (7,), (2, 3, 2), (), (0,), "transposed", (70_001,)]
+
+
+def make_params(dtype: torch.dtype, seed: int = 0, shapes=SHAPES) -> list[torch.Tensor]:
+    """Leaf params of ``shapes`` (same values for a given seed)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for shape in shapes:
+        if shape == "transposed":
+            t = torch.randn(3, 5, generator=gen, dtype=dtype).t()
+        else:
+            t = torch.randn(shape, generator=gen, dtype=dtype)
+        out.append(t.detach().requires_grad_())
+    return out
+
+
+def _randn_like(p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    if p.is_contiguous():
+        return torch.randn(p.shape, generator=gen, dtype=p.dtype)
+    return torch.randn(p.t().shape, generator=gen, dtype=p.dtype).t()  # laid out like p
+
+
+def make_grads(params, steps: int, seed: int = 1) -> list[list[torch.Tensor]]:
+    """``steps`` lists of gradients for ``params``, each laid out like its param."""
+    gen = torch.Generator().manual_seed(seed)
+    return [[_randn_like(p, gen) for p in params] for _ in range(steps)]
+
+
+def clone_params(params) -> list[torch.Tensor]:
+    return [p.detach().clone().requires_grad_() for p in params]
+
+
+@pytest.fixture(params=list(IMPLS))
+def impl(request) -> str:
+    return request.param
