@@ -119,8 +119,10 @@ def apply_rule(opt, group: dict) -> None:
     names = [s.name for s in specs]
     firsts = [s.name for s in specs if isinstance(s, FirstValue)]
     keeps_state = rule.has_step or bool(specs)  # torch's SGD without momentum keeps no state
+    capturable = bool(group.get("capturable"))
+    # First every check that can fail, so that an error leaves params and state untouched.
     backends: dict[tuple, str] = {}
-    entries = []  # (param, grad, state, first, backend)
+    pending = []  # (param, grad, backend)
     for p in group["params"]:
         g = p.grad
         if g is None:
@@ -128,13 +130,23 @@ def apply_rule(opt, group: dict) -> None:
         sparse = g.is_sparse
         if sparse and not rule.sparse_ok:
             raise RuntimeError(rule.sparse_error)
-        state = opt.state[p] if keeps_state else {}
-        if keeps_state and not state:
-            if group.get("fused"):
-                check_fused(p)
-            state.update(_new_state(rule, group, p, specs))
         key = (p.device, p.dtype, sparse)
         backend = backends.get(key) or backends.setdefault(key, _backend(group, p, sparse))
+        if capturable:
+            step = opt.state[p]["step"] if p in opt.state and opt.state[p] else None
+            if p.device.type not in _CAPTURABLE_DEVICES or (
+                step is not None and step.device != p.device
+            ):
+                raise AssertionError(
+                    "If capturable=True, params and state_steps must be on supported devices: "
+                    f"{_CAPTURABLE_DEVICES}."
+                )
+        pending.append((p, g, backend))
+    entries = []  # (param, grad, state, first, backend)
+    for p, g, backend in pending:
+        state = opt.state[p] if keeps_state else {}
+        if keeps_state and not state:
+            state.update(_new_state(rule, group, p, specs))
         if backend == "numba" and not (
             p.is_contiguous()
             and g.is_contiguous()
@@ -145,14 +157,6 @@ def apply_rule(opt, group: dict) -> None:
         entries.append((p, g, state, first, backend))
     if not entries:
         return
-    capturable = bool(group.get("capturable"))
-    if capturable:
-        for p, _, state, _, _ in entries:
-            if p.device.type not in _CAPTURABLE_DEVICES or state["step"].device != p.device:
-                raise AssertionError(
-                    "If capturable=True, params and state_steps must be on supported devices: "
-                    f"{_CAPTURABLE_DEVICES}."
-                )
     if (
         group.get("differentiable")
         and rule.has_step
@@ -175,8 +179,8 @@ def apply_rule(opt, group: dict) -> None:
         params, grads, states = [], [], {n: [] for n in names}
         for p, g, state, _ in batch:
             for name in firsts:
-                if name not in state:
-                    state[name] = torch.empty_like(p, memory_format=torch.preserve_format)
+                if name not in state:  # like the grad: torch's first buffer is a clone of it
+                    state[name] = torch.empty_like(g if g.is_sparse else p)
             if torch.is_complex(p):  # as torch: complex math is real math on the (re, im) view
                 p, g = torch.view_as_real(p), torch.view_as_real(g)
                 state = {n: torch.view_as_real(state[n]) for n in names}
