@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from algorithms import ALGORITHMS, cases
+from algorithms import ALGORITHMS, BY_NAME, cases
 from conftest import IMPLS, clone_params, make_grads, make_params
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 STEPS = 20
 TOL = {
@@ -145,3 +147,25 @@ def test_differentiable_step_matches_torch_gradients(algo):
     tol = dict(rtol=1e-6, atol=1e-9) if algo.name != "SGD" else dict(rtol=1e-12, atol=1e-14)
     for ours, theirs in zip(grads_through(algo.ours), grads_through(algo.theirs)):
         torch.testing.assert_close(ours, theirs, **tol)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    shape=st.lists(st.integers(0, 9), min_size=0, max_size=3).map(tuple),
+    lr=st.floats(1e-5, 1.0),
+    beta1=st.floats(0.0, 0.99),
+    beta2=st.floats(0.5, 0.9999),
+    eps=st.sampled_from([1e-8, 1e-6, 1e-3]),
+    weight_decay=st.sampled_from([0.0, 1e-4, 0.3]),
+    amsgrad=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_fused_adam_property(shape, lr, beta1, beta2, eps, weight_decay, amsgrad, dtype):
+    """Any shape and hyperparameters in range: the fused kernel stays within the stated tolerance."""
+    kwargs = dict(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
+    params = make_params(dtype, shapes=[shape])
+    ref_params = clone_params(params)
+    grads = make_grads(params, 5)
+    opt = _run(BY_NAME["Adam"].ours, params, grads, **kwargs, fused=True)
+    ref = _run(BY_NAME["Adam"].theirs, ref_params, grads, **kwargs, foreach=False)
+    _compare(opt, ref, params, ref_params, False, dtype)
