@@ -25,6 +25,7 @@ class StateSpec:
     when: Callable[[dict], bool] | None = None
 
     def wanted(self, group: dict) -> bool:
+        """Whether a param of ``group`` keeps this state."""
         return self.when is None or bool(self.when(group))
 
 

@@ -48,30 +48,37 @@ class ForeachOps:
 
     @staticmethod
     def add(a, b, alpha=1):
+        """``a + alpha * b``."""
         return TensorList(torch._foreach_add(a, b, alpha=alpha))
 
     @staticmethod
     def addcmul(a, b, c, value=1):
+        """``a + value * b * c``."""
         return TensorList(torch._foreach_addcmul(a, b, c, value=value))
 
     @staticmethod
     def addcdiv(a, b, c, value=1):
+        """``a + value * b / c``."""
         return TensorList(torch._foreach_addcdiv(a, b, c, value=value))
 
     @staticmethod
     def lerp(a, b, w):
+        """``a + w * (b - a)``."""
         return TensorList(torch._foreach_lerp(a, b, w))
 
     @staticmethod
     def sqrt(a):
+        """Square root."""
         return TensorList(torch._foreach_sqrt(a))
 
     @staticmethod
     def maximum(a, b):
+        """Elementwise maximum."""
         return TensorList(torch._foreach_maximum(a, b))
 
     @staticmethod
     def minimum(a, b):
+        """Elementwise minimum."""
         return TensorList(torch._foreach_minimum(a, b))
 
 

@@ -22,6 +22,7 @@ class Graph:
     outputs: dict[str, int] = field(default_factory=dict)  # operand name -> node id
 
     def add(self, op: str, *args: Any) -> Sym:
+        """Append a node; return its symbol."""
         self.nodes.append((op, args))
         return Sym(self, len(self.nodes) - 1)
 
@@ -88,30 +89,37 @@ class SymOps:
 
     @staticmethod
     def add(a: Sym, b: Sym, alpha: Any = 1) -> Sym:
-        return a.graph.add("fma", b._arg(b), a._arg(alpha), a.id)  # ATen: fma(b, alpha, a)
+        """``a + alpha * b``, rounded once (ATen: ``fma(b, alpha, a)``)."""
+        return a.graph.add("fma", b.id, a._arg(alpha), a.id)
 
     @staticmethod
     def addcmul(a: Sym, b: Sym, c: Sym, value: Any = 1) -> Sym:
-        return a.graph.add("fma", (b * value).id, c.id, a.id)  # ATen: fma(value*b, c, a)
+        """``a + value * b * c`` (ATen: ``fma(value * b, c, a)``)."""
+        return a.graph.add("fma", (b * value).id, c.id, a.id)
 
     @staticmethod
     def addcdiv(a: Sym, b: Sym, c: Sym, value: Any = 1) -> Sym:
-        return a + (b * value) / c  # ATen: a + (value*b)/c
+        """``a + value * b / c`` (ATen: ``a + (value * b) / c``)."""
+        return a + (b * value) / c
 
     @staticmethod
     def lerp(a: Sym, b: Sym, w: Any) -> Sym:
-        return a.graph.add("lerp", a.id, b._arg(b), a._arg(w))
+        """ATen's two-sided lerp from ``a`` to ``b`` by ``w``."""
+        return a.graph.add("lerp", a.id, b.id, a._arg(w))
 
     @staticmethod
     def sqrt(a: Sym) -> Sym:
+        """Square root."""
         return a.graph.add("sqrt", a.id)
 
     @staticmethod
     def maximum(a: Sym, b: Sym) -> Sym:
+        """Elementwise maximum, NaN-propagating."""
         return a.graph.add("maximum", a.id, b.id)
 
     @staticmethod
     def minimum(a: Sym, b: Sym) -> Sym:
+        """Elementwise minimum, NaN-propagating."""
         return a.graph.add("minimum", a.id, b.id)
 
 
