@@ -8,7 +8,9 @@ patch ``step``) and overrides every public method.
 
 from __future__ import annotations
 
+import functools
 import inspect
+import sys
 import warnings
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable
@@ -21,6 +23,7 @@ from torch.utils.hooks import RemovableHandle
 
 __all__ = ["Optimizer", "register_optimizer_step_pre_hook", "register_optimizer_step_post_hook"]
 
+# fuseopt's own registries: hooks registered through torch.optim's module see torch's optimizers.
 _global_optimizer_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
 _global_optimizer_post_hooks: OrderedDict[int, Callable] = OrderedDict()
 
@@ -42,6 +45,11 @@ class _RequiredParameter:
 
 
 required = _RequiredParameter()
+# torch's own marker means the same: a custom optimizer ported to fuseopt may still use it.
+_REQUIRED_MARKERS = (
+    required,
+    getattr(sys.modules[torch.optim.Optimizer.__module__], "required", required),
+)
 
 
 def _add_hook(hooks: OrderedDict, hook: Callable, prepend: bool = False) -> RemovableHandle:
@@ -130,7 +138,27 @@ class Optimizer(torch.optim.Optimizer):
         for key, value in self._signature_defaults().items():
             for group in self.param_groups:
                 group.setdefault(key, value)
+        self._tensor_steps()
         self._after_setstate()
+
+    def _tensor_steps(self) -> None:
+        """Make a ``step`` saved as a number (old checkpoints) a tensor, as torch's optimizers do."""
+        if self.rule is None or not self.rule.has_step:
+            return
+        from fuseopt._dispatch import scalar_dtype  # the dispatcher imports this module
+
+        for group in self.param_groups:
+            on_device = bool(group.get("capturable") or group.get("fused"))
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state or "step" not in state or torch.is_tensor(state["step"]):
+                    continue
+                value = float(state["step"])
+                if on_device:
+                    dtype = scalar_dtype(group.get("fused"))
+                    state["step"] = torch.tensor(value, dtype=dtype, device=p.device)
+                else:
+                    state["step"] = torch.tensor(value, dtype=scalar_dtype())
 
     def _after_setstate(self) -> None:
         """Per-algorithm fix-ups after unpickling or loading (e.g. AdamW forces decoupled decay)."""
@@ -145,11 +173,14 @@ class Optimizer(torch.optim.Optimizer):
         }
 
     def __repr__(self) -> str:
-        lines = [self.__class__.__name__ + " ("]
+        # torch's layout: each group opens with a newline and every option line ends with one, so
+        # groups are separated by a blank line and no groups give "Name ()".
+        parts = [self.__class__.__name__, " ("]
         for i, group in enumerate(self.param_groups):
-            lines.append(f"Parameter Group {i}")
-            lines.extend(f"    {key}: {group[key]}" for key in sorted(group) if key != "params")
-        return "\n".join(lines) + "\n)"
+            parts.append(f"\nParameter Group {i}\n")
+            parts.extend(f"    {key}: {group[key]}\n" for key in sorted(group) if key != "params")
+        parts.append(")")
+        return "".join(parts)
 
     # ------------------------------------------------------------------------------ param groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -193,7 +224,7 @@ class Optimizer(torch.optim.Optimizer):
                 raise ValueError("can't optimize a non-leaf Tensor")
 
         for name, default in self.defaults.items():
-            if default is required and name not in param_group:
+            if any(default is marker for marker in _REQUIRED_MARKERS) and name not in param_group:
                 raise ValueError(
                     "parameter group didn't specify a value of required optimization parameter "
                     + name
@@ -257,29 +288,7 @@ class Optimizer(torch.optim.Optimizer):
             closure (Callable, optional): a closure that re-evaluates the model and returns the loss;
                 it runs with gradients enabled.
         """
-        args: tuple = (self,) if closure is None else (self, closure)
-        kwargs: dict[str, Any] = {}
-        with torch.autograd.profiler.record_function(
-            f"Optimizer.step#{self.__class__.__name__}.step"
-        ):
-            for hook in chain(
-                _global_optimizer_pre_hooks.values(), self._optimizer_step_pre_hooks.values()
-            ):
-                result = hook(self, args, kwargs)
-                if result is not None:
-                    if not (isinstance(result, tuple) and len(result) == 2):
-                        raise RuntimeError(
-                            f"{self.__class__.__name__}.step pre-hook must return None or a tuple of "
-                            f"(new_args, new_kwargs), but got {result}."
-                        )
-                    args, kwargs = result
-            out = self._step(*args[1:], **kwargs)
-            self._optimizer_step_code()
-            for hook in chain(
-                self._optimizer_step_post_hooks.values(), _global_optimizer_post_hooks.values()
-            ):
-                hook(self, args, kwargs)
-        return out
+        return self._step(closure)
 
     def _step(self, closure: Callable[[], Any] | None = None) -> Any:
         """The algorithm's step, without hooks: evaluate the closure, then apply the rule per group."""
@@ -298,11 +307,51 @@ class Optimizer(torch.optim.Optimizer):
 
     @staticmethod
     def profile_hook_step(func: Callable) -> Callable:
-        """Return ``func`` unchanged: fuseopt's :meth:`step` runs the hooks and profiler range itself.
+        """Return ``func`` (a ``step(self, ...)`` function) made to run the step hooks around it.
 
-        torch.optim wraps ``step`` with this at construction; fuseopt never patches a class.
+        The wrapper opens the profiler range ``Optimizer.step#<class>.step``, runs the global then
+        the instance pre-hooks (a hook may return new ``(args, kwargs)``, ``args[0]`` being the
+        optimizer), calls ``func``, then the instance then the global post-hooks. fuseopt applies it
+        once per class, when the class is defined (to :meth:`step` and to any ``step`` a subclass
+        defines), never when an optimizer is constructed.
         """
-        return func
+
+        @functools.wraps(func)
+        def hooked_step(*args: Any, **kwargs: Any) -> Any:
+            opt = args[0]
+            with torch.autograd.profiler.record_function(
+                f"Optimizer.step#{opt.__class__.__name__}.step"
+            ):
+                for hook in chain(
+                    _global_optimizer_pre_hooks.values(), opt._optimizer_step_pre_hooks.values()
+                ):
+                    result = hook(opt, args, kwargs)
+                    if result is None:
+                        continue
+                    if not (isinstance(result, tuple) and len(result) == 2):
+                        raise RuntimeError(
+                            f"{opt.__class__.__name__}.step pre-hook must return None or a tuple "
+                            f"of (new_args, new_kwargs), but got {result}."
+                        )
+                    args, kwargs = result
+                out = func(*args, **kwargs)
+                opt._optimizer_step_code()
+                for hook in chain(
+                    opt._optimizer_step_post_hooks.values(), _global_optimizer_post_hooks.values()
+                ):
+                    hook(opt, args, kwargs)
+            return out
+
+        hooked_step.hooked = True  # type: ignore[attr-defined]  # torch's "already wrapped" mark
+        return hooked_step
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # A subclass that defines its own ``step`` (as a torch.optim custom optimizer does) gets the
+        # hooks too: torch wraps such a ``step`` at construction; fuseopt does it here, once.
+        super().__init_subclass__(**kwargs)
+        step = cls.__dict__.get("step")
+        if inspect.isfunction(step) and not getattr(step, "hooked", False):
+            cls.step = Optimizer.profile_hook_step(step)
 
     def _optimizer_step_code(self) -> None:
         """Entry point for ``torch.profiler``'s Python tracer, called after each step (as torch)."""
@@ -404,12 +453,20 @@ class Optimizer(torch.optim.Optimizer):
         """
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
+        # torch's numbering: a param's id is a position in the flat list of all groups' params;
+        # a param met in an earlier group keeps its id, else it takes the position of its last
+        # occurrence in its group (so a duplicate within a group shifts the ids of what follows).
         ids: dict[int, int] = {}
         groups = []
+        position = 0
         for group in self.param_groups:
             packed = {k: v for k, v in group.items() if k != "params"}
+            new_ids = {}
             for p in group["params"]:
-                ids.setdefault(id(p), len(ids))
+                if id(p) not in ids:
+                    new_ids[id(p)] = position
+                position += 1
+            ids.update(new_ids)
             packed["params"] = [ids[id(p)] for p in group["params"]]
             groups.append(packed)
         state = {
@@ -485,3 +542,8 @@ class Optimizer(torch.optim.Optimizer):
         self.__setstate__({"state": state, "param_groups": saved_groups})
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
+
+
+# The base ``step`` runs the hooks: wrapped once here, at import (subclasses' own ``step`` in
+# ``__init_subclass__``); constructing an optimizer patches nothing.
+Optimizer.step = Optimizer.profile_hook_step(Optimizer.step)

@@ -1,0 +1,408 @@
+"""Benchmark ``optimizer.step()``: fuseopt's implementations side by side with torch.optim's.
+
+``python -m fuseopt.bench`` (or ``fuseopt bench``) times every algorithm of :data:`ALGORITHMS` in
+every implementation of :data:`IMPLEMENTATIONS` (for-loop, foreach, fused), for fuseopt and for
+torch.optim, on the parameter shapes of real models (``workloads.json``: gpt2-small, resnet18,
+many-small), in float32. It prints ms/step, each fuseopt implementation's time relative to torch's
+best implementation, and the effective memory bandwidth of the fastest fuseopt implementation.
+
+Method: for each (workload, algorithm, library, implementation), fresh params (zeros) get small
+random grads; two warm-up steps (the first compiles numba kernels and creates state, the second
+runs the steady-state variant, e.g. SGD's momentum after its first step); then each of ``steps``
+steps is timed with :func:`time.perf_counter` and the median is reported. Each optimizer and its
+tensors are freed before the next one is built (Adam on gpt2-small holds ~2 GB in float32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import torch
+
+import fuseopt
+
+__all__ = [
+    "ALGORITHMS",
+    "IMPLEMENTATIONS",
+    "LIBRARIES",
+    "build_parser",
+    "environment",
+    "format_table",
+    "load_workloads",
+    "main",
+    "run",
+]
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """One benchmarked algorithm: a class name that both fuseopt and torch.optim export."""
+
+    name: str
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    bytes_per_element: int = 0  # float32 bytes read + written per param element and step
+
+
+# One line per algorithm. bytes_per_element counts the tensors a fused kernel must stream.
+ALGORITHMS: dict[str, Algorithm] = {
+    a.name: a
+    for a in (
+        Algorithm("SGD", {"lr": 1e-3, "momentum": 0.9}, 5 * 4),  # read p, g, buf; write p, buf
+        Algorithm("Adam", {"lr": 1e-3}, 7 * 4),  # read p, g, m, v; write p, m, v
+        Algorithm("AdamW", {"lr": 1e-3}, 7 * 4),  # as Adam (the decay reads p, already counted)
+    )
+}
+
+# The constructor flags that select an implementation, the same for fuseopt and torch.optim.
+IMPLEMENTATIONS: dict[str, dict[str, bool]] = {
+    "for-loop": {"foreach": False},
+    "foreach": {"foreach": True},
+    "fused": {"fused": True},
+}
+
+LIBRARIES: dict[str, Any] = {"torch": torch.optim, "fuseopt": fuseopt}
+
+QUICK_WORKLOADS = ("many-small", "resnet18")
+QUICK_STEPS = 3
+DEFAULT_STEPS = 10
+WARMUP_STEPS = 2
+
+
+# ------------------------------------------------------------------------------------ workloads
+def load_workloads() -> dict[str, list[tuple[int, ...]]]:
+    """The named workloads of ``workloads.json``: name -> list of parameter shapes."""
+    text = resources.files("fuseopt").joinpath("workloads.json").read_text()
+    return {
+        name: [tuple(p["shape"]) for p in spec["params"]] for name, spec in json.loads(text).items()
+    }
+
+
+def _resolve(
+    workloads: Iterable[str] | Mapping[str, Sequence[Sequence[int]]] | None,
+) -> dict[str, list[tuple[int, ...]]]:
+    """Workload names (or a name -> shapes mapping, used as given) to name -> shapes."""
+    if isinstance(workloads, str):
+        workloads = [workloads]
+    if isinstance(workloads, Mapping):
+        return {name: [tuple(s) for s in shapes] for name, shapes in workloads.items()}
+    known = load_workloads()
+    names = list(known) if workloads is None else list(workloads)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown workload {unknown[0]!r}; valid workloads: {', '.join(known)}")
+    return {n: known[n] for n in names}
+
+
+def _pick(names: Iterable[str] | None, table: Mapping[str, Any], what: str) -> list[str]:
+    """Validate ``names`` against ``table`` (case-insensitively); None means all, in table order."""
+    if names is None:
+        return list(table)
+    if isinstance(names, str):
+        names = [names]
+    lower = {k.lower(): k for k in table}
+    picked = []
+    for name in names:
+        if name.lower() not in lower:
+            raise ValueError(f"unknown {what} {name!r}; valid {what}s: {', '.join(table)}")
+        picked.append(lower[name.lower()])
+    return picked
+
+
+# ------------------------------------------------------------------------------------- timing
+def _make_params(shapes: list[tuple[int, ...]], seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    params = []
+    for shape in shapes:
+        p = torch.zeros(shape, dtype=torch.float32, requires_grad=True)
+        p.grad = torch.randn(shape, generator=gen).mul_(1e-3)
+        params.append(p)
+    return params
+
+
+def _time_steps(
+    algorithm: Algorithm, library: str, impl: str, shapes: list[tuple[int, ...]], steps: int
+) -> list[float]:
+    """Seconds per step of ``steps`` timed steps, after the warm-up steps."""
+    cls = getattr(LIBRARIES[library], algorithm.name)
+    params = _make_params(shapes)
+    opt = None
+    try:
+        opt = cls(params, **algorithm.kwargs, **IMPLEMENTATIONS[impl])
+        for _ in range(WARMUP_STEPS):
+            opt.step()
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            opt.step()
+            times.append(time.perf_counter() - start)
+        return times
+    finally:
+        # Free the state and tensors now: the next optimizer may need the memory (gpt2-small).
+        del opt, params
+        gc.collect()
+
+
+def run(
+    workloads: Iterable[str] | Mapping[str, Sequence[Sequence[int]]] | None = None,
+    algorithms: Iterable[str] | None = None,
+    impls: Iterable[str] | None = None,
+    steps: int = DEFAULT_STEPS,
+    *,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Time every (workload, algorithm, library, implementation); return one dict per result.
+
+    Args:
+        workloads: names from ``workloads.json``, or a mapping name -> list of shapes (e.g.
+            ``{"tiny": [[10, 10], [5]]}``); None means all named workloads.
+        algorithms: names from :data:`ALGORITHMS`; None means all.
+        impls: names from :data:`IMPLEMENTATIONS`; None means all.
+        steps: timed steps per configuration (after the warm-up steps).
+        progress: print one line per configuration to stderr.
+
+    Each row has ``workload, algorithm, library, impl, numel, tensors, steps, ms`` (median ms/step),
+    ``times_ms``, ``ratio`` (``ms`` over the best torch ``ms`` of the same workload and algorithm),
+    ``gbps`` (effective GB/s) and ``error`` (None, or why the implementation could not run; then
+    ``ms``, ``ratio`` and ``gbps`` are None).
+
+    Raises:
+        ValueError: an unknown workload, algorithm or implementation name, or ``steps < 1``.
+    """
+    shapes_by_name = _resolve(workloads)
+    algos = _pick(algorithms, ALGORITHMS, "algorithm")
+    impl_names = _pick(impls, IMPLEMENTATIONS, "implementation")
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    total = len(shapes_by_name) * len(algos) * len(LIBRARIES) * len(impl_names)
+    rows: list[dict[str, Any]] = []
+    for workload, shapes in shapes_by_name.items():
+        numel = sum(math.prod(s) for s in shapes)
+        for algo_name in algos:
+            algorithm = ALGORITHMS[algo_name]
+            group = []
+            for library in LIBRARIES:
+                for impl in impl_names:
+                    row: dict[str, Any] = dict(
+                        workload=workload,
+                        algorithm=algo_name,
+                        library=library,
+                        impl=impl,
+                        numel=numel,
+                        tensors=len(shapes),
+                        steps=steps,
+                        ms=None,
+                        times_ms=[],
+                        ratio=None,
+                        gbps=None,
+                        error=None,
+                    )
+                    try:
+                        times = _time_steps(algorithm, library, impl, shapes, steps)
+                    except (RuntimeError, ValueError, TypeError) as e:
+                        # A library without this implementation (e.g. no fused kernel for a
+                        # later algorithm): report it in the table rather than abort the run.
+                        row["error"] = f"{type(e).__name__}: {e}"
+                    else:
+                        row["times_ms"] = [t * 1e3 for t in times]
+                        row["ms"] = statistics.median(row["times_ms"])
+                        row["gbps"] = numel * algorithm.bytes_per_element / (row["ms"] * 1e6)
+                    group.append(row)
+                    if progress:
+                        done = len(rows) + len(group)
+                        result = f"{row['ms']:.3f} ms/step" if row["error"] is None else "n/a"
+                        print(
+                            f"[{done}/{total}] {workload} {algo_name} {library} {impl}: {result}",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+            torch_ms = [r["ms"] for r in group if r["library"] == "torch" and r["ms"] is not None]
+            if torch_ms:
+                for r in group:
+                    if r["ms"] is not None:
+                        r["ratio"] = r["ms"] / min(torch_ms)
+            rows.extend(group)
+    return rows
+
+
+# -------------------------------------------------------------------------------------- report
+def _fmt_ms(ms: float | None) -> str:
+    if ms is None:
+        return "n/a"
+    return f"{ms:.0f}" if ms >= 100 else f"{ms:.1f}" if ms >= 10 else f"{ms:.2f}"
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """The results as a text table: one line per (workload, algorithm)."""
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    index = {(r["workload"], r["algorithm"], r["library"], r["impl"]): r for r in rows}
+    keys = list(dict.fromkeys((r["workload"], r["algorithm"]) for r in rows))
+    w_name = max([len("workload"), *(len(w) for w, _ in keys)])
+    w_algo = max([len("algorithm"), *(len(a) for _, a in keys)])
+    sections = ("torch ms/step", "fuseopt ms/step", "fuseopt / torch best")
+    # Columns wide enough for the impl names, and for the section titles over few columns.
+    w = max(9, *(len(i) for i in impls), -(-(max(map(len, sections)) + 1) // len(impls)) - 1)
+    block = len(impls) * (w + 1) - 1
+    head1 = " ".join(
+        [
+            " " * w_name,
+            " " * w_algo,
+            *(f"{s:^{block}}" for s in sections),
+            f"{'fastest fuseopt':^{w + 7}}",
+        ]
+    )
+    head2 = " ".join(
+        [
+            f"{'workload':<{w_name}}",
+            f"{'algorithm':<{w_algo}}",
+            *(f"{i:>{w}}" for _ in sections for i in impls),
+            f"{'impl':>{w}}",
+            f"{'GB/s':>6}",
+        ]
+    )
+    lines = [head1, head2, "-" * len(head2)]
+    for workload, algo in keys:
+        cells = [f"{workload:<{w_name}}", f"{algo:<{w_algo}}"]
+        for library in ("torch", "fuseopt"):
+            for impl in impls:
+                r = index.get((workload, algo, library, impl))
+                cells.append(f"{_fmt_ms(r and r['ms']):>{w}}")
+        for impl in impls:
+            r = index.get((workload, algo, "fuseopt", impl))
+            ratio = r and r["ratio"]
+            cells.append(f"{'n/a' if ratio is None else f'{ratio:.2f}x':>{w}}")
+        ran = [index.get((workload, algo, "fuseopt", i)) for i in impls]
+        ran = [r for r in ran if r and r["ms"] is not None]
+        best = min(ran, key=lambda r: r["ms"]) if ran else None
+        cells.append(f"{best['impl'] if best else 'n/a':>{w}}")
+        cells.append(f"{best['gbps']:>6.1f}" if best else f"{'n/a':>6}")
+        lines.append(" ".join(cells))
+    errors = [r for r in rows if r["error"]]
+    lines.extend(
+        f"n/a: {r['workload']} {r['algorithm']} {r['library']} {r['impl']}: {r['error']}"
+        for r in errors
+    )
+    return "\n".join(lines)
+
+
+def environment() -> dict[str, Any]:
+    """What the numbers depend on: versions, CPU, threads."""
+    try:
+        import numba
+
+        numba_version = numba.__version__
+    except ImportError:
+        numba_version = None
+    return dict(
+        fuseopt=fuseopt.__version__,
+        torch=torch.__version__,
+        numba=numba_version,
+        python=platform.python_version(),
+        machine=platform.machine(),
+        processor=platform.processor(),
+        torch_threads=torch.get_num_threads(),
+        cpus=os.cpu_count(),
+        load_average=os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    )
+
+
+# ----------------------------------------------------------------------------------------- CLI
+def _csv(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser of ``python -m fuseopt.bench`` / ``fuseopt bench``."""
+    parser = argparse.ArgumentParser(
+        prog=prog or "python -m fuseopt.bench",
+        description="Time optimizer.step() of fuseopt against torch.optim (float32, CPU).",
+    )
+    parser.add_argument(
+        "--workloads",
+        type=_csv,
+        help=f"comma-separated workloads (default: all): {', '.join(load_workloads())}",
+    )
+    parser.add_argument(
+        "--algorithms",
+        type=_csv,
+        help=f"comma-separated algorithms (default: all): {', '.join(ALGORITHMS)}",
+    )
+    parser.add_argument(
+        "--impls",
+        type=_csv,
+        help=f"comma-separated implementations (default: all): {', '.join(IMPLEMENTATIONS)}",
+    )
+    parser.add_argument(
+        "--steps", type=int, help=f"timed steps per configuration (default: {DEFAULT_STEPS})"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch.set_num_threads(N) before timing; numba follows torch (default: torch's). "
+        "On a busy machine, 1 thread avoids timing the scheduler instead of the optimizer",
+    )
+    parser.add_argument("--json", metavar="PATH", help="also write all results as JSON to PATH")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"{' and '.join(QUICK_WORKLOADS)} only, {QUICK_STEPS} steps "
+        "(explicit --workloads/--steps still win)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """Command-line entry point: run the benchmark, print the table, optionally write JSON."""
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    workloads = args.workloads or (list(QUICK_WORKLOADS) if args.quick else None)
+    steps = args.steps if args.steps is not None else QUICK_STEPS if args.quick else DEFAULT_STEPS
+    try:
+        # Validate names up front: a typo should fail now, not after minutes of timing.
+        _resolve(workloads)
+        _pick(args.algorithms, ALGORITHMS, "algorithm")
+        _pick(args.impls, IMPLEMENTATIONS, "implementation")
+        if steps < 1:
+            raise ValueError(f"--steps must be at least 1, got {steps}")
+        if args.threads is not None and args.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {args.threads}")
+    except ValueError as e:
+        parser.error(str(e))
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    env = environment()  # before the run: the load average must not count the benchmark itself
+    if env["load_average"] is not None and env["load_average"] >= 1.0:
+        # Each parallel region waits for its slowest thread: when another process holds a core,
+        # every region of every step waits for a time slice (torch runs one region per tensor
+        # and op, numba one per step), so the timings measure the scheduler, not the optimizer.
+        print(
+            f"warning: load average {env['load_average']:.1f} on {env['cpus']} CPUs; "
+            "other processes will make the timings noisy (try --threads 1)",
+            file=sys.stderr,
+        )
+    rows = run(workloads, args.algorithms, args.impls, steps)
+    print(
+        f"optimizer.step(), float32, median of {steps} steps; torch {env['torch']}, "
+        f"numba {env['numba']}, {env['torch_threads']} threads"
+    )
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": env, "steps": steps, "results": rows}, f, indent=1)
+            f.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

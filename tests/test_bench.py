@@ -1,0 +1,142 @@
+"""The benchmark runs every (algorithm, library, implementation) and reports what it measured.
+
+No timing thresholds: these tests check the harness, not the speed of the machine they run on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import subprocess
+import sys
+from importlib import resources
+
+import pytest
+
+from fuseopt import bench, cli
+
+TINY = {"tiny": [[10, 10], [5]]}
+
+
+@pytest.fixture(scope="module")
+def tiny_rows():
+    return bench.run(TINY, steps=2, progress=False)
+
+
+def test_run_covers_every_combination(tiny_rows):
+    combos = {(r["algorithm"], r["library"], r["impl"]) for r in tiny_rows}
+    expected = set(itertools.product(bench.ALGORITHMS, bench.LIBRARIES, bench.IMPLEMENTATIONS))
+    assert combos == expected
+    assert len(tiny_rows) == len(expected)
+
+
+def test_rows_have_positive_times_and_finite_ratios(tiny_rows):
+    for r in tiny_rows:
+        assert r["error"] is None, r
+        assert r["workload"] == "tiny"
+        assert r["numel"] == 105 and r["tensors"] == 2
+        assert len(r["times_ms"]) == 2 and all(t > 0 for t in r["times_ms"])
+        assert r["ms"] > 0
+        assert math.isfinite(r["ratio"]) and r["ratio"] > 0
+        assert math.isfinite(r["gbps"]) and r["gbps"] > 0
+
+
+def test_ratio_is_relative_to_the_best_torch_implementation(tiny_rows):
+    for algo in bench.ALGORITHMS:
+        torch_rows = [r for r in tiny_rows if r["algorithm"] == algo and r["library"] == "torch"]
+        assert min(r["ratio"] for r in torch_rows) == pytest.approx(1.0)
+
+
+def test_subsets_of_algorithms_and_impls():
+    rows = bench.run(TINY, algorithms=["sgd"], impls=["fused"], steps=1, progress=False)
+    assert [(r["algorithm"], r["library"], r["impl"]) for r in rows] == [
+        ("SGD", "torch", "fused"),
+        ("SGD", "fuseopt", "fused"),
+    ]
+
+
+def test_an_implementation_that_fails_is_reported_not_fatal(monkeypatch):
+    # A negative lr makes both libraries refuse to build the optimizer, as torch does for a
+    # fused kernel it lacks: the row says why, the run and the table go on.
+    monkeypatch.setitem(bench.ALGORITHMS, "SGD", bench.Algorithm("SGD", {"lr": -1.0}, 20))
+    rows = bench.run(TINY, algorithms="SGD", impls="fused", steps=1, progress=False)
+    assert len(rows) == 2
+    for r in rows:
+        assert r["ms"] is None and r["ratio"] is None
+        assert "Invalid learning rate" in r["error"]
+    assert "n/a" in bench.format_table(rows)
+
+
+def test_table_names_every_algorithm(tiny_rows):
+    table = bench.format_table(tiny_rows)
+    for name in [*bench.ALGORITHMS, *bench.IMPLEMENTATIONS, "tiny", "GB/s"]:
+        assert name in table
+
+
+def test_workloads_json_matches_its_declared_sizes():
+    declared = json.loads((resources.files("fuseopt") / "workloads.json").read_text())
+    workloads = bench.load_workloads()
+    assert set(workloads) == {"gpt2-small", "resnet18", "many-small"}
+    for name, shapes in workloads.items():
+        assert len(shapes) == declared[name]["tensors"]
+        assert sum(math.prod(s) for s in shapes) == declared[name]["numel"]
+
+
+def test_unknown_workload_names_the_valid_ones():
+    with pytest.raises(ValueError, match="unknown workload 'nope'.*gpt2-small.*many-small"):
+        bench.run(["nope"], steps=1, progress=False)
+
+
+def test_unknown_algorithm_and_impl_are_errors():
+    with pytest.raises(ValueError, match="valid algorithms: SGD, Adam, AdamW"):
+        bench.run(TINY, algorithms=["Adamax9"], steps=1, progress=False)
+    with pytest.raises(ValueError, match="valid implementations: for-loop, foreach, fused"):
+        bench.run(TINY, impls=["triton"], steps=1, progress=False)
+
+
+def test_cli_unknown_workload_exits_with_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        bench.main(["--workloads", "nope"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown workload 'nope'" in err and "gpt2-small" in err
+
+
+def test_main_writes_json(tmp_path, capsys):
+    path = tmp_path / "out.json"
+    args = ["--workloads", "many-small", "--impls", "fused", "--steps", "1", "--json", str(path)]
+    assert bench.main(args) == 0
+    data = json.loads(path.read_text())
+    rows = data["results"]
+    assert {(r["algorithm"], r["library"], r["impl"]) for r in rows} == set(
+        itertools.product(bench.ALGORITHMS, bench.LIBRARIES, ["fused"])
+    )
+    assert all(r["workload"] == "many-small" and r["ms"] > 0 for r in rows)
+    assert data["environment"]["torch"]
+    out = capsys.readouterr().out
+    assert all(name in out for name in bench.ALGORITHMS)
+
+
+def test_python_m_fuseopt_bench():
+    cmd = [sys.executable, "-m", "fuseopt", "bench", "--workloads", "many-small", "--steps", "1"]
+    cmd += ["--impls", "fused"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    for name in bench.ALGORITHMS:
+        assert name in proc.stdout
+    assert "[1/" in proc.stderr  # progress goes to stderr, the table to stdout
+
+
+def test_cli_unknown_subcommand_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["nope"])
+    assert info.value.code == 2
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+def test_cli_forwards_to_bench(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["bench", "--help"])
+    assert info.value.code == 0
+    assert "fuseopt bench" in capsys.readouterr().out
