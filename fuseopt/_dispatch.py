@@ -71,6 +71,17 @@ def _backend(group: dict, p: torch.Tensor, sparse: bool) -> str:
     return "reference"
 
 
+def _contiguous(p: torch.Tensor, g: torch.Tensor, state: dict, names: list[str]) -> bool:
+    """The fast path of the fused kernels' layout check: param, grad and state all contiguous."""
+    if not (p.is_contiguous() and g.is_contiguous()):
+        return False
+    for n in names:
+        t = state.get(n)
+        if t is not None and not t.is_contiguous():
+            return False
+    return True
+
+
 def _layout(p: torch.Tensor, g: torch.Tensor, state: dict, names: list[str]):
     """The slow path of the fused kernels' layout check: (backend, grad) for a non-contiguous param."""
     tensors = [state[n] for n in names if n in state]
@@ -147,11 +158,7 @@ def apply_rule(opt, group: dict) -> None:
         state = opt.state[p] if keeps_state else {}
         if keeps_state and not state:
             state.update(_new_state(rule, group, p, specs))
-        if backend == "numba" and not (
-            p.is_contiguous()
-            and g.is_contiguous()
-            and all(state[n].is_contiguous() for n in names if n in state)
-        ):
+        if backend == "numba" and not _contiguous(p, g, state, names):
             backend, g = _layout(p, g, state, names)
         first = bool(firsts) and any(n not in state for n in firsts)
         entries.append((p, g, state, first, backend))
