@@ -6,11 +6,12 @@ torch.optim, on the parameter shapes of real models (``workloads.json``: gpt2-sm
 many-small), in float32. It prints ms/step, each fuseopt implementation's time relative to torch's
 best implementation, and the effective memory bandwidth of the fastest fuseopt implementation.
 
-Method: for each (workload, algorithm, library, implementation), fresh params (zeros) get small
-random grads; two warm-up steps (the first compiles numba kernels and creates state, the second
-runs the steady-state variant, e.g. SGD's momentum after its first step); then each of ``steps``
-steps is timed with :func:`time.perf_counter` and the median is reported. Each optimizer and its
-tensors are freed before the next one is built (Adam on gpt2-small holds ~2 GB in float32).
+Method: for each (workload, algorithm, implementation), torch's and fuseopt's optimizers are built
+on fresh params (zeros) with small random grads; two warm-up steps each (the first compiles numba
+kernels and creates state, the second runs the steady-state variant, e.g. SGD's momentum after its
+first step); then ``steps`` steps of each, alternating between the two libraries, are timed with
+:func:`time.perf_counter`, and the median is reported. Both are freed before the next pair is built
+(Adam on gpt2-small holds ~2 GB per optimizer in float32).
 """
 
 from __future__ import annotations
@@ -131,26 +132,39 @@ def _make_params(shapes: list[tuple[int, ...]], seed: int = 0) -> list[torch.Ten
     return params
 
 
-def _time_steps(
-    algorithm: Algorithm, library: str, impl: str, shapes: list[tuple[int, ...]], steps: int
-) -> list[float]:
-    """Seconds per step of ``steps`` timed steps, after the warm-up steps."""
-    cls = getattr(LIBRARIES[library], algorithm.name)
-    params = _make_params(shapes)
-    opt = None
+def _time_pair(
+    algorithm: Algorithm, impl: str, shapes: list[tuple[int, ...]], steps: int
+) -> dict[str, list[float] | Exception]:
+    """Seconds per step of ``steps`` timed steps for each library, after the warm-up steps.
+
+    Both libraries' optimizers live at once and their steps alternate, so that a slow spell of a
+    shared machine (memory bandwidth here drifts by tens of percent) hits both alike. A library
+    whose optimizer cannot be built or stepped gets the exception instead of times.
+    """
+    opts: dict[str, Any] = {}
+    results: dict[str, list[float] | Exception] = {}
     try:
-        opt = cls(params, **algorithm.kwargs, **IMPLEMENTATIONS[impl])
-        for _ in range(WARMUP_STEPS):
-            opt.step()
-        times = []
+        for library, module in LIBRARIES.items():
+            try:
+                opt = getattr(module, algorithm.name)(
+                    _make_params(shapes), **algorithm.kwargs, **IMPLEMENTATIONS[impl]
+                )
+                for _ in range(WARMUP_STEPS):
+                    opt.step()
+            except (RuntimeError, ValueError, TypeError) as e:
+                results[library] = e
+            else:
+                opts[library] = opt
+                results[library] = []
         for _ in range(steps):
-            start = time.perf_counter()
-            opt.step()
-            times.append(time.perf_counter() - start)
-        return times
+            for library, opt in opts.items():
+                start = time.perf_counter()
+                opt.step()
+                results[library].append(time.perf_counter() - start)
+        return results
     finally:
-        # Free the state and tensors now: the next optimizer may need the memory (gpt2-small).
-        del opt, params
+        # Free the state and tensors now: the next pair may need the memory (gpt2-small).
+        opts.clear()
         gc.collect()
 
 
@@ -192,8 +206,9 @@ def run(
         for algo_name in algos:
             algorithm = ALGORITHMS[algo_name]
             group = []
-            for library in LIBRARIES:
-                for impl in impl_names:
+            for impl in impl_names:
+                timed = _time_pair(algorithm, impl, shapes, steps)
+                for library in LIBRARIES:
                     row: dict[str, Any] = dict(
                         workload=workload,
                         algorithm=algo_name,
@@ -208,12 +223,11 @@ def run(
                         gbps=None,
                         error=None,
                     )
-                    try:
-                        times = _time_steps(algorithm, library, impl, shapes, steps)
-                    except (RuntimeError, ValueError, TypeError) as e:
+                    times = timed[library]
+                    if isinstance(times, Exception):
                         # A library without this implementation (e.g. no fused kernel for a
                         # later algorithm): report it in the table rather than abort the run.
-                        row["error"] = f"{type(e).__name__}: {e}"
+                        row["error"] = f"{type(times).__name__}: {times}"
                     else:
                         row["times_ms"] = [t * 1e3 for t in times]
                         row["ms"] = statistics.median(row["times_ms"])

@@ -122,6 +122,11 @@ class Optimizer(torch.optim.Optimizer):
             param_groups = [{"params": param_groups}]
         for group in param_groups:
             self.add_param_group(group)
+        if defaults.get("fused"):  # torch checks these after the groups, in this order
+            if defaults.get("differentiable"):
+                raise RuntimeError("`fused` does not support `differentiable`")
+            if defaults.get("foreach"):
+                raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         self._warned_capturable_if_run_uncaptured = True
 
     # ----------------------------------------------------------------------------------- pickling
