@@ -1,11 +1,41 @@
 """fuseopt: torch.optim, re-implemented with fused kernels. ``import fuseopt as optim``."""
 
 from fuseopt import optimizer
+from fuseopt._adafactor import Adafactor
+from fuseopt._muon import Muon
+from fuseopt.adadelta import Adadelta
+from fuseopt.adagrad import Adagrad
 from fuseopt.adam import Adam
+from fuseopt.adamax import Adamax
 from fuseopt.adamw import AdamW
+from fuseopt.asgd import ASGD
+from fuseopt.lbfgs import LBFGS
+from fuseopt.nadam import NAdam
 from fuseopt.optimizer import Optimizer
+from fuseopt.radam import RAdam
+from fuseopt.rmsprop import RMSprop
+from fuseopt.rprop import Rprop
 from fuseopt.sgd import SGD
+from fuseopt.sparse_adam import SparseAdam
 
 __version__ = "0.1.0"
 
-__all__ = ["Adam", "AdamW", "Optimizer", "SGD", "optimizer"]
+__all__ = [
+    "ASGD",
+    "Adadelta",
+    "Adafactor",
+    "Adagrad",
+    "Adam",
+    "AdamW",
+    "Adamax",
+    "LBFGS",
+    "Muon",
+    "NAdam",
+    "Optimizer",
+    "RAdam",
+    "RMSprop",
+    "Rprop",
+    "SGD",
+    "SparseAdam",
+    "optimizer",
+]

@@ -19,7 +19,7 @@ import torch
 
 from fuseopt import kernels
 from fuseopt.kernels import numba_cpu
-from fuseopt.rule import Fill, FirstValue, Flags, Zeros
+from fuseopt.rule import Fill, FirstValue, Flags, ScalarState, Zeros, to_scalar
 
 _CAPTURABLE_DEVICES = ["cuda", "xpu", "hpu"]
 
@@ -114,22 +114,50 @@ def _new_state(rule, group: dict, p: torch.Tensor, specs) -> dict:
             else torch.tensor(0.0, dtype=scalar_dtype())
         )
     for spec in specs:
-        if isinstance(spec, Zeros):
+        if isinstance(spec, ScalarState):
+            value = group[spec.key] if spec.key else spec.value
+            device = p.device if spec.on_param_device or group.get("capturable") else "cpu"
+            state[spec.name] = torch.as_tensor(value, dtype=scalar_dtype(), device=device).clone()
+        elif isinstance(spec, Zeros):
             state[spec.name] = torch.zeros_like(p, memory_format=torch.preserve_format)
         elif isinstance(spec, Fill):
-            state[spec.name] = torch.full_like(
-                p, group[spec.key], memory_format=torch.preserve_format
-            )
+            value = to_scalar(group[spec.key])
+            if p.is_complex():  # the real and imaginary parts are two independent reals
+                value = complex(value, value)
+            state[spec.name] = torch.full_like(p, value, memory_format=torch.preserve_format)
     return state
+
+
+def init_state(opt, group: dict, params) -> None:
+    """Create the state of ``params`` now (torch's Adagrad does it at construction)."""
+    specs = [s for s in opt.rule.state if s.wanted(group)]
+    for p in params:
+        if not opt.state[p]:
+            opt.state[p].update(_new_state(opt.rule, group, p, specs))
+
+
+def _by_step(entries: list, steps: list | None) -> dict:
+    """Indices of ``entries`` grouped by step value (a tensor step stands for itself)."""
+    out: dict = defaultdict(list)
+    for i in range(len(entries)):
+        out[None if steps is None else steps[i]].append(i)
+    return out
+
+
+def _scalar_hook(hook, group: dict, entries: list, steps, scalar_names: list[str]) -> None:
+    for step, idx in _by_step(entries, steps).items():
+        hook(group, step, {n: [entries[i][2][n] for i in idx] for n in scalar_names})
 
 
 def apply_rule(opt, group: dict) -> None:
     """One step of ``opt.rule`` on every param of ``group`` that has a grad."""
     rule = opt.rule
-    specs = [s for s in rule.state if s.wanted(group)]
+    all_specs = [s for s in rule.state if s.wanted(group)]
+    scalar_names = [s.name for s in all_specs if isinstance(s, ScalarState)]
+    specs = [s for s in all_specs if not isinstance(s, ScalarState)]  # what kernels see
     names = [s.name for s in specs]
     firsts = [s.name for s in specs if isinstance(s, FirstValue)]
-    keeps_state = rule.has_step or bool(specs)  # torch's SGD without momentum keeps no state
+    keeps_state = rule.has_step or bool(all_specs)  # torch's SGD without momentum keeps none
     capturable = bool(group.get("capturable"))
     # First every check that can fail, so that an error leaves params and state untouched.
     backends: dict[tuple, str] = {}
@@ -157,7 +185,7 @@ def apply_rule(opt, group: dict) -> None:
     for p, g, backend in pending:
         state = opt.state[p] if keeps_state else {}
         if keeps_state and not state:
-            state.update(_new_state(rule, group, p, specs))
+            state.update(_new_state(rule, group, p, all_specs))
         if backend == "numba" and not _contiguous(p, g, state, names):
             backend, g = _layout(p, g, state, names)
         first = bool(firsts) and any(n not in state for n in firsts)
@@ -174,15 +202,28 @@ def apply_rule(opt, group: dict) -> None:
     on_tensors = capturable or bool(group.get("differentiable"))
     steps = _bump_steps([e[2]["step"] for e in entries], on_tensors) if rule.has_step else None
 
+    if scalar_names:
+        _scalar_hook(rule.before, group, entries, steps, scalar_names)
+        # one host read per scalar state for the whole group; batches split by value
+        values = [torch.stack([e[2][n] for e in entries]).tolist() for n in scalar_names]
+        svs = [tuple(v) for v in zip(*values)]
+    else:
+        svs = [()] * len(entries)
+
     batches: dict[tuple, list] = defaultdict(list)
     for i, (p, g, state, first, backend) in enumerate(entries):
         step = None if steps is None else steps[i]
+        if g.is_sparse and rule.sparse_update is not None:
+            rule.sparse_update(group, p, g, state, step)
+            continue
         key_step = id(step) if on_tensors else step
-        batches[(backend, p.device, p.dtype, first, key_step)].append((p, g, state, step))
+        batches[(backend, p.device, p.dtype, first, key_step, svs[i])].append((p, g, state, step))
 
-    for (backend, _, _, first, _), batch in batches.items():
-        flags = Flags(rule.flags(group, first))
-        scalars = rule.scalars(group, batch[0][3])
+    for (backend, _, _, first, _, sv), batch in batches.items():
+        sv = dict(zip(scalar_names, sv))
+        step = batch[0][3]
+        flags = Flags(rule.flags(group, first, step, sv))
+        scalars = rule.scalars(group, step, sv)
         params, grads, states = [], [], {n: [] for n in names}
         for p, g, state, _ in batch:
             for name in firsts:
@@ -196,3 +237,5 @@ def apply_rule(opt, group: dict) -> None:
             for n in names:
                 states[n].append(state[n])
         kernels.get(backend).run(rule, flags, scalars, params, grads, states)
+    if scalar_names:
+        _scalar_hook(rule.after, group, entries, steps, scalar_names)

@@ -7,13 +7,9 @@ from torch import Tensor
 from fuseopt import _docs
 from fuseopt.optimizer import Optimizer
 from fuseopt.rule import Rule, Zeros
+from fuseopt.rule import to_scalar as _scalar
 
 __all__ = ["Adam"]
-
-
-def _scalar(x):
-    """A 1-element tensor hyperparameter as a 0-dim tensor (torch's ``_to_scalar``)."""
-    return x.view(()) if isinstance(x, Tensor) and x.dim() != 0 else x
 
 
 class AdamRule(Rule):
@@ -26,7 +22,7 @@ class AdamRule(Rule):
     )
     sparse_error = "Adam does not support sparse gradients, please consider SparseAdam instead"
 
-    def flags(self, g, first):
+    def flags(self, g, first, step, sv):
         return dict(
             amsgrad=g["amsgrad"],
             maximize=g["maximize"],
@@ -34,7 +30,7 @@ class AdamRule(Rule):
             decoupled=g["decoupled_weight_decay"],
         )
 
-    def scalars(self, g, step):
+    def scalars(self, g, step, sv):
         lr, (b1, b2), wd = _scalar(g["lr"]), map(_scalar, g["betas"]), g["weight_decay"]
         bc1, bc2 = 1 - b1**step, 1 - b2**step
         return dict(

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Rule", "Zeros", "Fill", "FirstValue", "Flags"]
+__all__ = ["Rule", "Zeros", "Fill", "FirstValue", "ScalarState", "Flags", "to_scalar", "with_fused"]
 
 
 @dataclass(frozen=True)
@@ -42,11 +42,39 @@ class Fill(StateSpec):
 
 
 @dataclass(frozen=True)
+class ScalarState(StateSpec):
+    """A per-param 0-dim tensor kept on the host side (e.g. NAdam's ``mu_product``).
+
+    It starts at ``value`` (or the group option ``key``), is updated by the rule's ``before`` /
+    ``after`` hooks with tensor ops (so it rounds as torch's does), and its values reach ``flags``
+    and ``scalars`` as Python floats. Kernels never see it.
+    """
+
+    value: float = 0.0
+    key: str = ""
+    on_param_device: bool = False  # torch keeps some (ASGD's) beside the param
+
+
+@dataclass(frozen=True)
 class FirstValue(StateSpec):
     """State created by the first update that writes it (e.g. SGD's ``momentum_buffer``).
 
     While it is missing, the rule's ``flags`` see ``first=True`` and ``update`` must not read it.
     """
+
+
+def to_scalar(x: Any) -> Any:
+    """A 1-element tensor hyperparameter as a 0-dim tensor (as torch's ``_to_scalar``)."""
+    return x.view(()) if hasattr(x, "dim") and x.dim() != 0 else x
+
+
+def with_fused(defaults: dict, fused: bool | None) -> dict:
+    """``defaults`` plus a ``fused`` key where the user gave one.
+
+    torch has no ``fused`` option for this algorithm, so its groups lack the key; fuseopt keeps the
+    groups identical unless ``fused=True``/``False`` is asked for explicitly.
+    """
+    return defaults if fused is None else dict(defaults, fused=fused)
 
 
 class Flags(dict):
@@ -72,13 +100,27 @@ class Rule:
     sparse_ok: bool = False
     sparse_error: str = "this optimizer does not support sparse gradients"
 
-    def flags(self, group: dict, first: bool) -> dict:
-        """Static choices for a batch; ``first`` is True while a :class:`FirstValue` is missing."""
+    def flags(self, group: dict, first: bool, step: Any, sv: dict) -> dict:
+        """Static choices for a batch.
+
+        ``first`` is True while a :class:`FirstValue` is missing; ``step`` is the step count (None
+        if the rule keeps none); ``sv`` maps each :class:`ScalarState` to its value.
+        """
         return {}
 
-    def scalars(self, group: dict, step: Any) -> dict:
-        """Per-step host scalars, from the group's options and the step count (None if no step)."""
+    def scalars(self, group: dict, step: Any, sv: dict) -> dict:
+        """Per-step host scalars, from the group's options, the step count and scalar state."""
         return {}
+
+    def before(self, group: dict, step: Any, sv: dict[str, list]) -> None:
+        """Update :class:`ScalarState` tensors (lists over params at ``step``) before the update."""
+
+    def after(self, group: dict, step: Any, sv: dict[str, list]) -> None:
+        """Update :class:`ScalarState` tensors (lists over params at ``step``) after the update."""
+
+    #: plain code for a sparse grad, ``(group, param, grad, state, step) -> None``, where the rule's
+    #: vocabulary does not carry over to sparse tensors (Adagrad); None: ``update`` handles it
+    sparse_update = None
 
     def update(self, ops, f: Flags, s, param, grad, **state) -> dict:
         """Return the new ``param`` and state values (a dict; a None value is not written)."""

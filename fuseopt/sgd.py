@@ -18,7 +18,7 @@ class SGDRule(Rule):
     has_step = False
     sparse_ok = True
 
-    def flags(self, g, first):
+    def flags(self, g, first, step, sv):
         return dict(
             maximize=g["maximize"],
             wd=g["weight_decay"] != 0,
@@ -27,7 +27,7 @@ class SGDRule(Rule):
             nesterov=g["nesterov"],
         )
 
-    def scalars(self, g, step):
+    def scalars(self, g, step, sv):
         return dict(
             wd=g["weight_decay"], momentum=g["momentum"], damp=1 - g["dampening"], neg_lr=-g["lr"]
         )

@@ -75,6 +75,30 @@ ALGORITHMS = [
         fuseopt.AdamW,
         [dict(amsgrad=True, maximize=True), dict(lr=torch.tensor(0.01), weight_decay=0.5)],
     ),
+    Algorithm("Adadelta", fuseopt.Adadelta, [dict(rho=0.5, eps=1e-3, maximize=True)]),
+    Algorithm(
+        "Adagrad",
+        fuseopt.Adagrad,
+        [dict(lr_decay=0.1, initial_accumulator_value=0.2, weight_decay=0.1, maximize=True)],
+    ),
+    Algorithm("Adamax", fuseopt.Adamax, [dict(betas=(0.5, 0.8), eps=1e-3, weight_decay=0.2)]),
+    Algorithm("ASGD", fuseopt.ASGD, [dict(t0=5, lambd=0.1, alpha=0.5, weight_decay=0.1)]),
+    Algorithm(
+        "NAdam",
+        fuseopt.NAdam,
+        [dict(momentum_decay=0.1, weight_decay=0.1, decoupled_weight_decay=True, maximize=True)],
+    ),
+    Algorithm(
+        "RAdam",
+        fuseopt.RAdam,
+        [dict(betas=(0.8, 0.9), weight_decay=0.1, decoupled_weight_decay=True, maximize=True)],
+    ),
+    Algorithm(
+        "RMSprop",
+        fuseopt.RMSprop,
+        [dict(momentum=0.5, centered=True, weight_decay=0.1, maximize=True)],
+    ),
+    Algorithm("Rprop", fuseopt.Rprop, [dict(etas=(0.3, 1.5), step_sizes=(1e-3, 0.05))]),
 ]
 
 BY_NAME = {a.name: a for a in ALGORITHMS}

@@ -12,6 +12,8 @@ arithmetic, which rounds without FMA: complex is compared with the float32 toler
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from algorithms import ALGORITHMS, BY_NAME, cases
@@ -37,17 +39,27 @@ def _run(cls, params, grads, **kwargs):
     return opt
 
 
-def _assert_same(ours, theirs, exact: bool, tol: dict) -> None:
+def _assert_same(ours, theirs, exact: bool, tol: dict, torch_alt=None) -> None:
+    """Equal (``exact``), or close within ``tol``; where ``torch_alt`` (torch's foreach result)
+    is given, an element may also differ by twice what torch's own two implementations differ."""
     if exact:
         assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
         assert torch.equal(ours, theirs), (ours - theirs).abs().max()
-    else:
+    elif torch_alt is None:
         torch.testing.assert_close(ours, theirs, **tol)
+    else:
+        bound = tol["atol"] + tol["rtol"] * theirs.abs() + 2 * (torch_alt - theirs).abs()
+        excess = (ours - theirs).abs() - bound
+        assert ours.shape == theirs.shape and not (excess > 0).any(), excess.max()
 
 
-def _compare(opt, ref, params, ref_params, exact: bool, dtype) -> None:
-    for p, q in zip(params, ref_params):
-        _assert_same(p.detach(), q.detach(), exact, TOL[dtype])
+def _compare(opt, ref, params, ref_params, exact: bool, dtype, alt=None) -> None:
+    """Params, state and groups of ``opt`` against torch's ``ref``; ``alt``: (optimizer, params) of
+    torch's foreach run, whose distance to ``ref`` widens the tolerance (complex only)."""
+    alt_params = alt[1] if alt else [None] * len(params)
+    for p, q, r in zip(params, ref_params, alt_params):
+        _assert_same(p.detach(), q.detach(), exact, TOL[dtype], None if r is None else r.detach())
+    alt_state = alt[0].state_dict()["state"] if alt else None
     ours, theirs = opt.state_dict(), ref.state_dict()
     assert ours["state"].keys() == theirs["state"].keys()
     for i, ref_state in theirs["state"].items():
@@ -57,7 +69,8 @@ def _compare(opt, ref, params, ref_params, exact: bool, dtype) -> None:
                 assert ours["state"][i][key].dtype == value.dtype
                 assert torch.equal(ours["state"][i][key], value)
             else:
-                _assert_same(ours["state"][i][key], value, exact, TOL[dtype])
+                other = alt_state[i][key] if alt_state else None
+                _assert_same(ours["state"][i][key], value, exact, TOL[dtype], other)
     # groups equal except the implementation flags the test chose
     strip = lambda g: {k: v for k, v in g.items() if k not in ("foreach", "fused")}
     assert [strip(g) for g in ours["param_groups"]] == [strip(g) for g in theirs["param_groups"]]
@@ -80,16 +93,24 @@ def test_parity_with_torch(algo, kwargs, dtype, impl):
     ref_params = clone_params(params)
     grads = make_grads(params, STEPS)
     tensor_option = any(isinstance(v, torch.Tensor) for v in _flat(kwargs))
-    if impl == "foreach" and tensor_option and algo.name != "SGD":  # SGD takes a tensor lr here
-        match = "as a Tensor is not supported for capturable=False and foreach=True"
-        with pytest.raises(ValueError, match=match):
+    if impl == "foreach" and tensor_option:
+        # Some of torch's algorithms refuse tensor hyperparameters with foreach: then so must we.
+        try:
             algo.theirs(clone_params(params), **kwargs, **IMPLS[impl])
-        with pytest.raises(ValueError, match=match):
-            algo.ours(params, **kwargs, **IMPLS[impl])
-        return
+        except ValueError as e:
+            with pytest.raises(ValueError, match=re.escape(str(e))):
+                algo.ours(params, **kwargs, **IMPLS[impl])
+            return
     opt = _run(algo.ours, params, grads, **kwargs, **IMPLS[impl])
     ref = _run(algo.theirs, ref_params, grads, **kwargs, foreach=False)
-    _compare(opt, ref, params, ref_params, impl in BITWISE and not dtype.is_complex, dtype)
+    alt = None
+    if dtype.is_complex and not tensor_option:
+        # torch's for-loop does some complex steps (weight decay) in complex arithmetic, its
+        # foreach (like fuseopt) on the real view: ill-conditioned elements (centered RMSprop)
+        # then differ in torch itself, and fuseopt may differ as much.
+        alt_params = clone_params(make_params(dtype))
+        alt = (_run(algo.theirs, alt_params, grads, **kwargs, foreach=True), alt_params)
+    _compare(opt, ref, params, ref_params, impl in BITWISE and not dtype.is_complex, dtype, alt)
 
 
 def _flat(kwargs):
@@ -117,6 +138,9 @@ def test_state_dict_interchange(algo, direction, impl):
     saved = opt.state_dict()
     resumed = second(params, **kwargs, **flags(second))
     resumed.load_state_dict(saved)
+    if second is algo.theirs:  # the saved groups carry our flags: torch resumes on its for-loop
+        for group in resumed.param_groups:
+            group.update(foreach=False, fused=None)
     for step_grads in grads[STEPS // 2 :]:
         for p, g in zip(params, step_grads):
             p.grad = g.clone()
@@ -130,22 +154,28 @@ def test_differentiable_step_matches_torch_gradients(algo):
     desc, kwargs = algo.configs()[1]
     kwargs = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
 
-    def grads_through(cls):
+    def grads_through(cls, scales):
         gen = torch.Generator().manual_seed(3)
         p0 = torch.randn(6, generator=gen, dtype=torch.float64, requires_grad=True)
         g0 = torch.randn(6, generator=gen, dtype=torch.float64, requires_grad=True)
         p = p0.clone()
         opt = cls([p], differentiable=True, **kwargs)
-        for scale in (1.0, 0.5):
+        for scale in scales:
             p.grad = g0 * scale
             opt.step()
         return torch.autograd.grad((p * p).sum(), (p0, g0))
 
+    scales = (1.0, 0.5)
+    try:
+        expected = grads_through(algo.theirs, scales)
+    except RuntimeError:  # torch's own state updates break autograd over two steps here
+        scales = (1.0,)
+        expected = grads_through(algo.theirs, scales)
     # torch's differentiable Adam folds its step size into the denominator with products of
     # float32 0-dim tensors (the step counter is float32), so it rounds scalars at float32
     # precision (~6e-8 relative each): the float64 gradients agree to about 1e-8, not 1e-15.
     tol = dict(rtol=1e-6, atol=1e-9) if algo.name != "SGD" else dict(rtol=1e-12, atol=1e-14)
-    for ours, theirs in zip(grads_through(algo.ours), grads_through(algo.theirs)):
+    for ours, theirs in zip(grads_through(algo.ours, scales), expected):
         torch.testing.assert_close(ours, theirs, **tol)
 
 

@@ -15,24 +15,26 @@ from algorithms import ALGORITHMS
 import fuseopt
 from fuseopt.kernels import numba_cpu
 from fuseopt.kernels.trace import trace
-from fuseopt.rule import Flags
+from fuseopt.rule import Flags, ScalarState
 
-RULES = {a.name: a.ours.rule for a in ALGORITHMS}
+RULES = {a.name: a.ours for a in ALGORITHMS}
 
 
-def _flag_combinations(rule):
-    group = {"amsgrad": False, "maximize": False, "weight_decay": 0.0, "momentum": 0.0,
-             "nesterov": False, "decoupled_weight_decay": False}  # fmt: skip
-    names = list(rule.flags(group, False))
+def _flag_combinations(cls):
+    """Every combination of the flag values the rule of ``cls`` can produce."""
+    rule = cls.rule
+    group = dict(cls._signature_defaults(), weight_decay=0.0, decoupled_weight_decay=False)
+    sv = {s.name: 1.0 for s in rule.state if isinstance(s, ScalarState)}
+    names = list(rule.flags(group, False, 10.0, sv))
     for values in itertools.product([False, True], repeat=len(names)):
         yield Flags(zip(names, values))
 
 
 @pytest.mark.parametrize("name", list(RULES))
 def test_every_flag_combination_traces_and_generates(name):
-    rule = RULES[name]
-    for flags in _flag_combinations(rule):
-        states = tuple(s.name for s in rule.state)
+    rule = RULES[name].rule
+    for flags in _flag_combinations(RULES[name]):
+        states = tuple(s.name for s in rule.state if not isinstance(s, ScalarState))
         graph = trace(rule, flags, ("param", "grad", *states))
         assert "param" in graph.outputs
         src = numba_cpu.source(graph, ("param", "grad", *states), "float32")

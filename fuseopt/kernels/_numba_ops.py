@@ -72,6 +72,24 @@ def minimum(a, b):
 
 
 @numba.njit(inline="always")
+def sign(a, one, zero):
+    """``torch.sign``: 1, -1, or 0 (also for NaN and -0.0); ``one``/``zero`` carry the type."""
+    if a > 0:
+        return one
+    if a < 0:
+        return -one
+    return zero
+
+
+@numba.njit(inline="always")
+def clamp(a, lo, hi):
+    """``torch.clamp(a, lo, hi)``: NaN stays NaN; ``lo > hi`` gives ``hi``."""
+    if a != a:
+        return a
+    return min(max(a, lo), hi)
+
+
+@numba.njit(inline="always")
 def sqrt(a):
     """Square root (correctly rounded; torch's vectorised fp32 sqrt is within 1 ulp of it)."""
     return math.sqrt(a)

@@ -77,9 +77,51 @@ class ForeachOps:
         return TensorList(torch._foreach_maximum(a, b))
 
     @staticmethod
+    def abs(a):
+        """Absolute value."""
+        return TensorList(torch._foreach_abs(a))
+
+    @staticmethod
+    def sign(a):
+        """``torch.sign``."""
+        return TensorList(torch._foreach_sign(a))
+
+    @staticmethod
+    def clamp(a, lo, hi):
+        """``torch.clamp`` with scalar bounds."""
+        return TensorList(torch._foreach_clamp_max(torch._foreach_clamp_min(a, lo), hi))
+
+    # No foreach ops exist for masks: these run per tensor (Rprop only).
+    @staticmethod
+    def gt(a, b):
+        """The masks ``a > b``."""
+        return TensorList(torch.gt(x, y) for x, y in zip(a, _each(b, len(a))))
+
+    @staticmethod
+    def lt(a, b):
+        """The masks ``a < b``."""
+        return TensorList(torch.lt(x, y) for x, y in zip(a, _each(b, len(a))))
+
+    @staticmethod
+    def eq(a, b):
+        """The masks ``a == b``."""
+        return TensorList(torch.eq(x, y) for x, y in zip(a, _each(b, len(a))))
+
+    @staticmethod
+    def where(cond, a, b):
+        """``a`` where ``cond`` holds, else ``b``."""
+        n = len(cond)
+        return TensorList(map(torch.where, cond, _each(a, n), _each(b, n)))
+
+    @staticmethod
     def minimum(a, b):
         """Elementwise minimum."""
         return TensorList(torch._foreach_minimum(a, b))
+
+
+def _each(x, n: int) -> list:
+    """``x`` as one value per tensor: a TensorList as is, a scalar repeated."""
+    return x if isinstance(x, list) else [x] * n
 
 
 def run(rule, flags, scalars: dict, params: list, grads: list, states: dict[str, list]) -> None:

@@ -65,10 +65,17 @@ class Sym:
         return self._bin("mul", o, self)
 
     def __truediv__(self, o: Any) -> Sym:
+        if isinstance(o, Sym) and self.is_scalar() and not o.is_scalar():
+            return o.__rtruediv__(self)  # a host scalar over a tensor: torch's rdiv, below
         return self._bin("div", self, o)
 
+    def is_scalar(self) -> bool:
+        """Whether this is a host scalar or a constant (not a per-element value)."""
+        return self.graph.nodes[self.id][0] in ("scalar", "const")
+
     def __rtruediv__(self, o: Any) -> Sym:
-        return self._bin("div", o, self)
+        # torch's ``scalar / tensor`` is ``tensor.reciprocal() * scalar``: two roundings
+        return self._bin("mul", self._bin("div", 1.0, self), o)
 
 
 class SymScalars:
@@ -121,6 +128,41 @@ class SymOps:
     def minimum(a: Sym, b: Sym) -> Sym:
         """Elementwise minimum, NaN-propagating."""
         return a.graph.add("minimum", a.id, b.id)
+
+    @staticmethod
+    def abs(a: Sym) -> Sym:
+        """Absolute value."""
+        return a.graph.add("abs", a.id)
+
+    @staticmethod
+    def sign(a: Sym) -> Sym:
+        """``torch.sign``: -1, 0 or 1 (0 for NaN)."""
+        return a.graph.add("sign", a.id)
+
+    @staticmethod
+    def clamp(a: Sym, lo: Any, hi: Any) -> Sym:
+        """``torch.clamp(a, lo, hi)`` with scalar bounds, NaN-propagating."""
+        return a.graph.add("clamp", a.id, a._arg(lo), a._arg(hi))
+
+    @staticmethod
+    def gt(a: Sym, b: Any) -> Sym:
+        """The mask ``a > b``."""
+        return a.graph.add("gt", a.id, a._arg(b))
+
+    @staticmethod
+    def lt(a: Sym, b: Any) -> Sym:
+        """The mask ``a < b``."""
+        return a.graph.add("lt", a.id, a._arg(b))
+
+    @staticmethod
+    def eq(a: Sym, b: Any) -> Sym:
+        """The mask ``a == b``."""
+        return a.graph.add("eq", a.id, a._arg(b))
+
+    @staticmethod
+    def where(cond: Sym, a: Any, b: Any) -> Sym:
+        """``a`` where ``cond`` holds, else ``b`` (either may be a scalar)."""
+        return cond.graph.add("where", cond.id, cond._arg(a), cond._arg(b))
 
 
 @cache

@@ -1,0 +1,122 @@
+"""Adagrad: adaptive subgradient methods (Duchi et al., 2011)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fuseopt import _docs
+from fuseopt._dispatch import init_state
+from fuseopt.optimizer import Optimizer
+from fuseopt.rule import Fill, Rule, to_scalar
+
+__all__ = ["Adagrad"]
+
+
+class AdagradRule(Rule):
+    """Adagrad's elementwise update; sparse grads take :meth:`sparse_update`."""
+
+    state = (Fill("sum", key="initial_accumulator_value"),)
+    sparse_ok = True
+
+    def flags(self, g, first, step, sv):
+        return dict(maximize=g["maximize"], wd=g["weight_decay"] != 0)
+
+    def scalars(self, g, step, sv):
+        clr = to_scalar(g["lr"]) / (1 + (step - 1) * g["lr_decay"])
+        return dict(wd=g["weight_decay"], eps=g["eps"], neg_clr=-clr)
+
+    def update(self, ops, f, s, param, grad, sum):
+        if f.maximize:
+            grad = -grad
+        if f.wd:
+            grad = ops.add(grad, param, alpha=s.wd)
+        sum = ops.addcmul(sum, grad, grad, value=1)
+        param = ops.addcdiv(param, grad, ops.sqrt(sum) + s.eps, value=s.neg_clr)
+        return dict(param=param, sum=sum)
+
+    @staticmethod
+    def sparse_update(g, param, grad, state, step):
+        # Plain code: only the rows a sparse grad touches change (gather/scatter, not elementwise).
+        if g["maximize"]:
+            grad = -grad
+        if g["weight_decay"] != 0:
+            raise RuntimeError("weight_decay option is not compatible with sparse gradients")
+        clr = to_scalar(g["lr"]) / (1 + (step - 1) * g["lr_decay"])
+        grad = grad.coalesce()  # the update is not linear: each index once
+        indices, values = grad._indices(), grad._values()
+        sparse = lambda v: torch.sparse_coo_tensor(indices, v, grad.size())
+        state["sum"].add_(sparse(values.pow(2)))
+        std = state["sum"].sparse_mask(grad)._values().sqrt_().add_(g["eps"])
+        param.add_(sparse(values / std), alpha=-clr)
+
+
+class Adagrad(Optimizer):
+    r"""Implements Adagrad.
+
+    .. math::
+       \begin{aligned}
+            &\tilde{\gamma} \leftarrow \gamma / (1 + (t - 1) \eta), \quad
+             s_t \leftarrow s_{t-1} + g_t^2, \quad
+             \theta_t \leftarrow \theta_{t-1} - \tilde{\gamma} \frac{g_t}{\sqrt{s_t} + \epsilon}
+       \end{aligned}
+
+    with :math:`g_t` the gradient (negated if maximize) plus :math:`\lambda\theta_{t-1}`. State
+    (``step``, ``sum``) is created at construction, as :class:`torch.optim.Adagrad` does. Sparse
+    gradients are supported (without weight decay).
+
+    Args:
+        {params}
+        lr (float, Tensor, optional): learning rate (default: 1e-2)
+        lr_decay (float, optional): learning rate decay (default: 0)
+        weight_decay (float, optional): weight decay, L2 penalty (default: 0)
+        initial_accumulator_value (float, optional): initial value of the sum of squares
+            (default: 0)
+        eps (float, optional): term added to the denominator (default: 1e-10)
+        {foreach}
+        {maximize}
+        {differentiable}
+        {fused}
+    """
+
+    rule = AdagradRule()
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-2,
+        lr_decay: float = 0,
+        weight_decay: float = 0,
+        initial_accumulator_value: float = 0,
+        eps: float = 1e-10,
+        foreach: bool | None = None,
+        *,
+        maximize: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+    ) -> None:
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= lr_decay:
+            raise ValueError(f"Invalid lr_decay value: {lr_decay}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if not 0.0 <= initial_accumulator_value:
+            raise ValueError(
+                f"Invalid initial_accumulator_value value: {initial_accumulator_value}"
+            )
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        defaults = dict(
+            lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
+            initial_accumulator_value=initial_accumulator_value, foreach=foreach,
+            maximize=maximize, differentiable=differentiable, fused=fused,
+        )  # fmt: skip
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            init_state(self, group, group["params"])
+
+
+Adagrad.__doc__ = _docs.fill(Adagrad.__doc__)

@@ -1,0 +1,101 @@
+"""Adamax: Adam with the infinity norm (Kingma & Ba, 2014, section 7)."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from fuseopt import _docs
+from fuseopt.optimizer import Optimizer
+from fuseopt.rule import Rule, Zeros, to_scalar, with_fused
+
+__all__ = ["Adamax"]
+
+
+class AdamaxRule(Rule):
+    """Adamax's elementwise update."""
+
+    state = (Zeros("exp_avg"), Zeros("exp_inf"))
+
+    def flags(self, g, first, step, sv):
+        return dict(maximize=g["maximize"], wd=g["weight_decay"] != 0)
+
+    def scalars(self, g, step, sv):
+        b1, b2 = g["betas"]
+        return dict(
+            wd=g["weight_decay"], omb1=1 - b1, b2=b2, eps=g["eps"],
+            neg_clr=-(to_scalar(g["lr"]) / (1 - b1**step)),
+        )  # fmt: skip
+
+    def update(self, ops, f, s, param, grad, exp_avg, exp_inf):
+        if f.maximize:
+            grad = -grad
+        if f.wd:
+            grad = ops.add(grad, param, alpha=s.wd)
+        exp_avg = ops.lerp(exp_avg, grad, s.omb1)
+        exp_inf = ops.maximum(exp_inf * s.b2, ops.abs(grad) + s.eps)
+        param = ops.addcdiv(param, exp_avg, exp_inf, value=s.neg_clr)
+        return dict(param=param, exp_avg=exp_avg, exp_inf=exp_inf)
+
+
+class Adamax(Optimizer):
+    r"""Implements Adamax (Adam based on the infinity norm).
+
+    .. math::
+       \begin{aligned}
+            &m_t \leftarrow \beta_1 m_{t-1} + (1 - \beta_1) g_t, \quad
+             u_t \leftarrow \max(\beta_2 u_{t-1}, |g_t| + \epsilon)                   \\
+            &\theta_t \leftarrow \theta_{t-1} - \frac{\gamma}{1 - \beta_1^t} \frac{m_t}{u_t}
+       \end{aligned}
+
+    with :math:`g_t` the gradient (negated if maximize) plus :math:`\lambda\theta_{t-1}`. State
+    (``step``, ``exp_avg``, ``exp_inf``) as :class:`torch.optim.Adamax`.
+
+    Args:
+        {params}
+        lr (float, Tensor, optional): learning rate (default: 2e-3)
+        betas (tuple[float, float], optional): coefficients of the running average and of the
+            infinity norm (default: (0.9, 0.999))
+        eps (float, optional): term added to the denominator (default: 1e-8)
+        weight_decay (float, optional): weight decay, L2 penalty (default: 0)
+        {foreach}
+        {maximize}
+        {differentiable}
+        {capturable}
+        {fused}
+    """
+
+    rule = AdamaxRule()
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 2e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        foreach: bool | None = None,
+        *,
+        maximize: bool = False,
+        differentiable: bool = False,
+        capturable: bool = False,
+        fused: bool | None = None,
+    ) -> None:
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        for i in (0, 1):
+            if not 0.0 <= betas[i] < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {i}: {betas[i]}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach,
+            maximize=maximize, differentiable=differentiable, capturable=capturable,
+        )  # fmt: skip
+        super().__init__(params, with_fused(defaults, fused))
+
+
+Adamax.__doc__ = _docs.fill(Adamax.__doc__)

@@ -1,0 +1,94 @@
+"""Rprop: resilient backpropagation (Riedmiller & Braun, 1993)."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from fuseopt import _docs
+from fuseopt.optimizer import Optimizer
+from fuseopt.rule import Fill, Rule, Zeros, with_fused
+
+__all__ = ["Rprop"]
+
+
+class RpropRule(Rule):
+    """Rprop's elementwise update: step sizes grow while the gradient keeps its sign."""
+
+    state = (Zeros("prev"), Fill("step_size", key="lr"))
+
+    def flags(self, g, first, step, sv):
+        return dict(maximize=g["maximize"])
+
+    def scalars(self, g, step, sv):
+        (etaminus, etaplus), (lo, hi) = g["etas"], g["step_sizes"]
+        return dict(etaminus=etaminus, etaplus=etaplus, lo=lo, hi=hi)
+
+    def update(self, ops, f, s, param, grad, prev, step_size):
+        if f.maximize:
+            grad = -grad
+        factor = ops.sign(grad * prev)  # then, as torch, sign -> eta+ / eta- / 1 in place
+        factor = ops.where(ops.gt(factor, 0), s.etaplus, factor)
+        factor = ops.where(ops.lt(factor, 0), s.etaminus, factor)
+        factor = ops.where(ops.eq(factor, 0), 1, factor)
+        step_size = ops.clamp(step_size * factor, s.lo, s.hi)
+        grad = ops.where(ops.eq(factor, s.etaminus), 0, grad)  # no step after a sign change
+        param = ops.addcmul(param, ops.sign(grad), step_size, value=-1)
+        return dict(param=param, prev=grad, step_size=step_size)
+
+
+class Rprop(Optimizer):
+    r"""Implements the resilient backpropagation algorithm.
+
+    .. math::
+       \begin{aligned}
+            &\eta_t \leftarrow \min(\eta_{t-1}\eta_+, \Gamma_{max}) \text{ if } g_t g_{t-1} > 0,
+             \; \max(\eta_{t-1}\eta_-, \Gamma_{min}) \text{ and } g_t \leftarrow 0
+             \text{ if } g_t g_{t-1} < 0, \text{ else } \eta_{t-1}                          \\
+            &\theta_t \leftarrow \theta_{t-1} - \eta_t \operatorname{sign}(g_t)
+       \end{aligned}
+
+    State (``step``, ``prev``, ``step_size``) as :class:`torch.optim.Rprop`.
+
+    Args:
+        {params}
+        lr (float, Tensor, optional): learning rate, the initial step size (default: 1e-2)
+        etas (tuple[float, float], optional): multiplicative decrease and increase factors
+            (default: (0.5, 1.2))
+        step_sizes (tuple[float, float], optional): minimal and maximal step sizes
+            (default: (1e-6, 50))
+        {capturable}
+        {foreach}
+        {maximize}
+        {differentiable}
+        {fused}
+    """
+
+    rule = RpropRule()
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-2,
+        etas: tuple[float, float] = (0.5, 1.2),
+        step_sizes: tuple[float, float] = (1e-6, 50),
+        *,
+        capturable: bool = False,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+    ) -> None:
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 < etas[0] < 1.0 < etas[1]:
+            raise ValueError(f"Invalid eta values: {etas[0]}, {etas[1]}")
+        defaults = dict(
+            lr=lr, etas=etas, step_sizes=step_sizes, foreach=foreach, maximize=maximize,
+            differentiable=differentiable, capturable=capturable,
+        )  # fmt: skip
+        super().__init__(params, with_fused(defaults, fused))
+
+
+Rprop.__doc__ = _docs.fill(Rprop.__doc__)
