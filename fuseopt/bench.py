@@ -63,6 +63,14 @@ ALGORITHMS: dict[str, Algorithm] = {
         Algorithm("SGD", {"lr": 1e-3, "momentum": 0.9}, 5 * 4),  # read p, g, buf; write p, buf
         Algorithm("Adam", {"lr": 1e-3}, 7 * 4),  # read p, g, m, v; write p, m, v
         Algorithm("AdamW", {"lr": 1e-3}, 7 * 4),  # as Adam (the decay reads p, already counted)
+        Algorithm("Adadelta", {}, 7 * 4),  # read p, g, square_avg, acc_delta; write three
+        Algorithm("Adagrad", {}, 5 * 4),  # read p, g, sum; write p, sum
+        Algorithm("Adamax", {}, 7 * 4),  # read p, g, exp_avg, exp_inf; write three
+        Algorithm("ASGD", {}, 5 * 4),  # read p, g, ax; write p, ax
+        Algorithm("NAdam", {}, 7 * 4),  # as Adam
+        Algorithm("RAdam", {}, 7 * 4),  # as Adam
+        Algorithm("RMSprop", {}, 5 * 4),  # read p, g, square_avg; write p, square_avg
+        Algorithm("Rprop", {}, 7 * 4),  # read p, g, prev, step_size; write three
     )
 }
 
@@ -250,6 +258,18 @@ def run(
     return rows
 
 
+def measure_bandwidth(numel: int = 1 << 25, repeats: int = 7) -> float:
+    """Memory bandwidth in GB/s: the median of ``a += b`` over float32 buffers far larger than
+    the caches (read 2, write 1 per element), the floor any elementwise optimizer step meets."""
+    a, b = torch.ones(numel), torch.ones(numel)
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        a.add_(b)
+        times.append(time.perf_counter() - start)
+    return 12 * numel / statistics.median(times[1:]) / 1e9
+
+
 # -------------------------------------------------------------------------------------- report
 def _fmt_ms(ms: float | None) -> str:
     if ms is None:
@@ -257,8 +277,12 @@ def _fmt_ms(ms: float | None) -> str:
     return f"{ms:.0f}" if ms >= 100 else f"{ms:.1f}" if ms >= 10 else f"{ms:.2f}"
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """The results as a text table: one line per (workload, algorithm)."""
+def format_table(rows: list[dict[str, Any]], bandwidth: float | None = None) -> str:
+    """The results as a text table: one line per (workload, algorithm).
+
+    With ``bandwidth`` (GB/s, :func:`measure_bandwidth`), a last column gives the fastest
+    fuseopt time over the bandwidth bound (bytes moved per step / bandwidth).
+    """
     impls = list(dict.fromkeys(r["impl"] for r in rows))
     index = {(r["workload"], r["algorithm"], r["library"], r["impl"]): r for r in rows}
     keys = list(dict.fromkeys((r["workload"], r["algorithm"]) for r in rows))
@@ -283,6 +307,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             *(f"{i:>{w}}" for _ in sections for i in impls),
             f"{'impl':>{w}}",
             f"{'GB/s':>6}",
+            *([f"{'x bound':>7}"] if bandwidth else []),
         ]
     )
     lines = [head1, head2, "-" * len(head2)]
@@ -301,6 +326,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         best = min(ran, key=lambda r: r["ms"]) if ran else None
         cells.append(f"{best['impl'] if best else 'n/a':>{w}}")
         cells.append(f"{best['gbps']:>6.1f}" if best else f"{'n/a':>6}")
+        if bandwidth:
+            cells.append(f"{bandwidth / best['gbps']:>6.2f}x" if best else f"{'n/a':>7}")
         lines.append(" ".join(cells))
     errors = [r for r in rows if r["error"]]
     lines.extend(
@@ -405,12 +432,14 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
             "other processes will make the timings noisy (try --threads 1)",
             file=sys.stderr,
         )
+    env["bandwidth_gbps"] = measure_bandwidth()
     rows = run(workloads, args.algorithms, args.impls, steps)
     print(
         f"optimizer.step(), float32, median of {steps} steps; torch {env['torch']}, "
-        f"numba {env['numba']}, {env['torch_threads']} threads"
+        f"numba {env['numba']}, {env['torch_threads']} threads; measured bandwidth "
+        f"{env['bandwidth_gbps']:.1f} GB/s (x bound: fastest fuseopt time / bytes moved at it)"
     )
-    print(format_table(rows))
+    print(format_table(rows, env["bandwidth_gbps"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"environment": env, "steps": steps, "results": rows}, f, indent=1)

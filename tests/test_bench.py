@@ -33,7 +33,10 @@ def test_run_covers_every_combination(tiny_rows):
 
 def test_rows_have_positive_times_and_finite_ratios(tiny_rows):
     for r in tiny_rows:
-        assert r["error"] is None, r
+        if r["error"] is not None:  # torch has fused kernels for few algorithms; fuseopt for all
+            assert r["library"] == "torch" and r["impl"] == "fused", r
+            assert "fused" in r["error"]
+            continue
         assert r["workload"] == "tiny"
         assert r["numel"] == 105 and r["tensors"] == 2
         assert len(r["times_ms"]) == 2 and all(t > 0 for t in r["times_ms"])
@@ -45,7 +48,7 @@ def test_rows_have_positive_times_and_finite_ratios(tiny_rows):
 def test_ratio_is_relative_to_the_best_torch_implementation(tiny_rows):
     for algo in bench.ALGORITHMS:
         torch_rows = [r for r in tiny_rows if r["algorithm"] == algo and r["library"] == "torch"]
-        assert min(r["ratio"] for r in torch_rows) == pytest.approx(1.0)
+        assert min(r["ratio"] for r in torch_rows if r["ratio"]) == pytest.approx(1.0)
 
 
 def test_subsets_of_algorithms_and_impls():
@@ -112,8 +115,9 @@ def test_main_writes_json(tmp_path, capsys):
     assert {(r["algorithm"], r["library"], r["impl"]) for r in rows} == set(
         itertools.product(bench.ALGORITHMS, bench.LIBRARIES, ["fused"])
     )
-    assert all(r["workload"] == "many-small" and r["ms"] > 0 for r in rows)
-    assert data["environment"]["torch"]
+    assert all(r["workload"] == "many-small" for r in rows)
+    assert all(r["ms"] > 0 for r in rows if r["library"] == "fuseopt")
+    assert data["environment"]["torch"] and data["environment"]["bandwidth_gbps"] > 0
     out = capsys.readouterr().out
     assert all(name in out for name in bench.ALGORITHMS)
 

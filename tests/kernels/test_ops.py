@@ -46,6 +46,12 @@ OPS = {
     "maximum": lambda ops, s, a, b, c: ops.maximum(a, b),
     "minimum": lambda ops, s, a, b, c: ops.minimum(a, b),
     "sqrt": lambda ops, s, a, b, c: ops.sqrt(c),
+    "abs_sign": lambda ops, s, a, b, c: ops.abs(a) + ops.sign(b * a),
+    "clamp": lambda ops, s, a, b, c: ops.clamp(a * b, s.w_small, s.w_large),
+    "where_masks": lambda ops, s, a, b, c: ops.where(
+        ops.gt(a, 0), s.v, ops.where(ops.lt(b, 0), b, ops.where(ops.eq(ops.sign(a), 0), 1, c))
+    ),
+    "rdiv": lambda ops, s, a, b, c: s.v / c,
 }
 SCALARS = dict(v=0.37, w_small=0.1, w_large=0.9)
 
