@@ -169,6 +169,7 @@ def apply_rule(opt, group: dict) -> None:
         sparse = g.is_sparse
         if sparse and not rule.sparse_ok:
             raise RuntimeError(rule.sparse_error)
+        rule.check(group, p, g)
         key = (p.device, p.dtype, sparse)
         backend = backends.get(key) or backends.setdefault(key, _backend(group, p, sparse))
         if capturable:

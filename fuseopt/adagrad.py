@@ -35,13 +35,15 @@ class AdagradRule(Rule):
         param = ops.addcdiv(param, grad, ops.sqrt(sum) + s.eps, value=s.neg_clr)
         return dict(param=param, sum=sum)
 
+    def check(self, group, param, grad):
+        if grad.is_sparse and group["weight_decay"] != 0:
+            raise RuntimeError("weight_decay option is not compatible with sparse gradients")
+
     @staticmethod
     def sparse_update(g, param, grad, state, step):
         # Plain code: only the rows a sparse grad touches change (gather/scatter, not elementwise).
         if g["maximize"]:
             grad = -grad
-        if g["weight_decay"] != 0:
-            raise RuntimeError("weight_decay option is not compatible with sparse gradients")
         clr = to_scalar(g["lr"]) / (1 + (step - 1) * g["lr_decay"])
         grad = grad.coalesce()  # the update is not linear: each index once
         indices, values = grad._indices(), grad._values()

@@ -126,5 +126,5 @@ class Rule:
         """Return the new ``param`` and state values (a dict; a None value is not written)."""
         raise NotImplementedError
 
-    def check(self, group: dict) -> None:
-        """Raise torch's error for a group option out of range (constructor and add_param_group)."""
+    def check(self, group: dict, param, grad) -> None:
+        """Raise torch's error for a param the rule cannot step; runs before any state changes."""

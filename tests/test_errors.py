@@ -110,3 +110,31 @@ def test_sparse_sgd_weight_decay_fails_as_torch():
         p.grad = torch.sparse_coo_tensor([[1]], [1.0], (5,))
         with pytest.raises(RuntimeError, match=r"add\(sparse, dense\) is not supported"):
             cls([p], lr=0.1, weight_decay=0.1).step()
+
+
+@pytest.mark.parametrize("kwargs", [dict(lr=0.1), dict(lr=0.1, lr_decay=0.05, maximize=True)])
+def test_sparse_adagrad_matches_torch(kwargs):
+    """Adagrad steps sparse grads with plain code (only the touched rows change), as torch."""
+    torch.manual_seed(0)
+    emb_ours = torch.nn.Embedding(10, 3, sparse=True)
+    emb_theirs = torch.nn.Embedding(10, 3, sparse=True)
+    emb_theirs.load_state_dict(emb_ours.state_dict())
+    ours = fuseopt.Adagrad(emb_ours.parameters(), **kwargs)
+    theirs = torch.optim.Adagrad(emb_theirs.parameters(), **kwargs)
+    for step in range(5):
+        idx = torch.tensor([[step % 10, 3, 3], [7, (2 * step) % 10, 1]])  # repeated indices too
+        for emb, opt in ((emb_ours, ours), (emb_theirs, theirs)):
+            opt.zero_grad()
+            (emb(idx) ** 2).sum().backward()
+            opt.step()
+    assert torch.equal(emb_ours.weight, emb_theirs.weight)
+    assert torch.equal(ours.state_dict()["state"][0]["sum"], theirs.state_dict()["state"][0]["sum"])
+
+
+def test_sparse_adagrad_weight_decay_error():
+    p = torch.zeros(4, requires_grad=True)
+    p.grad = torch.sparse_coo_tensor([[1]], [1.0], (4,))
+    opt = fuseopt.Adagrad([p], weight_decay=0.1)
+    with pytest.raises(RuntimeError, match="weight_decay option is not compatible with sparse"):
+        opt.step()
+    assert opt.state[p]["step"].item() == 0 and torch.equal(p, torch.zeros(4))  # nothing changed
