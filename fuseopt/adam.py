@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from fuseopt import _docs
+from fuseopt._validate import check_betas, check_lr, check_non_negative
 from fuseopt.optimizer import Optimizer
 from fuseopt.rule import Rule, Zeros
 from fuseopt.rule import to_scalar as _scalar
@@ -58,22 +59,12 @@ class AdamRule(Rule):
 
 def _check_adam_args(lr, betas, eps, weight_decay, foreach, capturable):
     """torch.optim's validation of Adam's and AdamW's arguments, with its messages."""
-    if isinstance(lr, Tensor):
-        if foreach and not capturable:
-            raise ValueError(
-                "lr as a Tensor is not supported for capturable=False and foreach=True"
-            )
-        if lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-    if not lr >= 0.0:
-        raise ValueError(f"Invalid learning rate: {lr}")
-    if not eps >= 0.0:
-        raise ValueError(f"Invalid epsilon value: {eps}")
-    for i in (0, 1):
-        if not 0.0 <= betas[i] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index {i}: {betas[i]}")
-    if not weight_decay >= 0.0:
-        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+    if isinstance(lr, Tensor) and foreach and not capturable:
+        raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+    check_lr(lr)
+    check_non_negative(eps=eps)
+    check_betas(betas)
+    check_non_negative(weight_decay=weight_decay)
     if not (all(isinstance(b, float) for b in betas) or all(isinstance(b, Tensor) for b in betas)):
         raise ValueError("betas must be either both floats or both Tensors")
     for i in (0, 1):

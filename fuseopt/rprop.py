@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from fuseopt import _docs
+from fuseopt._validate import check_lr
 from fuseopt.optimizer import Optimizer
 from fuseopt.rule import Fill, Rule, Zeros, with_fused
 
@@ -78,10 +79,7 @@ class Rprop(Optimizer):
         differentiable: bool = False,
         fused: bool | None = None,
     ) -> None:
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr}")
+        check_lr(lr)
         if not 0.0 < etas[0] < 1.0 < etas[1]:
             raise ValueError(f"Invalid eta values: {etas[0]}, {etas[1]}")
         defaults = dict(
