@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from fuseopt import _docs
@@ -33,9 +34,10 @@ class ASGDRule(Rule):
         lr, lambd = to_scalar(g["lr"]), g["lambd"]
         eta = lr / ((1 + lambd * lr * step) ** g["alpha"])
         mu = 1 / max(1, step - g["t0"])
-        for e, m in zip(sv["eta"], sv["mu"]):
-            e.fill_(eta)
-            m.fill_(mu)
+        # one foreach copy per state (from a float64 scalar: one rounding, as torch's copy_)
+        for name, value in (("eta", eta), ("mu", mu)):
+            src = torch.as_tensor(value, dtype=torch.float64)
+            torch._foreach_copy_(sv[name], [src] * len(sv[name]))
 
     def update(self, ops, f, s, param, grad, ax):
         if f.maximize:
