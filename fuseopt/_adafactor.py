@@ -15,13 +15,9 @@ from torch import Tensor
 from fuseopt import _docs
 from fuseopt._dispatch import scalar_dtype
 from fuseopt.optimizer import Optimizer
+from fuseopt.rule import to_scalar
 
 __all__ = ["Adafactor"]
-
-
-def _scalar(x):
-    """A 1-element tensor hyperparameter as a 0-dim tensor (torch's ``_to_scalar``)."""
-    return x.view(()) if isinstance(x, Tensor) and x.dim() != 0 else x
 
 
 def _mean_square(grad: Tensor, dim: int) -> Tensor:
@@ -190,7 +186,7 @@ class Adafactor(Optimizer):
         if foreach is None:
             foreach = params[0].device.type != "cpu"
         opts = dict(
-            lr=_scalar(group["lr"]), beta2_decay=group["beta2_decay"], eps1=eps1, eps2=eps2,
+            lr=to_scalar(group["lr"]), beta2_decay=group["beta2_decay"], eps1=eps1, eps2=eps2,
             d=group["d"], weight_decay=group["weight_decay"], maximize=group["maximize"],
         )  # fmt: skip
         if not foreach:

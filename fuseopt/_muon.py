@@ -15,6 +15,7 @@ from torch import Tensor
 
 from fuseopt import _docs
 from fuseopt.optimizer import Optimizer
+from fuseopt.rule import to_scalar
 
 __all__ = ["Muon"]
 
@@ -24,11 +25,6 @@ DEFAULT_NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 DEFAULT_EPS = 1e-7
 DEFAULT_NS_STEPS = 5
 ADJUST_LR_FNS = ("original", "match_rms_adamw")
-
-
-def _scalar(x: Any) -> Any:
-    """A 1-element tensor hyperparameter as a 0-dim tensor (torch's ``_to_scalar``)."""
-    return x.view(()) if isinstance(x, Tensor) and x.dim() != 0 else x
 
 
 def _newton_schulz(
@@ -203,7 +199,7 @@ class Muon(Optimizer):
 
     def _update_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
         """One Muon step for ``params`` (checked, with grads) of ``group``, in place."""
-        lr = _scalar(group["lr"])
+        lr = to_scalar(group["lr"])
         momentum, nesterov = group["momentum"], group["nesterov"]
         for p in params:
             grad = p.grad

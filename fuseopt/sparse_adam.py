@@ -13,13 +13,9 @@ from torch import Tensor
 
 from fuseopt import _docs
 from fuseopt.optimizer import Optimizer
+from fuseopt.rule import to_scalar
 
 __all__ = ["SparseAdam"]
-
-
-def _scalar(x):
-    """A 1-element tensor hyperparameter as a 0-dim tensor (torch's ``_to_scalar``)."""
-    return x.view(()) if isinstance(x, Tensor) and x.dim() != 0 else x
 
 
 def _where(grad: Tensor, *dense: Tensor) -> tuple[tuple[Tensor, ...], list[Tensor]]:
@@ -156,7 +152,7 @@ class SparseAdam(Optimizer):
         exp_avg_sq_new = old + (values * values - old).mul_(1 - beta2)
         exp_avg_sq.index_put_(index, exp_avg_sq_new)
 
-        lr = _scalar(group["lr"])
+        lr = to_scalar(group["lr"])
         step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
         denom = exp_avg_sq_new.sqrt_().add_(group["eps"])
         # Indices are unique after coalescing, so accumulating adds each increment exactly once.
