@@ -343,10 +343,17 @@ def format_table(rows: list[dict[str, Any]], bandwidth: float | None = None) -> 
         if bandwidth:
             cells.append(f"{bandwidth / best['gbps']:>6.2f}x" if best else f"{'n/a':>7}")
         lines.append(" ".join(cells))
-    errors = [r for r in rows if r["error"]]
+    # torch has fused kernels for few algorithms: one line for those, then any other failure
+    no_fused = [
+        r for r in rows if r["error"] and "unexpected keyword argument 'fused'" in r["error"]
+    ]
+    if no_fused:
+        names = ", ".join(dict.fromkeys(f"{r['algorithm']}" for r in no_fused))
+        lines.append(f"n/a: {no_fused[0]['library']} has no fused implementation of {names}")
     lines.extend(
         f"n/a: {r['workload']} {r['algorithm']} {r['library']} {r['impl']}: {r['error']}"
-        for r in errors
+        for r in rows
+        if r["error"] and r not in no_fused
     )
     return "\n".join(lines)
 

@@ -26,6 +26,7 @@ CHUNK = 1 << 16  # elements per work item: large enough to amortise, small enoug
 DTYPES = {torch.float32: "float32", torch.float64: "float64"}
 
 
+@cache
 def available() -> bool:
     """Whether numba can be imported."""
     return importlib.util.find_spec("numba") is not None
