@@ -1,11 +1,13 @@
 """The elementwise update rule: an algorithm's math, written once for every backend.
 
 A :class:`Rule` declares the per-param state it keeps (:class:`Zeros`, :class:`Fill`,
-:class:`FirstValue`), the static choices of a param group (``flags``: each combination is one
-kernel variant), the per-step host scalars (``scalars``: Python doubles computed as torch computes
-them, passed to kernels at run time) and the ``update`` itself, plain arithmetic on operands through
-the ops vocabulary of :mod:`fuseopt.kernels.ops`. Backends evaluate ``update`` on tensors
-(reference), tensor lists (foreach) or symbols (traced into numba / Triton kernels).
+:class:`FirstValue` tensors, and :class:`ScalarState` host scalars), the static choices of a batch
+(``flags``: each combination is one kernel variant), the per-step host scalars (``scalars``: Python
+doubles computed as torch computes them, passed to kernels at run time) and the ``update`` itself:
+plain arithmetic on operands through an ops vocabulary with ATen's formulas (``lerp``, ``addcmul``,
+``addcdiv``, ``add(alpha=)``, ``sqrt``, ``maximum``, ``sign``, ``where``, ...; see
+:class:`fuseopt.kernels.reference.TorchOps`). Backends evaluate ``update`` on tensors (reference),
+tensor lists (foreach) or symbols (traced into numba kernels).
 """
 
 from __future__ import annotations

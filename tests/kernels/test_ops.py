@@ -111,3 +111,33 @@ def test_chunks_cover_every_element_once():
         covered = sum(int(stop - start) for _, start, stop in mine)
         assert covered == n
         assert all(0 < stop - start <= numba_cpu.CHUNK for _, start, stop in mine)
+
+
+def test_concurrent_steps_from_threads_match_sequential():
+    """Optimizers stepped from two Python threads at once give the sequential results."""
+    import threading
+
+    import fuseopt
+
+    def make():
+        gen = torch.Generator().manual_seed(5)
+        ps = [torch.randn(200_000, generator=gen).requires_grad_() for _ in range(3)]
+        return ps, fuseopt.Adam(ps, lr=0.01, fused=True)
+
+    def train(ps, opt):
+        for i in range(5):
+            for p in ps:
+                p.grad = torch.full_like(p, 0.1 * (i + 1))
+            opt.step()
+
+    sequential = [make() for _ in range(2)]
+    for ps, opt in sequential:
+        train(ps, opt)
+    concurrent = [make() for _ in range(2)]
+    threads = [threading.Thread(target=train, args=c) for c in concurrent]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for (ps_a, _), (ps_b, _) in zip(sequential, concurrent):
+        assert all(torch.equal(a, b) for a, b in zip(ps_a, ps_b))
