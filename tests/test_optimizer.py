@@ -1483,3 +1483,19 @@ def test_scheduler_warns_when_optimizer_step_skipped():
     with pytest.warns(UserWarning, match=r"lr_scheduler.step\(\)` before `optimizer.step\(\)"):
         sched.step()
     assert "step" not in vars(type(opt))  # the class is untouched
+
+
+def test_empty_param_group_matches_torch():
+    """A group with no params is kept, numbered and skipped, as torch does."""
+    ours_p = make_params()
+    theirs_p = clone(ours_p)
+    ours = fuseopt.Adam([{"params": []}, {"params": ours_p, "lr": 0.1}], foreach=False)
+    theirs = torch.optim.Adam([{"params": []}, {"params": theirs_p, "lr": 0.1}], foreach=False)
+    for step in range(3):
+        set_grads(ours_p, step)
+        set_grads(theirs_p, step)
+        ours.step()
+        theirs.step()
+    assert_tensors_equal(ours_p, theirs_p)
+    assert_state_dicts_equal(ours.state_dict(), theirs.state_dict())
+    assert ours.state_dict()["param_groups"][0]["params"] == []
