@@ -1,6 +1,6 @@
 """fuseopt: torch.optim, re-implemented with fused kernels. ``import fuseopt as optim``."""
 
-from fuseopt import optimizer
+from fuseopt import lr_scheduler, optimizer
 from fuseopt._adafactor import Adafactor
 from fuseopt._muon import Muon
 from fuseopt.adadelta import Adadelta
@@ -37,5 +37,6 @@ __all__ = [
     "Rprop",
     "SGD",
     "SparseAdam",
+    "lr_scheduler",
     "optimizer",
 ]
