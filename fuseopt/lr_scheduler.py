@@ -22,6 +22,8 @@ from weakref import ref
 import torch
 from torch import Tensor
 
+from . import schedules
+
 __all__ = [
     "LRScheduler",
     "LambdaLR",
@@ -39,6 +41,11 @@ __all__ = [
     "CosineAnnealingWarmRestarts",
     "OneCycleLR",
     "PolynomialLR",
+    # beyond torch
+    "WarmupCosineLR",
+    "WSDLR",
+    "preview",
+    "plot",
 ]
 
 # Only the type: the schedulers accept fuseopt's and torch's optimizers, never call torch.optim code.
@@ -84,6 +91,54 @@ def _set_group_value(group: dict[str, Any], key: str, value: Any) -> None:
         current.fill_(value)
     else:
         group[key] = value
+
+
+HyperKey = str | tuple[str, int]
+
+
+def _check_key(key: Any) -> HyperKey:
+    """Normalize a scheduled hyper-parameter's key: a group entry, or (entry, index) of a tuple."""
+    if isinstance(key, str):
+        return key
+    if (
+        isinstance(key, (tuple, list))
+        and len(key) == 2
+        and isinstance(key[0], str)
+        and isinstance(key[1], int)
+        and not isinstance(key[1], bool)
+    ):
+        return (key[0], key[1])
+    raise TypeError(f"key must be a str or a (str, int) pair, got {key!r}")
+
+
+def _key_name(key: HyperKey) -> str:
+    """The name a key gives its ``initial_<name>`` entry: ``"lr"``, ``"betas_0"``, ..."""
+    return key if isinstance(key, str) else f"{key[0]}_{key[1]}"
+
+
+def _get_hyper(group: dict[str, Any], key: HyperKey) -> Any:
+    if isinstance(key, str):
+        return group[key]
+    name, index = key
+    return group[name][index]
+
+
+def _set_hyper(group: dict[str, Any], key: HyperKey, value: Any) -> None:
+    """Write ``value`` at ``key``; a tuple entry is rebuilt with one element replaced."""
+    if isinstance(key, str):
+        _set_group_value(group, key, value)
+        return
+    name, index = key
+    entry = group[name]
+    current = entry[index]
+    if isinstance(current, Tensor):  # a tensor element is kept, as for a plain entry
+        if isinstance(value, Tensor) and value.dim() != 0:
+            value = value.squeeze()
+        current.fill_(value)
+        return
+    items = list(entry)
+    items[index] = value
+    group[name] = type(entry)(items) if isinstance(entry, (tuple, list)) else tuple(items)
 
 
 def _per_group(name: str, optimizer: Any, value: Any) -> list[Any]:
@@ -147,32 +202,55 @@ class LRScheduler:
         optimizer (Optimizer): the optimizer whose learning rates are scheduled.
         last_epoch (int): index of the last epoch. ``-1`` (default) starts afresh; another value
             resumes and needs ``initial_lr`` in every param group. Default: -1.
+        key (str or tuple): the hyper-parameter scheduled (beyond torch): a param group entry such
+            as ``"weight_decay"``, or ``(entry, index)`` for one element of a tuple entry, such as
+            ``("betas", 0)``. Its starting value is kept in the group as ``initial_<key>``
+            (``initial_betas_0`` for ``("betas", 0)``), and ``base_lrs``/``get_last_lr()`` hold
+            its values. Default: ``"lr"``, which is exactly torch's behaviour.
     """
 
     _get_lr_called_within_step: bool = False
     _is_initial: bool = False
+    # A class default, so that a scheduler of the lr has torch's exact state_dict layout; another
+    # key is set on the instance and so saved with the state.
+    _key: HyperKey = "lr"
 
-    def __init__(self, optimizer: Any, last_epoch: int = -1) -> None:
+    def __init__(self, optimizer: Any, last_epoch: int = -1, *, key: HyperKey = "lr") -> None:
         _check_optimizer(optimizer)
         self.optimizer = optimizer
+        key = _check_key(key)
+        if key != "lr":
+            self._key = key
+        initial = self._initial_key
         if last_epoch == -1:
             for group in optimizer.param_groups:
-                group.setdefault("initial_lr", _copy(group["lr"]))
+                group.setdefault(initial, _copy(_get_hyper(group, key)))
         else:
             for i, group in enumerate(optimizer.param_groups):
-                if "initial_lr" not in group:
+                if initial not in group:
                     raise KeyError(
-                        f"param 'initial_lr' is not specified in param_groups[{i}] when resuming "
+                        f"param '{initial}' is not specified in param_groups[{i}] when resuming "
                         "scheduler with last_epoch >= 0.\n"
                         "This typically happens when:\n"
                         "1. You're trying to resume training from a checkpoint but haven't "
                         "properly loaded the optimizer state\n"
                         "2. You're using last_epoch >= 0 for a fresh training run (not recommended)"
                     )
-        self.base_lrs: list[Any] = _group_values(optimizer, "initial_lr")
+        self.base_lrs: list[Any] = _group_values(optimizer, initial)
         self.last_epoch = last_epoch
         _track_optimizer_step(optimizer)
         self._initial_step()
+
+    @property
+    def _initial_key(self) -> str:
+        return f"initial_{_key_name(self._key)}"
+
+    def _current_values(self) -> list[Any]:
+        """The scheduled hyper-parameter of every group, tensors cloned."""
+        return [_copy(_get_hyper(group, self._key)) for group in self.optimizer.param_groups]
+
+    def _current(self, group: dict[str, Any]) -> Any:
+        return _get_hyper(group, self._key)
 
     def _initial_step(self) -> None:
         """Reset the step count and take the first step, which sets the starting learning rates."""
@@ -270,8 +348,8 @@ class LRScheduler:
         if len(values) != len(groups):
             raise ValueError(f"got {len(values)} learning rates for {len(groups)} param groups")
         for group, lr in zip(groups, values):
-            _set_group_value(group, "lr", lr)
-        self._last_lr: list[Any] = _group_values(self.optimizer, "lr")
+            _set_hyper(group, self._key, lr)
+        self._last_lr: list[Any] = self._current_values()
 
 
 class _LRScheduler(LRScheduler):
@@ -313,12 +391,16 @@ class LambdaLR(_LambdaStateMixin, LRScheduler):
         optimizer (Optimizer): wrapped optimizer.
         lr_lambda (function or list): a function of the epoch giving the factor, or one per group.
         last_epoch (int): the index of last epoch. Default: -1.
+        key (str or tuple): the hyper-parameter scheduled, as in :class:`LRScheduler`.
+            Default: ``"lr"``.
     """
 
-    def __init__(self, optimizer: Any, lr_lambda: Any, last_epoch: int = -1) -> None:
+    def __init__(
+        self, optimizer: Any, lr_lambda: Any, last_epoch: int = -1, *, key: HyperKey = "lr"
+    ) -> None:
         self.optimizer = optimizer
         self.lr_lambdas = _lambdas_for(optimizer, lr_lambda)
-        super().__init__(optimizer, last_epoch)
+        super().__init__(optimizer, last_epoch, key=key)
 
     def get_lr(self) -> list[float | Tensor]:
         """Compute ``base_lr * lr_lambda(last_epoch)`` for each group."""
@@ -333,23 +415,27 @@ class MultiplicativeLR(_LambdaStateMixin, LRScheduler):
         optimizer (Optimizer): wrapped optimizer.
         lr_lambda (function or list): a function of the epoch giving the factor, or one per group.
         last_epoch (int): the index of last epoch. Default: -1.
+        key (str or tuple): the hyper-parameter scheduled, as in :class:`LRScheduler`.
+            Default: ``"lr"``.
     """
 
-    def __init__(self, optimizer: Any, lr_lambda: Any, last_epoch: int = -1) -> None:
+    def __init__(
+        self, optimizer: Any, lr_lambda: Any, last_epoch: int = -1, *, key: HyperKey = "lr"
+    ) -> None:
         self.optimizer = optimizer
         self.lr_lambdas = _lambdas_for(optimizer, lr_lambda)
         for fn in self.lr_lambdas:
             if not callable(fn):
                 raise TypeError(f"lr_lambda should be a function, but got {type(fn).__name__}")
-        super().__init__(optimizer, last_epoch)
+        super().__init__(optimizer, last_epoch, key=key)
 
     def get_lr(self) -> list[float | Tensor]:
         """Compute ``lr * lr_lambda(last_epoch)`` for each group (the lr itself on the first step)."""
         self._warn_if_outside_step()
         if self._is_initial:
-            return _group_values(self.optimizer, "lr")
+            return self._current_values()
         groups = self.optimizer.param_groups
-        return [g["lr"] * fn(self.last_epoch) for fn, g in zip(self.lr_lambdas, groups)]
+        return [self._current(g) * fn(self.last_epoch) for fn, g in zip(self.lr_lambdas, groups)]
 
 
 class StepLR(LRScheduler):
@@ -360,21 +446,29 @@ class StepLR(LRScheduler):
         step_size (int): period of learning rate decay.
         gamma (float): multiplicative factor of learning rate decay. Default: 0.1.
         last_epoch (int): the index of last epoch. Default: -1.
+        key (str or tuple): the hyper-parameter scheduled, as in :class:`LRScheduler`.
+            Default: ``"lr"``.
     """
 
     def __init__(
-        self, optimizer: Any, step_size: int, gamma: float = 0.1, last_epoch: int = -1
+        self,
+        optimizer: Any,
+        step_size: int,
+        gamma: float = 0.1,
+        last_epoch: int = -1,
+        *,
+        key: HyperKey = "lr",
     ) -> None:
         self.step_size = step_size
         self.gamma = gamma
-        super().__init__(optimizer, last_epoch)
+        super().__init__(optimizer, last_epoch, key=key)
 
     def get_lr(self) -> list[float | Tensor]:
         """Compute the learning rates: ``lr * gamma`` at multiples of ``step_size``, else ``lr``."""
         self._warn_if_outside_step()
         if self.last_epoch == 0 or self.last_epoch % self.step_size != 0:
-            return _group_values(self.optimizer, "lr")
-        return [g["lr"] * self.gamma for g in self.optimizer.param_groups]
+            return self._current_values()
+        return [self._current(g) * self.gamma for g in self.optimizer.param_groups]
 
     def _get_closed_form_lr(self) -> list[float | Tensor]:
         return [b * self.gamma ** (self.last_epoch // self.step_size) for b in self.base_lrs]
@@ -388,22 +482,30 @@ class MultiStepLR(LRScheduler):
         milestones (list): epoch indices; a repeated milestone decays as many times.
         gamma (float): multiplicative factor of learning rate decay. Default: 0.1.
         last_epoch (int): the index of last epoch. Default: -1.
+        key (str or tuple): the hyper-parameter scheduled, as in :class:`LRScheduler`.
+            Default: ``"lr"``.
     """
 
     def __init__(
-        self, optimizer: Any, milestones: Iterable[int], gamma: float = 0.1, last_epoch: int = -1
+        self,
+        optimizer: Any,
+        milestones: Iterable[int],
+        gamma: float = 0.1,
+        last_epoch: int = -1,
+        *,
+        key: HyperKey = "lr",
     ) -> None:
         self.milestones = Counter(milestones)
         self.gamma = gamma
-        super().__init__(optimizer, last_epoch)
+        super().__init__(optimizer, last_epoch, key=key)
 
     def get_lr(self) -> list[float | Tensor]:
         """Compute the learning rates, decayed once per milestone at ``last_epoch``."""
         self._warn_if_outside_step()
         if self.last_epoch not in self.milestones:
-            return _group_values(self.optimizer, "lr")
+            return self._current_values()
         times = self.milestones[self.last_epoch]
-        return [g["lr"] * self.gamma**times for g in self.optimizer.param_groups]
+        return [self._current(g) * self.gamma**times for g in self.optimizer.param_groups]
 
     def _get_closed_form_lr(self) -> list[float | Tensor]:
         passed = bisect_right(sorted(self.milestones.elements()), self.last_epoch)
@@ -418,26 +520,34 @@ class ConstantLR(LRScheduler):
         factor (float): the factor, in [0, 1]. Default: 1/3.
         total_iters (int): number of epochs the factor applies. Default: 5.
         last_epoch (int): the index of last epoch. Default: -1.
+        key (str or tuple): the hyper-parameter scheduled, as in :class:`LRScheduler`.
+            Default: ``"lr"``.
     """
 
     def __init__(
-        self, optimizer: Any, factor: float = 1.0 / 3, total_iters: int = 5, last_epoch: int = -1
+        self,
+        optimizer: Any,
+        factor: float = 1.0 / 3,
+        total_iters: int = 5,
+        last_epoch: int = -1,
+        *,
+        key: HyperKey = "lr",
     ) -> None:
         if factor > 1.0 or factor < 0:
             raise ValueError("Constant multiplicative factor expected to be between 0 and 1.")
         self.factor = factor
         self.total_iters = total_iters
-        super().__init__(optimizer, last_epoch)
+        super().__init__(optimizer, last_epoch, key=key)
 
     def get_lr(self) -> list[float | Tensor]:
         """Compute the learning rates: scaled down at epoch 0, restored at ``total_iters``."""
         self._warn_if_outside_step()
         groups = self.optimizer.param_groups
         if self.last_epoch == 0:
-            return [g["lr"] * self.factor for g in groups]
+            return [self._current(g) * self.factor for g in groups]
         if self.last_epoch != self.total_iters:
-            return _group_values(self.optimizer, "lr")
-        return [g["lr"] * (1.0 / self.factor) for g in groups]
+            return self._current_values()
+        return [self._current(g) * (1.0 / self.factor) for g in groups]
 
     def _get_closed_form_lr(self) -> list[float | Tensor]:
         done = self.last_epoch >= self.total_iters
@@ -453,6 +563,8 @@ class LinearLR(LRScheduler):
         end_factor (float): factor at and after ``total_iters``, in [0, 1]. Default: 1.0.
         total_iters (int): number of epochs of the ramp. Default: 5.
         last_epoch (int): the index of last epoch. Default: -1.
+        key (str or tuple): the hyper-parameter scheduled, as in :class:`LRScheduler`.
+            Default: ``"lr"``.
     """
 
     def __init__(
@@ -462,6 +574,8 @@ class LinearLR(LRScheduler):
         end_factor: float = 1.0,
         total_iters: int = 5,
         last_epoch: int = -1,
+        *,
+        key: HyperKey = "lr",
     ) -> None:
         if start_factor > 1.0 or start_factor <= 0:
             raise ValueError(
@@ -472,19 +586,19 @@ class LinearLR(LRScheduler):
         self.start_factor = start_factor
         self.end_factor = end_factor
         self.total_iters = total_iters
-        super().__init__(optimizer, last_epoch)
+        super().__init__(optimizer, last_epoch, key=key)
 
     def get_lr(self) -> list[float | Tensor]:
         """Compute the learning rates of the next point on the linear ramp, from the current ones."""
         self._warn_if_outside_step()
         groups = self.optimizer.param_groups
         if self.last_epoch == 0:
-            return [g["lr"] * self.start_factor for g in groups]
+            return [self._current(g) * self.start_factor for g in groups]
         if self._is_initial or self.last_epoch > self.total_iters:
-            return _group_values(self.optimizer, "lr")
+            return self._current_values()
         span = self.end_factor - self.start_factor
         ratio = 1.0 + span / (self.total_iters * self.start_factor + (self.last_epoch - 1) * span)
-        return [g["lr"] * ratio for g in groups]
+        return [self._current(g) * ratio for g in groups]
 
     def _get_closed_form_lr(self) -> list[float | Tensor]:
         span = self.end_factor - self.start_factor
@@ -499,28 +613,34 @@ class ExponentialLR(LRScheduler):
         optimizer (Optimizer): wrapped optimizer.
         gamma (float): multiplicative factor of learning rate decay.
         last_epoch (int): the index of last epoch. Default: -1.
+        key (str or tuple): the hyper-parameter scheduled, as in :class:`LRScheduler`.
+            Default: ``"lr"``.
     """
 
-    def __init__(self, optimizer: Any, gamma: float, last_epoch: int = -1) -> None:
+    def __init__(
+        self, optimizer: Any, gamma: float, last_epoch: int = -1, *, key: HyperKey = "lr"
+    ) -> None:
         self.gamma = gamma
-        super().__init__(optimizer, last_epoch)
+        super().__init__(optimizer, last_epoch, key=key)
 
     def get_lr(self) -> list[float | Tensor]:
         """Compute ``lr * gamma`` for each group (the lr itself on the first step)."""
         self._warn_if_outside_step()
         if self._is_initial:
-            return _group_values(self.optimizer, "lr")
-        return [g["lr"] * self.gamma for g in self.optimizer.param_groups]
+            return self._current_values()
+        return [self._current(g) * self.gamma for g in self.optimizer.param_groups]
 
     def _get_closed_form_lr(self) -> list[float | Tensor]:
         return [b * self.gamma**self.last_epoch for b in self.base_lrs]
 
 
-def _check_composed(owner: str, optimizer: Any, schedulers: Sequence[Any]) -> None:
+def _check_composed(
+    owner: str, optimizer: Any, schedulers: Sequence[Any], allow_plateau: bool = False
+) -> None:
     for i, scheduler in enumerate(schedulers):
         if not hasattr(scheduler, "optimizer"):
             raise TypeError(f"{owner} at index {i} should have `optimizer` as its attribute.")
-        if isinstance(scheduler, ReduceLROnPlateau):
+        if isinstance(scheduler, ReduceLROnPlateau) and not allow_plateau:
             raise ValueError(
                 f"{owner} does not support `ReduceLROnPlateau` scheduler as it requires additional "
                 "kwargs to be specified when calling `step`, but got one at index "
@@ -532,6 +652,16 @@ def _check_composed(owner: str, optimizer: Any, schedulers: Sequence[Any]) -> No
                 f"scheduler {scheduler.__class__.__name__} at index {i} has "
                 f"{scheduler.optimizer}, which is different from {optimizer.__class__.__name__}."
             )
+
+
+def _metric_for(composite: Any, metrics: SupportsFloat | None) -> SupportsFloat:
+    """The metric a composite hands its ReduceLROnPlateau, which cannot step without one."""
+    if metrics is None:
+        raise TypeError(
+            f"{type(composite).__name__}.step() needs `metrics` for its ReduceLROnPlateau, "
+            "e.g. scheduler.step(val_loss)"
+        )
+    return metrics
 
 
 class _ComposedStateMixin:
@@ -560,15 +690,34 @@ class SequentialLR(_ComposedStateMixin, LRScheduler):
         schedulers (list): the schedulers, in order.
         milestones (list): epochs at which the next scheduler takes over (one fewer than schedulers).
         last_epoch (int): the index of last epoch. Default: -1.
+        forward_metrics (bool): beyond torch, allow :class:`ReduceLROnPlateau` among
+            ``schedulers``: ``step(metrics)`` hands ``metrics`` to it while it is in charge (the
+            others ignore it). When it takes over at a milestone, the lrs restart from the groups'
+            ``initial_lr``, as another scheduler restarts from its epoch 0. Default: False (torch:
+            a ``ReduceLROnPlateau`` is refused).
     """
 
+    # Class defaults keep torch's state_dict layout when the option is off.
+    _forward_metrics: bool = False
+
     def __init__(
-        self, optimizer: Any, schedulers: list[Any], milestones: list[int], last_epoch: int = -1
+        self,
+        optimizer: Any,
+        schedulers: list[Any],
+        milestones: list[int],
+        last_epoch: int = -1,
+        *,
+        forward_metrics: bool = False,
     ) -> None:
         name = self.__class__.__name__
         if len(schedulers) < 1:
             raise ValueError(f"{name} expects at least one scheduler, but got no scheduler.")
-        _check_composed(name, optimizer, schedulers)
+        _check_composed(name, optimizer, schedulers, allow_plateau=forward_metrics)
+        if forward_metrics:
+            self._forward_metrics = True
+            # A ReduceLROnPlateau sets no initial_lr, and may be the only scheduler here.
+            for group in optimizer.param_groups:
+                group.setdefault("initial_lr", _copy(group["lr"]))
         if len(milestones) != len(schedulers) - 1:
             raise ValueError(
                 "Sequential Schedulers expects number of schedulers provided to be one more than "
@@ -584,8 +733,12 @@ class SequentialLR(_ComposedStateMixin, LRScheduler):
             _set_group_value(group, "lr", group["initial_lr"])
         self.recursive_undo()
         first = self._schedulers[bisect_right(self._milestones, 0)]
-        first._initial_step()
-        self._last_lr = first.get_last_lr()
+        if isinstance(first, ReduceLROnPlateau):
+            # Nothing to take back or redo: it has not stepped and the lrs are the initial ones.
+            self._last_lr = _group_values(optimizer, "lr")
+        else:
+            first._initial_step()
+            self._last_lr = first.get_last_lr()
 
     def recursive_undo(self, sched: Any = None) -> None:
         """Take back the initial step of every (nested) scheduler: decrement its ``last_epoch``."""
@@ -593,15 +746,29 @@ class SequentialLR(_ComposedStateMixin, LRScheduler):
         if hasattr(target, "_schedulers"):
             for inner in target._schedulers:
                 self.recursive_undo(inner)
+        elif isinstance(target, ReduceLROnPlateau):
+            pass  # it took no initial step (only reachable with forward_metrics)
         elif hasattr(target, "last_epoch"):
             target.last_epoch -= 1
 
-    def step(self) -> None:
-        """Step the scheduler in charge; at a milestone, start the next one from epoch 0."""
+    def step(self, metrics: SupportsFloat | None = None) -> None:
+        """Step the scheduler in charge; at a milestone, start the next one from epoch 0.
+
+        Args:
+            metrics (float, optional): with ``forward_metrics``, the metric handed to a
+                :class:`ReduceLROnPlateau` in charge; ignored otherwise.
+        """
         self.last_epoch += 1
         idx = bisect_right(self._milestones, self.last_epoch)
         scheduler = self._schedulers[idx]
-        if idx > 0 and self._milestones[idx - 1] == self.last_epoch:
+        if isinstance(scheduler, ReduceLROnPlateau):
+            if idx > 0 and self._milestones[idx - 1] == self.last_epoch:
+                # Its "epoch 0": the initial lrs, and a fresh record of the best metric.
+                for group in self.optimizer.param_groups:
+                    _set_group_value(group, "lr", group["initial_lr"])
+                scheduler._reset()
+            scheduler.step(_metric_for(self, metrics))
+        elif idx > 0 and self._milestones[idx - 1] == self.last_epoch:
             scheduler._update_lr(0)
         else:
             scheduler.step()
@@ -616,24 +783,32 @@ class PolynomialLR(LRScheduler):
         total_iters (int): number of epochs of the decay. Default: 5.
         power (float): power of the polynomial. Default: 1.0.
         last_epoch (int): the index of last epoch. Default: -1.
+        key (str or tuple): the hyper-parameter scheduled, as in :class:`LRScheduler`.
+            Default: ``"lr"``.
     """
 
     def __init__(
-        self, optimizer: Any, total_iters: int = 5, power: float = 1.0, last_epoch: int = -1
+        self,
+        optimizer: Any,
+        total_iters: int = 5,
+        power: float = 1.0,
+        last_epoch: int = -1,
+        *,
+        key: HyperKey = "lr",
     ) -> None:
         self.total_iters = total_iters
         self.power = power
-        super().__init__(optimizer, last_epoch)
+        super().__init__(optimizer, last_epoch, key=key)
 
     def get_lr(self) -> list[float | Tensor]:
         """Compute the learning rates of the next point on the polynomial, from the current ones."""
         self._warn_if_outside_step()
         if self._is_initial or self.last_epoch > self.total_iters:
-            return _group_values(self.optimizer, "lr")
+            return self._current_values()
         now = 1.0 - self.last_epoch / self.total_iters
         before = 1.0 - (self.last_epoch - 1) / self.total_iters
         factor = (now / before) ** self.power
-        return [g["lr"] * factor for g in self.optimizer.param_groups]
+        return [self._current(g) * factor for g in self.optimizer.param_groups]
 
     def _get_closed_form_lr(self) -> list[float | Tensor]:
         frac = min(self.total_iters, self.last_epoch) / self.total_iters
@@ -648,14 +823,22 @@ class CosineAnnealingLR(LRScheduler):
         T_max (int): half period of the cosine, in epochs.
         eta_min (float): minimum learning rate. Default: 0.0.
         last_epoch (int): the index of last epoch. Default: -1.
+        key (str or tuple): the hyper-parameter scheduled, as in :class:`LRScheduler`.
+            Default: ``"lr"``.
     """
 
     def __init__(
-        self, optimizer: Any, T_max: int, eta_min: float = 0.0, last_epoch: int = -1
+        self,
+        optimizer: Any,
+        T_max: int,
+        eta_min: float = 0.0,
+        last_epoch: int = -1,
+        *,
+        key: HyperKey = "lr",
     ) -> None:
         self.T_max = T_max
         self.eta_min = eta_min
-        super().__init__(optimizer, last_epoch)
+        super().__init__(optimizer, last_epoch, key=key)
 
     def get_lr(self) -> list[float | Tensor]:
         """Compute the learning rates of the next point on the cosine (recursive form)."""
@@ -663,7 +846,7 @@ class CosineAnnealingLR(LRScheduler):
         groups = self.optimizer.param_groups
         t, t_max, eta_min = self.last_epoch, self.T_max, self.eta_min
         if self._is_initial:
-            return _group_values(self.optimizer, "lr")
+            return self._current_values()
         if self._step_count == 1 and t > 0:  # resumed: no previous lr to recurse from
             return [
                 eta_min + (b - eta_min) * (1 + math.cos(t * math.pi / t_max)) / 2
@@ -671,11 +854,11 @@ class CosineAnnealingLR(LRScheduler):
             ]
         if (t - 1 - t_max) % (2 * t_max) == 0:  # leaving the trough, where the ratio is 0/0
             return [
-                g["lr"] + (b - eta_min) * (1 - math.cos(math.pi / t_max)) / 2
+                self._current(g) + (b - eta_min) * (1 - math.cos(math.pi / t_max)) / 2
                 for b, g in zip(self.base_lrs, groups)
             ]
         ratio = (1 + math.cos(math.pi * t / t_max)) / (1 + math.cos(math.pi * (t - 1) / t_max))
-        return [ratio * (g["lr"] - eta_min) + eta_min for g in groups]
+        return [ratio * (self._current(g) - eta_min) + eta_min for g in groups]
 
     def _get_closed_form_lr(self) -> list[float | Tensor]:
         cos = 1 + math.cos(math.pi * self.last_epoch / self.T_max)
@@ -688,24 +871,42 @@ class ChainedScheduler(_ComposedStateMixin, LRScheduler):
     Args:
         schedulers (sequence): the schedulers to chain.
         optimizer (Optimizer, optional): their optimizer; the first scheduler's if not given.
+        forward_metrics (bool): beyond torch, allow :class:`ReduceLROnPlateau` among
+            ``schedulers``: ``step(metrics)`` hands ``metrics`` to it and steps the others
+            plainly. Default: False (torch: a ``ReduceLROnPlateau`` is refused).
     """
 
-    def __init__(self, schedulers: Sequence[Any], optimizer: Any = None) -> None:
+    # Class default keeps torch's state_dict layout when the option is off.
+    _forward_metrics: bool = False
+
+    def __init__(
+        self, schedulers: Sequence[Any], optimizer: Any = None, *, forward_metrics: bool = False
+    ) -> None:
         name = self.__class__.__name__
         if len(schedulers) < 1:
             raise ValueError(
                 f"{name} expects at least one scheduler to be chained, but got no scheduler."
             )
         optimizer = optimizer or schedulers[0].optimizer
-        _check_composed(name, optimizer, schedulers)
+        _check_composed(name, optimizer, schedulers, allow_plateau=forward_metrics)
+        if forward_metrics:
+            self._forward_metrics = True
         self._schedulers = schedulers
         self.optimizer = optimizer
         self._last_lr = _group_values(self._schedulers[-1].optimizer, "lr")
 
-    def step(self) -> None:
-        """Step every chained scheduler, in order."""
+    def step(self, metrics: SupportsFloat | None = None) -> None:
+        """Step every chained scheduler, in order.
+
+        Args:
+            metrics (float, optional): with ``forward_metrics``, the metric handed to each
+                :class:`ReduceLROnPlateau`; ignored otherwise.
+        """
         for scheduler in self._schedulers:
-            scheduler.step()
+            if isinstance(scheduler, ReduceLROnPlateau):
+                scheduler.step(_metric_for(self, metrics))
+            else:
+                scheduler.step()
         self._last_lr = _group_values(self._schedulers[-1].optimizer, "lr")
 
 
@@ -1015,10 +1216,19 @@ class CosineAnnealingWarmRestarts(LRScheduler):
         T_mult (int): factor by which each period is longer than the last. Default: 1.
         eta_min (float): minimum learning rate. Default: 0.0.
         last_epoch (int): the index of last epoch. Default: -1.
+        key (str or tuple): the hyper-parameter scheduled, as in :class:`LRScheduler`.
+            Default: ``"lr"``.
     """
 
     def __init__(
-        self, optimizer: Any, T_0: int, T_mult: int = 1, eta_min: float = 0.0, last_epoch: int = -1
+        self,
+        optimizer: Any,
+        T_0: int,
+        T_mult: int = 1,
+        eta_min: float = 0.0,
+        last_epoch: int = -1,
+        *,
+        key: HyperKey = "lr",
     ) -> None:
         if T_0 <= 0 or not isinstance(T_0, int):
             raise ValueError(f"Expected positive integer T_0, but got {T_0}")
@@ -1033,7 +1243,7 @@ class CosineAnnealingWarmRestarts(LRScheduler):
         self.T_mult = T_mult
         self.eta_min = eta_min
         self.T_cur = last_epoch
-        super().__init__(optimizer, last_epoch)
+        super().__init__(optimizer, last_epoch, key=key)
 
     def get_lr(self) -> list[float | Tensor]:
         """Compute the learning rates at ``T_cur`` epochs into the current period."""
@@ -1074,8 +1284,8 @@ class CosineAnnealingWarmRestarts(LRScheduler):
         with self._within_step():
             values = self.get_lr()
         for group, lr in zip(self.optimizer.param_groups, values):
-            _set_group_value(group, "lr", lr)
-        self._last_lr = _group_values(self.optimizer, "lr")
+            _set_hyper(group, self._key, lr)
+        self._last_lr = self._current_values()
 
 
 class OneCycleLR(LRScheduler):
@@ -1225,3 +1435,237 @@ class OneCycleLR(LRScheduler):
             if self.cycle_momentum:
                 _set_momentum(group, self.use_beta1, momentum)
         return lrs
+
+
+def _check_factor(name: str, value: Any, low: float, high: float) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must satisfy {low} <= {name} <= {high}, got {value}")
+    return float(value)
+
+
+class _ScheduleLR(LRScheduler):
+    """A scheduler whose value is a pure :mod:`fuseopt.schedules` function of ``last_epoch``.
+
+    The value depends on ``last_epoch`` and the group's initial value alone (closed form, never
+    the previous value), so a scheduler restored by :meth:`load_state_dict` goes on exactly.
+    """
+
+    def _schedule(self, peak: float) -> schedules.Schedule:
+        raise NotImplementedError
+
+    def get_lr(self) -> list[float | Tensor]:
+        """Compute each group's value: the schedule at ``last_epoch``, peaking at its initial one."""
+        self._warn_if_outside_step()
+        # Rebuilt on each call (it is cheap): a closure in the instance would land in state_dict,
+        # which then could not be pickled.
+        return [self._schedule(float(base))(self.last_epoch) for base in self.base_lrs]
+
+    def _get_closed_form_lr(self) -> list[float | Tensor]:
+        return self.get_lr()
+
+
+class WarmupCosineLR(_ScheduleLR):
+    r"""Linear warm-up to each group's initial lr, then a half cosine down to ``eta_min``.
+
+    Beyond torch. At epoch ``t`` the lr is :func:`fuseopt.schedules.warmup_cosine` with the
+    group's ``initial_lr`` as ``peak``: it rises linearly from ``warmup_start_factor * initial_lr``
+    (epoch 0) to ``initial_lr`` (epoch ``warmup_steps``), follows a half cosine to ``eta_min`` at
+    ``total_steps``, and stays there.
+
+    Args:
+        optimizer (Optimizer): wrapped optimizer.
+        total_steps (int): epoch at which ``eta_min`` is reached, >= 1.
+        warmup_steps (int): length of the warm-up, in ``[0, total_steps]``. Default: 0.
+        warmup_start_factor (float): lr at epoch 0 as a fraction of the initial lr, in [0, 1].
+            Default: 0.0.
+        eta_min (float): final learning rate. Default: 0.0.
+        last_epoch (int): the index of last epoch. Default: -1.
+        key (str or tuple): the hyper-parameter scheduled, as in :class:`LRScheduler`.
+            Default: ``"lr"``.
+
+    Example:
+        >>> # xdoctest: +SKIP
+        >>> scheduler = WarmupCosineLR(optimizer, total_steps=1000, warmup_steps=100)
+        >>> for batch in data:
+        >>>     train_batch(...)
+        >>>     scheduler.step()
+    """
+
+    def __init__(
+        self,
+        optimizer: Any,
+        total_steps: int,
+        warmup_steps: int = 0,
+        warmup_start_factor: float = 0.0,
+        eta_min: float = 0.0,
+        last_epoch: int = -1,
+        *,
+        key: HyperKey = "lr",
+    ) -> None:
+        self.warmup_start_factor = _check_factor("warmup_start_factor", warmup_start_factor, 0, 1)
+        self.eta_min = _check_factor("eta_min", eta_min, 0, math.inf)
+        self.total_steps = total_steps
+        self.warmup_steps = warmup_steps
+        self._schedule(1.0)  # checks total_steps and warmup_steps, naming them
+        super().__init__(optimizer, last_epoch, key=key)
+
+    def _schedule(self, peak: float) -> schedules.Schedule:
+        return schedules.warmup_cosine(
+            peak,
+            self.total_steps,
+            self.warmup_steps,
+            start=self.warmup_start_factor * peak,
+            end=self.eta_min,
+        )
+
+
+class WSDLR(_ScheduleLR):
+    r"""Warmup-stable-decay: warm up to each group's initial lr, hold it, then decay to ``eta_min``.
+
+    Beyond torch. At epoch ``t`` the lr is :func:`fuseopt.schedules.wsd` with the group's
+    ``initial_lr`` as ``peak``: a linear warm-up from ``warmup_start_factor * initial_lr`` over
+    ``warmup_steps`` epochs, a plateau at ``initial_lr``, and a decay over the last
+    ``decay_steps`` epochs before ``total_steps`` down to ``eta_min``, which then stays.
+
+    Args:
+        optimizer (Optimizer): wrapped optimizer.
+        total_steps (int): epoch at which ``eta_min`` is reached, >= 1.
+        warmup_steps (int): length of the warm-up, in ``[0, total_steps]``. Default: 0.
+        decay_steps (int, float or None): length of the decay: an int, or a float in (0, 1]
+            giving that fraction of ``total_steps``. Default: None (the last 20%).
+        decay (str): shape of the decay: ``"linear"``, ``"cosine"`` or ``"sqrt"``.
+            Default: ``"linear"``.
+        eta_min (float): final learning rate. Default: 0.0.
+        last_epoch (int): the index of last epoch. Default: -1.
+        warmup_start_factor (float): lr at epoch 0 as a fraction of the initial lr, in [0, 1].
+            Default: 0.0.
+        key (str or tuple): the hyper-parameter scheduled, as in :class:`LRScheduler`.
+            Default: ``"lr"``.
+    """
+
+    def __init__(
+        self,
+        optimizer: Any,
+        total_steps: int,
+        warmup_steps: int = 0,
+        decay_steps: int | float | None = None,
+        decay: str = "linear",
+        eta_min: float = 0.0,
+        last_epoch: int = -1,
+        *,
+        warmup_start_factor: float = 0.0,
+        key: HyperKey = "lr",
+    ) -> None:
+        self.warmup_start_factor = _check_factor("warmup_start_factor", warmup_start_factor, 0, 1)
+        self.eta_min = _check_factor("eta_min", eta_min, 0, math.inf)
+        self.total_steps = total_steps
+        self.warmup_steps = warmup_steps
+        self.decay_steps = decay_steps
+        self.decay = decay
+        self._schedule(1.0)  # checks the step counts and decay, naming them
+        super().__init__(optimizer, last_epoch, key=key)
+
+    def _schedule(self, peak: float) -> schedules.Schedule:
+        return schedules.wsd(
+            peak,
+            self.total_steps,
+            self.warmup_steps,
+            self.decay_steps,
+            start=self.warmup_start_factor * peak,
+            end=self.eta_min,
+            decay=self.decay,
+        )
+
+
+def _default_optimizer(params: list[Tensor]) -> Any:
+    from . import SGD  # here: the package imports this module
+
+    return SGD(params, lr=1.0, momentum=0.9)
+
+
+def preview(
+    scheduler_factory: Callable[[Any], Any],
+    steps: int,
+    key: HyperKey = "lr",
+    optimizer_factory: Callable[[list[Tensor]], Any] | None = None,
+) -> list[float]:
+    r"""Return the values a scheduler gives, step by step, without training anything.
+
+    The scheduler is built by ``scheduler_factory`` on a throwaway optimizer over one dummy
+    parameter (by default ``fuseopt.SGD(lr=1.0, momentum=0.9)``, so lrs read as factors). Each
+    step calls ``optimizer.step()`` (no gradients: nothing moves) then ``scheduler.step()``.
+
+    Args:
+        scheduler_factory (callable): ``optimizer -> scheduler``.
+        steps (int): number of values to return, >= 0.
+        key (str or tuple): the hyper-parameter read from the first param group, a group entry or
+            ``(entry, index)``. Default: ``"lr"``.
+        optimizer_factory (callable, optional): ``params -> optimizer`` for the throwaway
+            optimizer, e.g. to preview ``("betas", 0)`` on an Adam. Default: the SGD above.
+
+    Returns:
+        list of float: the value in effect for optimizer steps ``0 .. steps - 1``.
+
+    Example:
+        >>> preview(lambda opt: StepLR(opt, step_size=2), 5)
+        [1.0, 1.0, 0.1, 0.1, 0.010000000000000002]
+    """
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+    key = _check_key(key)
+    make_optimizer = optimizer_factory or _default_optimizer
+    optimizer = make_optimizer([torch.zeros(1, requires_grad=True)])
+    scheduler = scheduler_factory(optimizer)
+    values = []
+    for i in range(steps):
+        if i:
+            optimizer.step()
+            scheduler.step()
+        values.append(float(_get_hyper(optimizer.param_groups[0], key)))
+    return values
+
+
+def plot(
+    scheduler_factory: Callable[[Any], Any],
+    steps: int,
+    path: Any,
+    key: HyperKey = "lr",
+    optimizer_factory: Callable[[list[Tensor]], Any] | None = None,
+) -> Any:
+    r"""Plot :func:`preview`'s values against the step and save the figure (PNG by default).
+
+    Needs matplotlib, the optional extra ``fuseopt[plot]``.
+
+    Args:
+        scheduler_factory (callable): ``optimizer -> scheduler``.
+        steps (int): number of steps plotted.
+        path (str or path-like): file written; its suffix picks the format.
+        key (str or tuple): the hyper-parameter plotted. Default: ``"lr"``.
+        optimizer_factory (callable, optional): as in :func:`preview`.
+
+    Returns:
+        the ``path`` given.
+    """
+    try:
+        # Imported here: matplotlib is optional, and heavy to import.
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as err:
+        raise ImportError(
+            "fuseopt.lr_scheduler.plot needs matplotlib: pip install 'fuseopt[plot]' "
+            "(or pip install matplotlib)"
+        ) from err
+    values = preview(scheduler_factory, steps, key=key, optimizer_factory=optimizer_factory)
+    # A bare Figure, not pyplot: no global figure state, no GUI backend chosen behind the caller.
+    fig = Figure(figsize=(6, 3.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot(range(len(values)), values)
+    ax.set_xlabel("step")
+    ax.set_ylabel(key if isinstance(key, str) else f"{key[0]}[{key[1]}]")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
