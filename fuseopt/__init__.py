@@ -1,6 +1,6 @@
 """fuseopt: torch.optim, re-implemented with fused kernels. ``import fuseopt as optim``."""
 
-from fuseopt import lr_scheduler, optimizer
+from fuseopt import lr_scheduler, optimizer, swa_utils
 from fuseopt._adafactor import Adafactor
 from fuseopt._muon import Muon
 from fuseopt.adadelta import Adadelta
@@ -39,4 +39,5 @@ __all__ = [
     "SparseAdam",
     "lr_scheduler",
     "optimizer",
+    "swa_utils",
 ]
