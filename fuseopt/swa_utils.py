@@ -74,6 +74,17 @@ def ema_warmup_decay(num_averaged: int, decay: float, power: float, gamma: float
     return min(decay, max(0.0, 1.0 - (1.0 + num_averaged / gamma) ** -power))
 
 
+def _decay_schedule(
+    decay: float, warmup: bool, warmup_power: float, warmup_gamma: float
+) -> Callable[[Any], float]:
+    """Check the EMA options; return ``num_averaged -> decay`` (constant unless ``warmup``)."""
+    _check_decay(decay)
+    if not warmup:
+        return lambda num_averaged: decay
+    _check_warmup(warmup_power, warmup_gamma)
+    return lambda n: ema_warmup_decay(int(n), decay, warmup_power, warmup_gamma)
+
+
 def get_ema_multi_avg_fn(
     decay: float = 0.999,
     warmup: bool = False,
@@ -98,17 +109,11 @@ def get_ema_multi_avg_fn(
     Returns:
         Callable: ``fn(ema_param_list, current_param_list, num_averaged)`` updating the first list.
     """
-    _check_decay(decay)
-    if warmup:
-        _check_warmup(warmup_power, warmup_gamma)
+    decay_at = _decay_schedule(decay, warmup, warmup_power, warmup_gamma)
 
     @torch.no_grad()
     def ema_update(ema_list: ParamList, current_list: ParamList, num_averaged: Any) -> None:
-        d = (
-            ema_warmup_decay(int(num_averaged), decay, warmup_power, warmup_gamma)
-            if warmup
-            else decay
-        )
+        d = decay_at(num_averaged)
         if ema_list[0].is_floating_point() or ema_list[0].is_complex():
             # One fused pass (numba on CPU float32/float64, foreach elsewhere), ATen's lerp
             # rounding: bitwise the averages of torch's _foreach_lerp_.
@@ -163,17 +168,11 @@ def get_ema_avg_fn(
     Returns:
         Callable: ``fn(ema_param, current_param, num_averaged)`` returning the new average.
     """
-    _check_decay(decay)
-    if warmup:
-        _check_warmup(warmup_power, warmup_gamma)
+    decay_at = _decay_schedule(decay, warmup, warmup_power, warmup_gamma)
 
     @torch.no_grad()
     def ema_update(ema_param: Tensor, current_param: Tensor, num_averaged: Any) -> Tensor:
-        d = (
-            ema_warmup_decay(int(num_averaged), decay, warmup_power, warmup_gamma)
-            if warmup
-            else decay
-        )
+        d = decay_at(num_averaged)
         return d * ema_param + (1 - d) * current_param
 
     return ema_update
