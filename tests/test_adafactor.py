@@ -16,6 +16,7 @@ import pickle
 
 import pytest
 import torch
+from conftest import clone_params
 from torch.testing._internal.common_optimizers import OptimizerErrorEnum, optim_db
 
 from fuseopt._adafactor import Adafactor
@@ -68,10 +69,6 @@ def _grads(params, steps, seed=1):
     return out
 
 
-def _clone(params):
-    return [p.detach().clone().requires_grad_() for p in params]
-
-
 def _steps(opt, params, grads):
     for row in grads:
         for p, g in zip(params, row):
@@ -111,7 +108,7 @@ def _compare(opt, ref, params, ref_params, tol=None):
 @pytest.mark.parametrize("kwargs", CONFIGS)
 def test_parity_with_torch_forloop(kwargs, dtype, impl):
     params = _params(dtype)
-    ref_params = _clone(params)
+    ref_params = clone_params(params)
     grads = _grads(params, STEPS)
     opt = _steps(Adafactor(params, **kwargs, **IMPLS[impl]), params, grads)
     ref = _steps(torch.optim.Adafactor(ref_params, **kwargs, foreach=False), ref_params, grads)
@@ -123,7 +120,7 @@ def test_parity_with_torch_forloop(kwargs, dtype, impl):
 def test_foreach_close_to_torch_foreach(kwargs, dtype):
     """torch's foreach rounds its last add differently from its for-loop: close, not equal."""
     params = _params(dtype)
-    ref_params = _clone(params)
+    ref_params = clone_params(params)
     grads = _grads(params, STEPS)
     opt = _steps(Adafactor(params, **kwargs, foreach=True), params, grads)
     ref = _steps(torch.optim.Adafactor(ref_params, **kwargs, foreach=True), ref_params, grads)
@@ -155,7 +152,7 @@ def test_groups_and_mixed_dtypes(impl):
     mixed = _params(torch.float32, [(4, 3), (5,)]) + _params(torch.float64, [(3, 2), (2,)], 1)
     other = _params(torch.float64, [(2, 3, 4), ()], 2)
     params = mixed + other
-    ref_params = _clone(params)
+    ref_params = clone_params(params)
     grads = _grads(params, 12)
 
     def build(cls, ps, **flags):
@@ -282,7 +279,7 @@ def test_state_dict_interchange(direction, impl):
     """Save after 10 steps in one library, load into the other, continue 10 steps: same result."""
     kwargs = dict(lr=0.02, weight_decay=0.01, maximize=True)
     params = _params(torch.float32)
-    ref_params = _clone(params)
+    ref_params = clone_params(params)
     grads = _grads(params, STEPS)
     ref = _steps(torch.optim.Adafactor(ref_params, **kwargs, foreach=False), ref_params, grads)
     first, second = Adafactor, torch.optim.Adafactor
@@ -304,7 +301,7 @@ def test_state_dict_interchange(direction, impl):
 def test_old_checkpoint_with_number_steps():
     """A state dict whose steps are numbers (older torch) loads with tensor steps, as in torch."""
     params = _params(torch.float32)
-    ref_params = _clone(params)
+    ref_params = clone_params(params)
     grads = _grads(params, 10)
     saved = _steps(Adafactor(params), params, grads[:5]).state_dict()
     for state in saved["state"].values():
@@ -323,7 +320,7 @@ def test_old_checkpoint_with_number_steps():
 @pytest.mark.parametrize("impl", ["forloop", "foreach"])
 def test_deepcopy_and_pickle_continue_identically(impl):
     params = _params(torch.float64)
-    ref_params = _clone(params)
+    ref_params = clone_params(params)
     grads = _grads(params, STEPS)
     opt = _steps(Adafactor(params, weight_decay=0.1, **IMPLS[impl]), params, grads[:10])
     ref = _steps(torch.optim.Adafactor(ref_params, weight_decay=0.1), ref_params, grads)

@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import clone_params
 from torch import nn
 from torch.testing._internal.common_optimizers import OptimizerErrorEnum, optim_db
 
@@ -71,10 +72,6 @@ def _grads(params, steps, seed=1):
     return out
 
 
-def _clone(params):
-    return [p.detach().clone().requires_grad_() for p in params]
-
-
 def _steps(opt, params, grads):
     for row in grads:
         for p, g in zip(params, row):
@@ -107,7 +104,7 @@ def _compare(opt, ref, params, ref_params):
 @pytest.mark.parametrize("kwargs", CONFIGS)
 def test_parity_with_torch(kwargs, dtype):
     params = _params(dtype)
-    ref_params = _clone(params)
+    ref_params = clone_params(params)
     grads = _grads(params, STEPS)
     opt = _steps(SparseAdam(params, **kwargs), params, grads)
     ref = _steps(torch.optim.SparseAdam(ref_params, **kwargs), ref_params, grads)
@@ -149,7 +146,7 @@ def test_embedding_training_matches_torch(dtype):
 def test_param_groups_and_closure():
     """Per-group options; the closure runs with grad enabled and its loss is returned."""
     params, ref_params = _params(torch.float32), None
-    ref_params = _clone(params)
+    ref_params = clone_params(params)
     grads = _grads(params, 8)
 
     def build(cls, ps):
@@ -253,7 +250,7 @@ def test_state_dict_interchange(direction):
     """Save after 10 steps in one library, load into the other, continue 10 steps: same result."""
     kwargs = dict(lr=0.02, betas=(0.8, 0.95), maximize=True)
     params = _params(torch.float32)
-    ref_params = _clone(params)
+    ref_params = clone_params(params)
     grads = _grads(params, STEPS)
     ref = _steps(torch.optim.SparseAdam(ref_params, **kwargs), ref_params, grads)
     first, second = SparseAdam, torch.optim.SparseAdam
@@ -268,7 +265,7 @@ def test_state_dict_interchange(direction):
 
 def test_deepcopy_continues_identically():
     params = _params(torch.float64)
-    ref_params = _clone(params)
+    ref_params = clone_params(params)
     grads = _grads(params, STEPS)
     opt = _steps(SparseAdam(params, lr=0.01), params, grads[:10])
     ref = _steps(torch.optim.SparseAdam(ref_params, lr=0.01), ref_params, grads)
