@@ -19,7 +19,7 @@ import torch
 
 from fuseopt import kernels
 from fuseopt.kernels import numba_cpu
-from fuseopt.rule import Fill, FirstValue, Flags, ScalarState, Zeros, to_scalar
+from fuseopt.rule import Fill, FirstValue, Flags, Rule, ScalarState, Zeros, to_scalar
 
 _CAPTURABLE_DEVICES = ["cuda", "xpu", "hpu"]
 
@@ -33,18 +33,24 @@ def scalar_dtype(fused: bool | None = None) -> torch.dtype:
 
 def check_fused(p: torch.Tensor) -> None:
     """torch's error for ``fused=True`` on a param the fused kernels do not cover."""
-    if not (p.device.type == "cpu" and numba_cpu.supports(p.dtype.to_real())):
+    if not (p.device.type == "cpu" and _fusable(p.dtype)):
         raise RuntimeError(
             "`fused=True` requires all the params to be floating point Tensors of supported "
-            "devices: ['cpu'] with dtype float32 or float64 (or complex64/complex128), "
+            "devices: ['cpu'] with dtype float32, float64, bfloat16 or float16 (or "
+            "complex64/complex128), "
             f"but {p.dtype} and {p.device.type}"
         )
+
+
+def _fusable(dtype: torch.dtype) -> bool:
+    """Whether the CPU kernels cover params of ``dtype`` (complex runs on its real view)."""
+    return dtype != torch.complex32 and numba_cpu.supports(dtype.to_real())
 
 
 def _dense(t: torch.Tensor) -> bool:
     """Non-overlapping and dense (any dim order): the kernels walk its storage as a flat array."""
     expected = 1
-    for size, stride in sorted((s, st) for s, st in zip(t.shape, t.stride()) if s != 1):
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
         if stride != expected:
             return False
         expected *= size
@@ -65,8 +71,7 @@ def _backend(group: dict, p: torch.Tensor, sparse: bool) -> str:
         return "foreach"
     if fused is None and foreach is None:
         if p.device.type == "cpu":
-            real = p.dtype.to_real()  # complex runs on its real view
-            return "numba" if numba_cpu.supports(real) and numba_cpu.available() else "reference"
+            return "numba" if _fusable(p.dtype) and numba_cpu.available() else "reference"
         return "foreach"
     return "reference"
 
@@ -90,6 +95,10 @@ def _layout(p: torch.Tensor, g: torch.Tensor, state: dict, names: list[str]):
     if g.stride() != p.stride() or not _dense(g):
         g = torch.empty_like(p).copy_(g)  # a grad laid out like the param
     return "numba", g
+
+
+def _real_views(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [torch.view_as_real(t) for t in tensors]
 
 
 def _bump_steps(steps: list[torch.Tensor], as_tensors: bool) -> list:
@@ -161,6 +170,7 @@ def apply_rule(opt, group: dict) -> None:
     capturable = bool(group.get("capturable"))
     # First every check that can fail, so that an error leaves params and state untouched.
     backends: dict[tuple, str] = {}
+    check = None if type(rule).check is Rule.check else rule.check  # most rules check nothing
     pending = []  # (param, grad, backend)
     for p in group["params"]:
         g = p.grad
@@ -169,7 +179,8 @@ def apply_rule(opt, group: dict) -> None:
         sparse = g.is_sparse
         if sparse and not rule.sparse_ok:
             raise RuntimeError(rule.sparse_error)
-        rule.check(group, p, g)
+        if check is not None:
+            check(group, p, g)
         key = (p.device, p.dtype, sparse)
         backend = backends.get(key) or backends.setdefault(key, _backend(group, p, sparse))
         if capturable:
@@ -220,23 +231,22 @@ def apply_rule(opt, group: dict) -> None:
         key_step = id(step) if on_tensors else step
         batches[(backend, p.device, p.dtype, first, key_step, svs[i])].append((p, g, state, step))
 
-    for (backend, _, _, first, _, sv), batch in batches.items():
+    for (backend, _, dtype, first, _, sv), batch in batches.items():
         sv = dict(zip(scalar_names, sv))
         step = batch[0][3]
         flags = Flags(rule.flags(group, first, step, sv))
         scalars = rule.scalars(group, step, sv)
-        params, grads, states = [], [], {n: [] for n in names}
-        for p, g, state, _ in batch:
-            for name in firsts:
-                if name not in state:  # like the grad: torch's first buffer is a clone of it
-                    state[name] = torch.empty_like(g if g.is_sparse else p)
-            if torch.is_complex(p):  # as torch: complex math is real math on the (re, im) view
-                p, g = torch.view_as_real(p), torch.view_as_real(g)
-                state = {n: torch.view_as_real(state[n]) for n in names}
-            params.append(p)
-            grads.append(g)
-            for n in names:
-                states[n].append(state[n])
+        if firsts:
+            for p, g, state, _ in batch:
+                for name in firsts:
+                    if name not in state:  # like the grad: torch's first buffer is a clone of it
+                        state[name] = torch.empty_like(g if g.is_sparse else p)
+        params = [e[0] for e in batch]
+        grads = [e[1] for e in batch]
+        states = {n: [e[2][n] for e in batch] for n in names}
+        if dtype.is_complex:  # as torch: complex math is real math on the (re, im) view
+            params, grads = _real_views(params), _real_views(grads)
+            states = {n: _real_views(ts) for n, ts in states.items()}
         kernels.get(backend).run(rule, flags, scalars, params, grads, states)
     if scalar_names:
         _scalar_hook(rule.after, group, entries, steps, scalar_names)

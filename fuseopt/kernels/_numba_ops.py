@@ -44,6 +44,63 @@ def _pointer_cast(nbtype):
 
 ptr_float32 = _pointer_cast(types.float32)
 ptr_float64 = _pointer_cast(types.float64)
+ptr_uint16 = _pointer_cast(types.uint16)  # bfloat16 and float16 storage: numba has no bfloat16
+
+_I16, _I32, _F32 = ir.IntType(16), ir.IntType(32), ir.FloatType()
+
+
+@intrinsic
+def load_bf16(typingctx, bits):
+    """The float32 value of bfloat16 ``bits`` (exact: bfloat16 is float32's upper half)."""
+    if bits != types.uint16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        wide = builder.shl(builder.zext(args[0], _I32), _I32(16))
+        return builder.bitcast(wide, _F32)
+
+    return types.float32(bits), codegen
+
+
+@intrinsic
+def store_bf16(typingctx, x):
+    """``x`` rounded to bfloat16 bits, to nearest even; NaN becomes 0xFFFF (as ATen's vectorised
+    conversion, what ``tensor.bfloat16()`` gives)."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        bits = builder.bitcast(args[0], _I32)
+        odd = builder.and_(builder.lshr(bits, _I32(16)), _I32(1))  # ties go to the even neighbour
+        rounded = builder.lshr(builder.add(bits, builder.add(odd, _I32(0x7FFF))), _I32(16))
+        nan = builder.fcmp_unordered("uno", args[0], args[0])
+        return builder.trunc(builder.select(nan, _I32(0xFFFF), rounded), _I16)
+
+    return types.uint16(x), codegen
+
+
+@intrinsic
+def load_f16(typingctx, bits):
+    """The float32 value of IEEE half ``bits`` (exact; one instruction with F16C)."""
+    if bits != types.uint16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), _F32)
+
+    return types.float32(bits), codegen
+
+
+@intrinsic
+def store_f16(typingctx, x):
+    """``x`` rounded to IEEE half bits, to nearest even (as c10::Half)."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), _I16)
+
+    return types.uint16(x), codegen
 
 
 @numba.njit(inline="always")

@@ -83,6 +83,25 @@ def test_op_matches_reference(op, backend, dtype):
         assert torch.equal(got[~ok], expected[~ok]), (got - expected).abs().nanmean()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("op", list(OPS))
+def test_16bit_op_is_float32_op_rounded_once(op, dtype):
+    """16-bit operands are widened exactly, the op runs in float32, the result is rounded to
+    nearest even once: the float32 reference result converted by torch, bit for bit."""
+    a, b, c = (t.to(dtype) for t in _inputs(torch.float32))
+    expected = a.float()
+    reference.run(OneOp(op), Flags(), SCALARS, [expected], [b.float()], {"buf": [c.float()]})
+    expected = expected.to(dtype)
+    got = a.clone()
+    numba_cpu.run(OneOp(op), Flags(), SCALARS, [got], [b], {"buf": [c]})
+    assert got.dtype == dtype and torch.equal(got.isnan(), expected.isnan())
+    ok = ~got.isnan()
+    if op == "sqrt":  # torch's float32 sqrt may be 1 ulp off, and then round the other way
+        torch.testing.assert_close(got[ok], expected[ok], rtol=torch.finfo(dtype).eps, atol=0)
+    else:
+        assert torch.equal(got[ok], expected[ok]), (got - expected)[ok].abs().max()
+
+
 def test_reference_is_torch():
     """The reference vocabulary is the ATen ops themselves (bitwise with torch.optim's for-loop)."""
     assert reference.TorchOps.lerp is torch.lerp
