@@ -3,7 +3,7 @@
 ``python -m fuseopt.bench`` (or ``fuseopt bench``) times every algorithm of :data:`ALGORITHMS` in
 every implementation of :data:`IMPLEMENTATIONS` (for-loop, foreach, fused), for fuseopt and for
 torch.optim, on the parameter shapes of real models (``workloads.json``: gpt2-small, resnet18,
-many-small), in float32. It prints ms/step, each fuseopt implementation's time relative to torch's
+many-small), in float32 (or ``--dtype``). It prints ms/step, each fuseopt implementation's time relative to torch's
 best implementation, and the effective memory bandwidth of the fastest fuseopt implementation.
 
 Method: for each (workload, algorithm, implementation), torch's and fuseopt's optimizers are built
@@ -84,6 +84,13 @@ IMPLEMENTATIONS: dict[str, dict[str, bool]] = {
 
 LIBRARIES: dict[str, Any] = {"torch": torch.optim, "fuseopt": fuseopt}
 
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
 QUICK_WORKLOADS = ("many-small", "resnet18")
 QUICK_STEPS = 3
 DEFAULT_STEPS = 10
@@ -131,18 +138,24 @@ def _pick(names: Iterable[str] | None, table: Mapping[str, Any], what: str) -> l
 
 
 # ------------------------------------------------------------------------------------- timing
-def _make_params(shapes: list[tuple[int, ...]], seed: int = 0) -> list[torch.Tensor]:
+def _make_params(
+    shapes: list[tuple[int, ...]], seed: int = 0, dtype: torch.dtype = torch.float32
+) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     params = []
     for shape in shapes:
-        p = torch.zeros(shape, dtype=torch.float32, requires_grad=True)
-        p.grad = torch.randn(shape, generator=gen).mul_(1e-3)
+        p = torch.zeros(shape, dtype=dtype, requires_grad=True)
+        p.grad = torch.randn(shape, generator=gen).mul_(1e-3).to(dtype)
         params.append(p)
     return params
 
 
 def _time_pair(
-    algorithm: Algorithm, impl: str, shapes: list[tuple[int, ...]], steps: int
+    algorithm: Algorithm,
+    impl: str,
+    shapes: list[tuple[int, ...]],
+    steps: int,
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, list[float] | Exception]:
     """Seconds per step of ``steps`` timed steps for each library, after the warm-up steps.
 
@@ -156,7 +169,7 @@ def _time_pair(
         for library, module in LIBRARIES.items():
             try:
                 opt = getattr(module, algorithm.name)(
-                    _make_params(shapes), **algorithm.kwargs, **IMPLEMENTATIONS[impl]
+                    _make_params(shapes, dtype=dtype), **algorithm.kwargs, **IMPLEMENTATIONS[impl]
                 )
                 for _ in range(WARMUP_STEPS):
                     opt.step()
@@ -183,6 +196,7 @@ def run(
     impls: Iterable[str] | None = None,
     steps: int = DEFAULT_STEPS,
     *,
+    dtype: torch.dtype = torch.float32,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Time every (workload, algorithm, library, implementation); return one dict per result.
@@ -193,6 +207,7 @@ def run(
         algorithms: names from :data:`ALGORITHMS`; None means all.
         impls: names from :data:`IMPLEMENTATIONS`; None means all.
         steps: timed steps per configuration (after the warm-up steps).
+        dtype: of params, grads and states (float32, float64, bfloat16, float16).
         progress: print one line per configuration to stderr.
 
     Each row has ``workload, algorithm, library, impl, numel, tensors, steps, ms`` (median ms/step),
@@ -216,11 +231,12 @@ def run(
             algorithm = ALGORITHMS[algo_name]
             group = []
             for impl in impl_names:
-                timed = _time_pair(algorithm, impl, shapes, steps)
+                timed = _time_pair(algorithm, impl, shapes, steps, dtype)
                 for library in LIBRARIES:
                     row: dict[str, Any] = dict(
                         workload=workload,
                         algorithm=algo_name,
+                        dtype=str(dtype)[6:],
                         library=library,
                         impl=impl,
                         numel=numel,
@@ -240,7 +256,8 @@ def run(
                     else:
                         row["times_ms"] = [t * 1e3 for t in times]
                         row["ms"] = statistics.median(row["times_ms"])
-                        row["gbps"] = numel * algorithm.bytes_per_element / (row["ms"] * 1e6)
+                        moved = numel * algorithm.bytes_per_element * dtype.itemsize // 4
+                        row["gbps"] = moved / (row["ms"] * 1e6)
                     group.append(row)
                     if progress:
                         done = len(rows) + len(group)
@@ -388,7 +405,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The argument parser of ``python -m fuseopt.bench`` / ``fuseopt bench``."""
     parser = argparse.ArgumentParser(
         prog=prog or "python -m fuseopt.bench",
-        description="Time optimizer.step() of fuseopt against torch.optim (float32, CPU).",
+        description="Time optimizer.step() of fuseopt against torch.optim (CPU).",
     )
     parser.add_argument(
         "--workloads",
@@ -413,6 +430,18 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         type=int,
         help="torch.set_num_threads(N) before timing; numba follows torch (default: torch's). "
         "On a busy machine, 1 thread avoids timing the scheduler instead of the optimizer",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        default="float32",
+        help="dtype of params, grads and states (default: float32)",
+    )
+    parser.add_argument(
+        "--probes",
+        action="store_true",
+        help="also measure, on the first workload: the extra memory of a step (fuseopt fused, "
+        "torch foreach/fused), the first step of a new process, a step right after a matmul",
     )
     parser.add_argument("--json", metavar="PATH", help="also write all results as JSON to PATH")
     parser.add_argument(
@@ -454,16 +483,27 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
             file=sys.stderr,
         )
     env["bandwidth_gbps"] = measure_bandwidth()
-    rows = run(workloads, args.algorithms, args.impls, steps)
+    dtype = DTYPES[args.dtype]
+    rows = run(workloads, args.algorithms, args.impls, steps, dtype=dtype)
     print(
-        f"optimizer.step(), float32, median of {steps} steps; torch {env['torch']}, "
+        f"optimizer.step(), {args.dtype}, median of {steps} steps; torch {env['torch']}, "
         f"numba {env['numba']}, {env['torch_threads']} threads; measured bandwidth "
         f"{env['bandwidth_gbps']:.1f} GB/s (x bound: fastest fuseopt time / bytes moved at it)"
     )
     print(format_table(rows, env["bandwidth_gbps"]))
+    probes = None
+    if args.probes:
+        from fuseopt import bench_probes
+
+        first = next(iter(_resolve(workloads).items()))
+        algos = {n: ALGORITHMS[n] for n in _pick(args.algorithms, ALGORITHMS, "algorithm")}
+        probes = bench_probes.run_probes(first[1], algos, dtype)
+        print(f"\nprobes on {first[0]}, {args.dtype}:")
+        print(bench_probes.format_probes(probes))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"environment": env, "steps": steps, "results": rows}, f, indent=1)
+            result = {"environment": env, "steps": steps, "results": rows, "probes": probes}
+            json.dump(result, f, indent=1)
             f.write("\n")
     return 0
 

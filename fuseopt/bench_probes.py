@@ -1,0 +1,232 @@
+"""Measurements beside the step time: extra memory of a step, the first step of a new process,
+and a step right after a matmul (do torch's and numba's thread pools get in each other's way?).
+
+Used by ``fuseopt bench --probes``; each function also works on its own.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+import torch
+
+__all__ = [
+    "first_step_seconds",
+    "format_probes",
+    "run_probes",
+    "step_after_matmul",
+    "step_peak_bytes",
+]
+
+
+def _rss_peak_supported() -> bool:
+    return os.path.exists("/proc/self/clear_refs") and os.access("/proc/self/clear_refs", os.W_OK)
+
+
+def _read_status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def step_peak_bytes(opt: Any) -> dict[str, int | None]:
+    """Peak memory one ``opt.step()`` adds on top of what existed before it (state already made).
+
+    Returns ``torch``: the peak of torch's CPU allocator during the step (allocations and frees as
+    torch's profiler records them; what a foreach step's temporaries cost), and ``rss``: the rise
+    of the process's peak resident set (Linux; None elsewhere), which also sees memory that
+    bypasses torch (numpy, numba). A step that allocates nothing model-sized shows ~0 in both.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        opt.step()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    current = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        current += e.nbytes()
+        peak = max(peak, current)
+    rss = None
+    if _rss_peak_supported():
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM (the peak RSS) to the current RSS
+        before = _read_status("VmRSS")
+        opt.step()
+        rss = max(0, _read_status("VmHWM") - before)
+    return {"torch": peak, "rss": rss}
+
+
+_FIRST_STEP = r"""
+import json, sys, time
+start = time.perf_counter()
+import torch
+import {module} as lib
+imported = time.perf_counter()
+params = [torch.zeros(s, dtype=getattr(torch, {dtype!r}), requires_grad=True) for s in {shapes!r}]
+for p in params:
+    p.grad = torch.full_like(p, 1e-3)
+opt = getattr(lib, {name!r})(params, **{kwargs!r})
+t0 = time.perf_counter()
+opt.step()
+t1 = time.perf_counter()
+opt.step()
+t2 = time.perf_counter()
+opt.step()
+t3 = time.perf_counter()
+print(json.dumps(dict(import_s=imported - start, first_s=t1 - t0, second_s=t2 - t1, third_s=t3 - t2)))
+"""
+
+
+def first_step_seconds(
+    name: str,
+    kwargs: dict | None = None,
+    *,
+    library: str = "fuseopt",
+    dtype: str = "float32",
+    shapes: tuple = ((256, 256), (256,)),
+) -> dict[str, float]:
+    """Time the first ``step()`` of ``library.name`` in a new Python process.
+
+    Returns ``import_s`` (importing torch and the library), ``first_s``, ``second_s`` and
+    ``third_s`` (the first three steps), and ``extra_s``: ``first_s`` minus ``third_s``, the
+    cost of the first step beyond a steady one (kernel loading from the on-disk cache, state
+    creation). The child inherits the environment (``FUSEOPT_CACHE_DIR`` included).
+    """
+    code = _FIRST_STEP.format(
+        module="torch.optim" if library == "torch" else library,
+        name=name,
+        kwargs=dict(kwargs or {}),
+        dtype=dtype,
+        shapes=[list(s) for s in shapes],
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=600
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["extra_s"] = result["first_s"] - result["third_s"]
+    return result
+
+
+def step_after_matmul(opt: Any, size: int = 1024, repeats: int = 5) -> dict[str, float]:
+    """Median seconds of ``opt.step()`` right after a torch matmul and right after another step.
+
+    torch's intra-op pool and numba's keep their threads spinning for a while after a parallel
+    region; if the two pools fought over the cores, the step after a matmul would be slower.
+    """
+    a = torch.randn(size, size)
+    after_step, after_matmul = [], []
+    opt.step()
+    for _ in range(repeats):
+        start = time.perf_counter()
+        opt.step()
+        after_step.append(time.perf_counter() - start)
+        a @ a
+        start = time.perf_counter()
+        opt.step()
+        after_matmul.append(time.perf_counter() - start)
+    after_step.sort()
+    after_matmul.sort()
+    return {"after_step_s": after_step[repeats // 2], "after_matmul_s": after_matmul[repeats // 2]}
+
+
+def run_probes(
+    shapes: list[tuple[int, ...]],
+    algorithms: dict[str, Any],
+    dtype: torch.dtype = torch.float32,
+    first_step: bool = True,
+) -> list[dict[str, Any]]:
+    """Per algorithm: the extra memory of a step (fuseopt fused, torch foreach and fused), the
+    extra cost of a new process's first step (fuseopt's default and torch's default), and
+    fuseopt's fused step right after a matmul over one right after a step.
+
+    ``algorithms`` maps names to :class:`fuseopt.bench.Algorithm` (name and constructor kwargs).
+    """
+    import fuseopt
+    from fuseopt.bench import _make_params
+
+    rows = []
+    for name, algorithm in algorithms.items():
+        row: dict[str, Any] = {"algorithm": name, "dtype": str(dtype)[6:]}
+        numel = sum(math.prod(s) for s in shapes)
+        row["param_bytes"] = numel * dtype.itemsize
+        for key, lib, flags in (
+            ("fuseopt_fused", fuseopt, {"fused": True}),
+            ("torch_foreach", torch.optim, {"foreach": True}),
+            ("torch_fused", torch.optim, {"fused": True}),
+        ):
+            try:
+                opt = getattr(lib, name)(
+                    _make_params(shapes, dtype=dtype), **algorithm.kwargs, **flags
+                )
+                opt.step()  # state exists before the measured step
+            except (RuntimeError, TypeError, ValueError):
+                row[key] = None
+                continue
+            row[key] = step_peak_bytes(opt)
+            if key == "fuseopt_fused":
+                row["after_matmul"] = step_after_matmul(opt)
+            del opt
+            gc.collect()
+        if first_step:
+            for lib in ("fuseopt", "torch"):
+                row[f"first_step_{lib}"] = first_step_seconds(
+                    name, dict(algorithm.kwargs), library=lib, dtype=str(dtype)[6:]
+                )
+        rows.append(row)
+    return rows
+
+
+def _mib(value: dict | None, key: str) -> str:
+    if value is None or value.get(key) is None:
+        return "n/a"
+    return f"{value[key] / 2**20:.1f}"
+
+
+def format_probes(rows: list[dict[str, Any]]) -> str:
+    """The probe results as a text table."""
+    cols = [
+        ("algorithm", 9),
+        ("params MiB", 10),
+        ("fused MiB", 9),
+        ("fused RSS", 9),
+        ("foreach MiB", 11),
+        ("t.fused MiB", 11),
+        ("1st step s", 10),
+        ("torch 1st s", 11),
+        ("matmul ratio", 12),
+    ]
+    head = " ".join(f"{name:>{w}}" for name, w in cols)
+    lines = [
+        "peak extra memory of one step (fuseopt fused: torch allocator, RSS; torch foreach, torch "
+        "fused: allocator); first step's extra seconds in a new process (fuseopt default, torch "
+        "default); fused step after a matmul / after a step",
+        head,
+        "-" * len(head),
+    ]
+    for r in rows:
+        first = [
+            f"{r[k]['extra_s']:.3f}" if r.get(k) else "n/a"
+            for k in ("first_step_fuseopt", "first_step_torch")
+        ]
+        mm = r.get("after_matmul")
+        cells = [
+            r["algorithm"],
+            f"{r['param_bytes'] / 2**20:.1f}",
+            _mib(r["fuseopt_fused"], "torch"),
+            _mib(r["fuseopt_fused"], "rss"),
+            _mib(r["torch_foreach"], "torch"),
+            _mib(r["torch_fused"], "torch"),
+            *first,
+            f"{mm['after_matmul_s'] / mm['after_step_s']:.2f}x" if mm else "n/a",
+        ]
+        lines.append(" ".join(f"{c:>{w}}" for c, (_, w) in zip(cells, cols)))
+    return "\n".join(lines)

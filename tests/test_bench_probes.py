@@ -1,0 +1,81 @@
+"""The benchmark's probes (step memory, first step of a new process, threads) and ``--dtype``."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fuseopt
+from fuseopt import bench, bench_probes
+
+N = 1 << 20  # 4 MiB of float32 per tensor: far above any bookkeeping
+
+
+def _adam(lib, **flags):
+    params = [torch.zeros(N, requires_grad=True) for _ in range(2)]
+    for p in params:
+        p.grad = torch.full_like(p, 1e-3)
+    opt = lib.Adam(params, **flags)
+    opt.step()
+    return opt
+
+
+def test_foreach_step_allocates_a_model_sized_temporary_and_fused_nothing():
+    model_bytes = 2 * N * 4
+    foreach = bench_probes.step_peak_bytes(_adam(torch.optim, foreach=True))
+    fused = bench_probes.step_peak_bytes(_adam(fuseopt, fused=True))
+    assert foreach["torch"] >= model_bytes  # torch's foreach Adam: sqrt(v) and friends
+    assert fused["torch"] == 0  # no torch tensor created during the step
+    if fused["rss"] is not None:
+        assert fused["rss"] < model_bytes / 8  # nothing model-sized outside torch either
+
+
+def test_first_step_runs_in_a_new_process_with_the_callers_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FUSEOPT_CACHE_DIR", str(tmp_path))
+    result = bench_probes.first_step_seconds("Adam", {"lr": 0.01}, shapes=((8, 8),))
+    assert set(result) == {"import_s", "first_s", "second_s", "third_s", "extra_s"}
+    assert result["extra_s"] == pytest.approx(result["first_s"] - result["third_s"])
+    assert any(f.endswith(".py") for f in os.listdir(tmp_path)), "the child compiled into it"
+
+
+def test_step_after_matmul_reports_both_medians():
+    times = bench_probes.step_after_matmul(_adam(fuseopt, fused=True), size=64, repeats=3)
+    assert set(times) == {"after_step_s", "after_matmul_s"}
+    assert all(t > 0 for t in times.values())
+
+
+def test_numba_keeps_torchs_thread_count():
+    """numba's OpenMP layer resets the shared runtime's thread count when it starts: torch's
+    ``set_num_threads(1)`` must survive the first fused step, and numba must follow it."""
+    code = (
+        "import torch, numba, fuseopt\n"
+        "torch.set_num_threads(1)\n"
+        "p = torch.zeros(1 << 18, requires_grad=True); p.grad = torch.ones_like(p)\n"
+        "fuseopt.Adam([p], fused=True).step()\n"
+        "print(torch.get_num_threads(), numba.get_num_threads())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["1", "1"]
+
+
+def test_probes_table_and_bfloat16_rows():
+    rows = bench_probes.run_probes(
+        [(64, 64)], {"Adam": bench.ALGORITHMS["Adam"]}, torch.bfloat16, first_step=False
+    )
+    (row,) = rows
+    assert row["dtype"] == "bfloat16" and row["param_bytes"] == 64 * 64 * 2
+    assert row["fuseopt_fused"]["torch"] == 0
+    table = bench_probes.format_probes(rows)
+    assert "Adam" in table.splitlines()[-1] and "fused MiB" in table
+
+
+def test_bench_dtype_counts_bytes_of_that_dtype():
+    rows = bench.run({"tiny": [[256, 256]]}, ["Adam"], ["fused"], steps=1, dtype=torch.bfloat16)
+    ours = next(r for r in rows if r["library"] == "fuseopt")
+    assert ours["dtype"] == "bfloat16"
+    moved = 256 * 256 * 7 * 2  # Adam streams 7 tensors of 2 bytes per element
+    assert ours["gbps"] == pytest.approx(moved / (ours["ms"] * 1e6))
