@@ -158,6 +158,77 @@ def _scalar_hook(hook, group: dict, entries: list, steps, scalar_names: list[str
         hook(group, step, {n: [entries[i][2][n] for i in idx] for n in scalar_names})
 
 
+def _steady_step(opt, group: dict, names: list[str]) -> bool:
+    """The usual step, in one pass over the params: all on CPU in one real dtype that the fused
+    kernel takes, grads dense and contiguous, states complete and contiguous. Returns False,
+    having changed nothing, when any of that does not hold; the general path then runs.
+
+    Per-param Python dominates a step over many small tensors: this path does only what every
+    step needs (the checks, the pointers) and leaves first steps and odd layouts to the other.
+    """
+    rule, check = opt.rule, opt.rule.check
+    check = None if type(rule).check is Rule.check else check
+    params, grads, steps = [], [], []
+    states: dict[str, list] = {n: [] for n in names}
+    dtype = None
+    keeps_state = rule.has_step or bool(names)  # torch's SGD without momentum keeps none
+    for p in group["params"]:
+        g = p.grad
+        if g is None:
+            continue
+        state = opt.state.get(p) if keeps_state else {}
+        if dtype is None:
+            dtype = p.dtype
+            if dtype.is_complex or not p.is_cpu or _backend(group, p, False) != "numba":
+                return False
+        if (
+            (keeps_state and not state)
+            or g.is_sparse
+            or p.dtype != dtype
+            or not p.is_cpu
+            or not (p.is_contiguous() and g.is_contiguous())
+        ):
+            return False
+        for n in names:
+            t = state.get(n)
+            if t is None or not t.is_contiguous():
+                return False
+            states[n].append(t)
+        if check is not None:
+            check(group, p, g)  # may raise: nothing has changed yet
+        params.append(p)
+        grads.append(g)
+        if rule.has_step:
+            steps.append(state["step"])
+    if not params:
+        return False
+    step = None
+    if rule.has_step:
+        values = numba_cpu.bump_steps(steps)  # None (and nothing bumped) for odd step tensors
+        if values is None:
+            return False
+        if min(values) != max(values):  # params that joined the group later: one batch each
+            for value in sorted(set(values)):
+                pick = [i for i, v in enumerate(values) if v == value]
+                _run_steady(
+                    rule,
+                    group,
+                    value,
+                    [params[i] for i in pick],
+                    [grads[i] for i in pick],
+                    {n: [ts[i] for i in pick] for n, ts in states.items()},
+                )
+            return True
+        step = values[0]
+    _run_steady(rule, group, step, params, grads, states)
+    return True
+
+
+def _run_steady(rule, group, step, params, grads, states) -> None:
+    flags = Flags(rule.flags(group, False, step, {}))
+    numba_cpu.run(rule, flags, rule.scalars(group, step, {}), params, grads, states)
+
+
 def apply_rule(opt, group: dict) -> None:
     """One step of ``opt.rule`` on every param of ``group`` that has a grad."""
     rule = opt.rule
@@ -165,13 +236,15 @@ def apply_rule(opt, group: dict) -> None:
     scalar_names = [s.name for s in all_specs if isinstance(s, ScalarState)]
     specs = [s for s in all_specs if not isinstance(s, ScalarState)]  # what kernels see
     names = [s.name for s in specs]
+    if not scalar_names and not group.get("capturable") and _steady_step(opt, group, names):
+        return
     firsts = [s.name for s in specs if isinstance(s, FirstValue)]
     keeps_state = rule.has_step or bool(all_specs)  # torch's SGD without momentum keeps none
     capturable = bool(group.get("capturable"))
     # First every check that can fail, so that an error leaves params and state untouched.
     backends: dict[tuple, str] = {}
     check = None if type(rule).check is Rule.check else rule.check  # most rules check nothing
-    pending = []  # (param, grad, backend)
+    pending = []  # (param, grad, backend, kind)
     for p in group["params"]:
         g = p.grad
         if g is None:
@@ -181,8 +254,8 @@ def apply_rule(opt, group: dict) -> None:
             raise RuntimeError(rule.sparse_error)
         if check is not None:
             check(group, p, g)
-        key = (p.device, p.dtype, sparse)
-        backend = backends.get(key) or backends.setdefault(key, _backend(group, p, sparse))
+        kind = (p.device, p.dtype, sparse)
+        backend = backends.get(kind) or backends.setdefault(kind, _backend(group, p, sparse))
         if capturable:
             step = opt.state[p]["step"] if p in opt.state and opt.state[p] else None
             if p.device.type not in _CAPTURABLE_DEVICES or (
@@ -192,16 +265,16 @@ def apply_rule(opt, group: dict) -> None:
                     "If capturable=True, params and state_steps must be on supported devices: "
                     f"{_CAPTURABLE_DEVICES}."
                 )
-        pending.append((p, g, backend))
-    entries = []  # (param, grad, state, first, backend)
-    for p, g, backend in pending:
+        pending.append((p, g, backend, kind))
+    entries = []  # (param, grad, state, first, backend, kind)
+    for p, g, backend, kind in pending:
         state = opt.state[p] if keeps_state else {}
         if keeps_state and not state:
             state.update(_new_state(rule, group, p, all_specs))
         if backend == "numba" and not _contiguous(p, g, state, names):
             backend, g = _layout(p, g, state, names)
         first = bool(firsts) and any(n not in state for n in firsts)
-        entries.append((p, g, state, first, backend))
+        entries.append((p, g, state, first, backend, kind))
     if not entries:
         return
     if (
@@ -222,22 +295,38 @@ def apply_rule(opt, group: dict) -> None:
     else:
         svs = [()] * len(entries)
 
-    batches: dict[tuple, list] = defaultdict(list)
-    for i, (p, g, state, first, backend) in enumerate(entries):
-        step = None if steps is None else steps[i]
-        if g.is_sparse and rule.sparse_update is not None:
-            rule.sparse_update(group, p, g, state, step)
-            continue
-        key_step = id(step) if on_tensors else step
-        batches[(backend, p.device, p.dtype, first, key_step, svs[i])].append((p, g, state, step))
+    # Entries that share backend, kind, first-step-ness, step and scalar states run as one batch.
+    # Usually that is all of them: then the group is one batch, without a key per param.
+    batches: dict[tuple, tuple] = {}
+    kinds = {(e[3], e[4], e[5]) for e in entries}
+    if (
+        len(kinds) == 1
+        and not entries[0][5][2]  # not sparse
+        and not on_tensors
+        and (steps is None or min(steps) == max(steps))
+        and svs.count(svs[0]) == len(svs)
+    ):
+        _, _, _, first, backend, kind = entries[0]
+        batches[(backend, kind, first, None, svs[0])] = (
+            None if steps is None else steps[0],
+            entries,
+        )
+    else:
+        for i, entry in enumerate(entries):
+            p, g, state, first, backend, kind = entry
+            step = None if steps is None else steps[i]
+            if kind[2] and rule.sparse_update is not None:
+                rule.sparse_update(group, p, g, state, step)
+                continue
+            key = (backend, kind, first, id(step) if on_tensors else step, svs[i])
+            batches.setdefault(key, (step, []))[1].append(entry)
 
-    for (backend, _, dtype, first, _, sv), batch in batches.items():
+    for (backend, (_, dtype, _), first, _, sv), (step, batch) in batches.items():
         sv = dict(zip(scalar_names, sv))
-        step = batch[0][3]
         flags = Flags(rule.flags(group, first, step, sv))
         scalars = rule.scalars(group, step, sv)
         if firsts:
-            for p, g, state, _ in batch:
+            for p, g, state, *_ in batch:
                 for name in firsts:
                     if name not in state:  # like the grad: torch's first buffer is a clone of it
                         state[name] = torch.empty_like(g if g.is_sparse else p)

@@ -37,9 +37,11 @@ def test_every_flag_combination_traces_and_generates(name):
         states = tuple(s.name for s in rule.state if not isinstance(s, ScalarState))
         graph = trace(rule, flags, ("param", "grad", *states))
         assert "param" in graph.outputs
-        src = numba_cpu.source(graph, ("param", "grad", *states), "float32")
-        compile(src, "<kernel>", "exec")  # valid Python
-        assert "np.float64(" not in src  # typed constants only: no silent promotion to float64
+        for dtype in (torch.float32, torch.bfloat16):
+            src = numba_cpu.source(graph, ("param", "grad", *states), dtype)
+            compile(src, "<kernel>", "exec")  # valid Python
+            assert "np.float64(" not in src  # typed constants only: no promotion to float64
+        assert src.count("= store_bf16(") == len(graph.outputs)  # one rounding per output
 
 
 @pytest.mark.parametrize("algo", ALGORITHMS, ids=lambda a: a.name)

@@ -304,7 +304,8 @@ def test_update_bn_progress(capsys):
     err = capsys.readouterr().err
     assert "update_bn" in err and "3/3" in err
     F.update_bn(iter(bn_batches(3)), fm, progress=True, max_batches=2)
-    assert "batch 2" in capsys.readouterr().err
+    err = capsys.readouterr().err  # a loader without len(): a count, no total (tqdm or plain)
+    assert "batch 2" in err or "2it" in err
 
 
 def test_update_bn_restores_state_on_error():

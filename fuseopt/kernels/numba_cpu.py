@@ -79,8 +79,10 @@ def source(graph: Graph, operands: tuple[str, ...], dtype: torch.dtype) -> str:
     for i, (op, args) in enumerate(graph.nodes):
         if op == "input":
             k = operands.index(args[0])
-            arrays.append(f"    a{k} = numba.carray(PTR(ptrs[{k}, t] + lo * SIZE), n)  # {args[0]}")
-            body.append(f"        v{i} = {load.format(f'a{k}[j]')}")
+            arrays.append(
+                f"        a{k} = numba.carray(PTR(ptrs[{k}, t] + lo * SIZE), n)  # {args[0]}"
+            )
+            body.append(f"            v{i} = {load.format(f'a{k}[j]')}")
         elif op == "scalar":
             hoisted.append(
                 f"    v{i} = {T}(scal[{list(graph.scalars).index(args[0])}])  # {args[0]}"
@@ -88,17 +90,17 @@ def source(graph: Graph, operands: tuple[str, ...], dtype: torch.dtype) -> str:
         elif op == "const":
             hoisted.append(f"    v{i} = {T}({args[0]!r})")
         else:
-            body.append(f"        v{i} = {_expr(op, [f'v{x}' for x in args], T)}")
+            body.append(f"            v{i} = {_expr(op, [f'v{x}' for x in args], T)}")
     for name, node in graph.outputs.items():
-        body.append(f"        a{operands.index(name)}[j] = {store.format(f'v{node}')}")
+        body.append(f"            a{operands.index(name)}[j] = {store.format(f'v{node}')}")
     loop = [
-        "    t = chunks[c, 0]",
-        "    lo = chunks[c, 1]",
-        "    n = chunks[c, 2] - lo",
+        "        t = chunks[c, 0]",
+        "        lo = chunks[c, 1]",
+        "        n = chunks[c, 2] - lo",
         # Arrays start at the chunk and the loop at 0: numba then knows j >= 0 (no wraparound
         # code), and LLVM vectorises the loop.
         *arrays,
-        "    for j in range(n):",
+        "        for j in range(n):",
         *body,
     ]
     return "\n".join(
@@ -107,26 +109,23 @@ def source(graph: Graph, operands: tuple[str, ...], dtype: torch.dtype) -> str:
             "import numba",
             "import numpy as np",
             "from fuseopt.kernels._numba_ops import clamp, fma, lerp, maximum, minimum, sign, sqrt",
-            "from fuseopt.kernels._numba_ops import load_bf16, load_f16, store_bf16, store_f16",
+            *(
+                [f"from fuseopt.kernels._numba_ops import load_{storage}, store_{storage}"]
+                if pointer == "uint16"
+                else []
+            ),
             f"from fuseopt.kernels._numba_ops import ptr_{pointer} as PTR",
             "",
             "",
             '@numba.njit(parallel=True, cache=True, nogil=True, error_model="numpy")',
-            "def kernel(ptrs, chunks, scal, serial):",
+            "def kernel(ptrs, chunks, scal):",
             f"    SIZE = {dtype.itemsize}",
             *hoisted,
-            # A small step runs on the calling thread: waking the pool costs more than it saves.
-            "    if serial:",
-            *_indent(["for c in range(chunks.shape[0]):", *loop]),
-            "    else:",
-            *_indent(["for c in numba.prange(chunks.shape[0]):", *loop]),
+            "    for c in numba.prange(chunks.shape[0]):",
+            *loop,
             "",
         ]
     )
-
-
-def _indent(lines: list[str]) -> list[str]:
-    return ["        " + line if line else line for line in lines]
 
 
 def cache_dir() -> str:
@@ -189,12 +188,13 @@ def _chunks(numels: tuple[int, ...]) -> np.ndarray:
 _launch_lock = threading.Lock()
 
 
-def _launch(fn, *args) -> None:
-    """Run ``fn`` with torch's thread count (``torch.set_num_threads``), never more."""
+def _launch(fn, *args, serial: bool = False) -> None:
+    """Run ``fn`` with torch's thread count (``torch.set_num_threads``), never more; on one
+    thread if ``serial`` (a small step: waking the pool would cost more than it saves)."""
     import numba
 
     wanted = torch.get_num_threads()
-    n = max(1, min(wanted, numba.config.NUMBA_NUM_THREADS))
+    n = 1 if serial else max(1, min(wanted, numba.config.NUMBA_NUM_THREADS))
     if numba.get_num_threads() != n:
         numba.set_num_threads(n)
     fn(*args)
@@ -227,4 +227,4 @@ def run(rule, flags, scalars: dict, params: list, grads: list, states: dict[str,
     numels = tuple(p.numel() for p in params)
     chunks = _chunks(numels)
     with _launch_lock:
-        _launch(fn, ptrs, chunks, scal, sum(numels) < SERIAL_BELOW)
+        _launch(fn, ptrs, chunks, scal, serial=sum(numels) < SERIAL_BELOW)
