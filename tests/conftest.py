@@ -43,6 +43,16 @@ def make_grads(params, steps: int, seed: int = 1) -> list[list[torch.Tensor]]:
     return [[_randn_like(p, gen) for p in params] for _ in range(steps)]
 
 
+def run_steps(cls, params, grads, **kwargs):
+    """Build ``cls(params, **kwargs)`` and step it once per list of ``grads``; return it."""
+    opt = cls(params, **kwargs)
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.step()
+    return opt
+
+
 def clone_params(params) -> list[torch.Tensor]:
     return [p.detach().clone().requires_grad_() for p in params]
 

@@ -17,20 +17,11 @@ from __future__ import annotations
 import pytest
 import torch
 from algorithms import BY_NAME, cases
-from conftest import clone_params, make_grads, make_params
+from conftest import clone_params, make_grads, make_params, run_steps
 
 STEPS = 12
 LOW = (torch.bfloat16, torch.float16)
 SCALAR_STATE = {"step", "eta", "mu"}  # kept in float32/float64 whatever the param dtype
-
-
-def _run(cls, params, grads, **kwargs):
-    opt = cls(params, **kwargs)
-    for step_grads in grads:
-        for p, g in zip(params, step_grads):
-            p.grad = g.clone()
-        opt.step()
-    return opt
 
 
 def _tensors(opt):
@@ -110,8 +101,8 @@ def test_fused_low_precision_equals_torch_fused(name, dtype):
         params = make_params(dtype)
         ref_params = clone_params(params)
         grads = make_grads(params, STEPS)
-        _run(algo.ours, params, grads, **kwargs, fused=True)
-        _run(algo.theirs, ref_params, grads, **kwargs, fused=True)
+        run_steps(algo.ours, params, grads, **kwargs, fused=True)
+        run_steps(algo.theirs, ref_params, grads, **kwargs, fused=True)
         for p, q in zip(params, ref_params):
             assert torch.equal(p, q), kwargs
 
@@ -126,8 +117,8 @@ def test_fused_low_precision_against_torch_16bit_for_loop(name, dtype):
     params = make_params(dtype)
     torch16 = clone_params(params)
     grads = make_grads(params, STEPS)
-    _run(algo.ours, params, grads, lr=0.01, fused=True)
-    _run(algo.theirs, torch16, grads, lr=0.01, foreach=False)
+    run_steps(algo.ours, params, grads, lr=0.01, fused=True)
+    run_steps(algo.theirs, torch16, grads, lr=0.01, foreach=False)
     ours, theirs = (
         torch.cat([p.detach().double().flatten() for p in ps]) for ps in (params, torch16)
     )
@@ -144,6 +135,6 @@ def test_low_precision_default_is_fused():
     params = make_params(torch.bfloat16)
     ref_params = clone_params(params)
     grads = make_grads(params, STEPS)
-    _run(algo.ours, params, grads)
-    _run(algo.theirs, ref_params, grads, fused=True)
+    run_steps(algo.ours, params, grads)
+    run_steps(algo.theirs, ref_params, grads, fused=True)
     assert all(torch.equal(p, q) for p, q in zip(params, ref_params))

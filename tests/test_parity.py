@@ -17,7 +17,7 @@ import re
 import pytest
 import torch
 from algorithms import ALGORITHMS, BY_NAME, cases
-from conftest import IMPLS, clone_params, make_grads, make_params
+from conftest import IMPLS, clone_params, make_grads, make_params, run_steps
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -28,15 +28,6 @@ TOL = {
     torch.complex64: dict(rtol=1e-5, atol=1e-6),
 }
 BITWISE = {"forloop", "foreach"}
-
-
-def _run(cls, params, grads, **kwargs):
-    opt = cls(params, **kwargs)
-    for step_grads in grads:
-        for p, g in zip(params, step_grads):
-            p.grad = g.clone()
-        opt.step()
-    return opt
 
 
 def _assert_same(ours, theirs, exact: bool, tol: dict, torch_alt=None) -> None:
@@ -101,15 +92,15 @@ def test_parity_with_torch(algo, kwargs, dtype, impl):
             with pytest.raises(ValueError, match=re.escape(str(e))):
                 algo.ours(params, **kwargs, **IMPLS[impl])
             return
-    opt = _run(algo.ours, params, grads, **kwargs, **IMPLS[impl])
-    ref = _run(algo.theirs, ref_params, grads, **kwargs, foreach=False)
+    opt = run_steps(algo.ours, params, grads, **kwargs, **IMPLS[impl])
+    ref = run_steps(algo.theirs, ref_params, grads, **kwargs, foreach=False)
     alt = None
     if dtype.is_complex and not tensor_option:
         # torch's for-loop does some complex steps (weight decay) in complex arithmetic, its
         # foreach (like fuseopt) on the real view: ill-conditioned elements (centered RMSprop)
         # then differ in torch itself, and fuseopt may differ as much.
         alt_params = clone_params(make_params(dtype))
-        alt = (_run(algo.theirs, alt_params, grads, **kwargs, foreach=True), alt_params)
+        alt = (run_steps(algo.theirs, alt_params, grads, **kwargs, foreach=True), alt_params)
     _compare(opt, ref, params, ref_params, impl in BITWISE and not dtype.is_complex, dtype, alt)
 
 
@@ -131,10 +122,10 @@ def test_state_dict_interchange(algo, direction, impl):
     params = make_params(torch.float32)
     grads = make_grads(params, 2 * STEPS // 2)
     ref_params = clone_params(params)
-    ref = _run(algo.theirs, ref_params, grads, **kwargs, foreach=False)
+    ref = run_steps(algo.theirs, ref_params, grads, **kwargs, foreach=False)
 
     flags = lambda cls: IMPLS[impl] if cls is algo.ours else dict(foreach=False)
-    opt = _run(first, params, grads[: STEPS // 2], **kwargs, **flags(first))
+    opt = run_steps(first, params, grads[: STEPS // 2], **kwargs, **flags(first))
     saved = opt.state_dict()
     resumed = second(params, **kwargs, **flags(second))
     resumed.load_state_dict(saved)
@@ -196,6 +187,6 @@ def test_fused_adam_property(shape, lr, beta1, beta2, eps, weight_decay, amsgrad
     params = make_params(dtype, shapes=[shape])
     ref_params = clone_params(params)
     grads = make_grads(params, 5)
-    opt = _run(BY_NAME["Adam"].ours, params, grads, **kwargs, fused=True)
-    ref = _run(BY_NAME["Adam"].theirs, ref_params, grads, **kwargs, foreach=False)
+    opt = run_steps(BY_NAME["Adam"].ours, params, grads, **kwargs, fused=True)
+    ref = run_steps(BY_NAME["Adam"].theirs, ref_params, grads, **kwargs, foreach=False)
     _compare(opt, ref, params, ref_params, False, dtype)
