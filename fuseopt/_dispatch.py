@@ -17,7 +17,7 @@ from collections import defaultdict
 
 import torch
 
-from fuseopt import kernels
+from fuseopt import _dtensor, kernels
 from fuseopt.kernels import numba_cpu
 from fuseopt.rule import Fill, FirstValue, Flags, ScalarState, Zeros, to_scalar
 
@@ -187,7 +187,9 @@ def apply_rule(opt, group: dict) -> None:
         state = opt.state[p] if keeps_state else {}
         if keeps_state and not state:
             state.update(_new_state(rule, group, p, all_specs))
-        if backend == "numba" and not _contiguous(p, g, state, names):
+        if backend == "numba" and _dtensor.is_dtensor(p):  # FSDP2: the kernel runs on shards
+            backend = _dtensor.fused_backend(p, g, state, names)
+        elif backend == "numba" and not _contiguous(p, g, state, names):
             backend, g = _layout(p, g, state, names)
         first = bool(firsts) and any(n not in state for n in firsts)
         entries.append((p, g, state, first, backend))
@@ -230,6 +232,8 @@ def apply_rule(opt, group: dict) -> None:
             for name in firsts:
                 if name not in state:  # like the grad: torch's first buffer is a clone of it
                     state[name] = torch.empty_like(g if g.is_sparse else p)
+            if backend == "numba":
+                p, g, state = _dtensor.local_shards(p, g, state, names)
             if torch.is_complex(p):  # as torch: complex math is real math on the (re, im) view
                 p, g = torch.view_as_real(p), torch.view_as_real(g)
                 state = {n: torch.view_as_real(state[n]) for n in names}
