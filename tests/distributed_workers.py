@@ -245,8 +245,16 @@ def zero_worker(rank: int, world: int, out: str) -> None:
     zero.load_state_dict(saved["optim"])
     train(ddp, zero, x, y, STEPS - half)
     resumed = [p.detach().clone() for p in model.parameters()]
+
+    # A group added after construction (ZeRO repartitions, the local optimizers add their part).
+    model = make_model()
+    ddp = DDP(model)
+    zero = ZeroRedundancyOptimizer(model[0].parameters(), optimizer_class=fuseopt.AdamW, **kwargs)
+    zero.add_param_group({"params": list(model[2].parameters()), "lr": 0.02})
+    train(ddp, zero, x, y, STEPS)
+    groups = [p.detach().clone() for p in model.parameters()]
     torch.save(
-        dict(final=final, resumed=resumed, local_params=local_params),
+        dict(final=final, resumed=resumed, local_params=local_params, groups=groups),
         os.path.join(out, f"{rank}.pt"),
     )
 

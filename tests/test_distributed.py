@@ -128,6 +128,14 @@ def test_zero_redundancy_optimizer(tmp_path):
             torch.testing.assert_close(saved["state"][i][key], value, **TOL)
     group = {k: v for k, v in saved["param_groups"][0].items() if k != "params"}
     assert group.items() <= {**expected["param_groups"][0]}.items()
+    # add_param_group: as a single-process optimizer built with both groups
+    model, _ = single_process(
+        "AdamW",
+        kwargs,
+        params=lambda m: [{"params": m[0].parameters()}, {"params": m[2].parameters(), "lr": 0.02}],
+    )
+    for rank in ranks:
+        _assert_close(rank["groups"], _params(model))
 
 
 def test_distributed_checkpoint_resume_and_reshard(tmp_path):
