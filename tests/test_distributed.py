@@ -26,12 +26,15 @@ from distributed_workers import (
     STEPS,
     dcp_worker,
     ddp_worker,
+    free_port,
     fsdp_worker,
     load_results,
     single_process,
     spawn,
     zero_worker,
 )
+
+import fuseopt
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed gloo"
@@ -54,6 +57,44 @@ def _assert_close(ours, theirs) -> None:
     assert len(ours) == len(theirs)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, **TOL)
+
+
+def test_dtensor_backends_in_process(monkeypatch):
+    """On a 1-rank group in this process: the fused kernel steps a DTensor whose grad is sharded
+    like it (bitwise as on plain tensors); a grad placed otherwise goes through foreach."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
+
+    from fuseopt.kernels import numba_cpu
+
+    launches = []
+    run = numba_cpu.run
+    monkeypatch.setattr(numba_cpu, "run", lambda *args: launches.append(len(args[3])) or run(*args))
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+    )
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        gen = torch.Generator().manual_seed(0)
+        value, grad = (torch.randn(5, 3, generator=gen, dtype=torch.float64) for _ in range(2))
+        plain = torch.nn.Parameter(value.clone())
+        plain.grad = grad.clone()
+        fuseopt.Adam([plain], lr=0.1).step()
+        launches.clear()
+        for grad_placement, expected_launches in ((Shard(0), [1]), (Replicate(), [])):
+            p = torch.nn.Parameter(distribute_tensor(value.clone(), mesh, [Shard(0)]))
+            p.grad = distribute_tensor(grad.clone(), mesh, [grad_placement])
+            opt = fuseopt.Adam([p], lr=0.1)
+            opt.step()
+            assert launches == expected_launches
+            launches.clear()
+            assert opt.state[p]["exp_avg"].placements == (Shard(0),)
+            assert not isinstance(opt.state[p]["step"], type(p))
+            if expected_launches:  # the same kernel on the same numbers
+                assert torch.equal(p.full_tensor(), plain.detach())
+            else:
+                torch.testing.assert_close(p.full_tensor(), plain.detach(), **TOL)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_ddp_equals_single_process_training(tmp_path):
