@@ -195,6 +195,27 @@ def fsdp_worker(rank: int, world: int, out: str) -> None:
     train(model, opt, x, y, STEPS)
     results["Muon"] = [_full(p.detach()) for p in model.parameters() if p.ndim == 2]
 
+    # Muon on matrices sharded unevenly (7 rows), given the same grads as unsharded copies
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    for dtype, nesterov in ((torch.float32, True), (torch.bfloat16, False)):
+        gen = torch.Generator().manual_seed(0)
+        value = torch.randn(7, 4, generator=gen).to(dtype)
+        plain = torch.nn.Parameter(value.clone())
+        dt = torch.nn.Parameter(distribute_tensor(value.clone(), mesh, [Shard(0)]))
+        opts = [fuseopt.Muon([p], lr=0.02, nesterov=nesterov) for p in (plain, dt)]
+        for _ in range(3):
+            grad = torch.randn(7, 4, generator=gen).to(dtype)
+            plain.grad, dt.grad = grad.clone(), distribute_tensor(grad, mesh, [Shard(0)])
+            for opt in opts:
+                opt.step()
+        buffers = [opt.state[p]["momentum_buffer"] for opt, p in zip(opts, (plain, dt))]
+        results["Muon", dtype] = dict(
+            param=torch.equal(dt.full_tensor(), plain.detach()),
+            buffer=torch.equal(buffers[1].full_tensor(), buffers[0]),
+        )
+
     model = sharded()
     opt = fuseopt.Adafactor(model.parameters())
     torch.nn.functional.mse_loss(model(x), y).backward()

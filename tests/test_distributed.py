@@ -59,42 +59,49 @@ def _assert_close(ours, theirs) -> None:
         torch.testing.assert_close(a, b, **TOL)
 
 
-def test_dtensor_backends_in_process(monkeypatch):
-    """On a 1-rank group in this process: the fused kernel steps a DTensor whose grad is sharded
-    like it (bitwise as on plain tensors); a grad placed otherwise goes through foreach."""
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
+@pytest.fixture
+def one_rank_mesh():
+    """A 1-rank gloo group in this process, and its device mesh: DTensors without spawning."""
+    from torch.distributed.tensor import init_device_mesh
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+    )
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dtensor_backends_in_process(one_rank_mesh, monkeypatch):
+    """The fused kernel steps a DTensor whose grad is sharded like it (bitwise as on plain
+    tensors); a grad placed otherwise goes through foreach."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     from fuseopt.kernels import numba_cpu
 
     launches = []
     run = numba_cpu.run
     monkeypatch.setattr(numba_cpu, "run", lambda *args: launches.append(len(args[3])) or run(*args))
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
-    )
-    try:
-        mesh = init_device_mesh("cpu", (1,))
-        gen = torch.Generator().manual_seed(0)
-        value, grad = (torch.randn(5, 3, generator=gen, dtype=torch.float64) for _ in range(2))
-        plain = torch.nn.Parameter(value.clone())
-        plain.grad = grad.clone()
-        fuseopt.Adam([plain], lr=0.1).step()
+    gen = torch.Generator().manual_seed(0)
+    value, grad = (torch.randn(5, 3, generator=gen, dtype=torch.float64) for _ in range(2))
+    plain = torch.nn.Parameter(value.clone())
+    plain.grad = grad.clone()
+    fuseopt.Adam([plain], lr=0.1).step()
+    launches.clear()
+    for grad_placement, expected_launches in ((Shard(0), [1]), (Replicate(), [])):
+        p = torch.nn.Parameter(distribute_tensor(value.clone(), one_rank_mesh, [Shard(0)]))
+        p.grad = distribute_tensor(grad.clone(), one_rank_mesh, [grad_placement])
+        opt = fuseopt.Adam([p], lr=0.1)
+        opt.step()
+        assert launches == expected_launches
         launches.clear()
-        for grad_placement, expected_launches in ((Shard(0), [1]), (Replicate(), [])):
-            p = torch.nn.Parameter(distribute_tensor(value.clone(), mesh, [Shard(0)]))
-            p.grad = distribute_tensor(grad.clone(), mesh, [grad_placement])
-            opt = fuseopt.Adam([p], lr=0.1)
-            opt.step()
-            assert launches == expected_launches
-            launches.clear()
-            assert opt.state[p]["exp_avg"].placements == (Shard(0),)
-            assert not isinstance(opt.state[p]["step"], type(p))
-            if expected_launches:  # the same kernel on the same numbers
-                assert torch.equal(p.full_tensor(), plain.detach())
-            else:
-                torch.testing.assert_close(p.full_tensor(), plain.detach(), **TOL)
-    finally:
-        dist.destroy_process_group()
+        assert opt.state[p]["exp_avg"].placements == (Shard(0),)
+        assert not isinstance(opt.state[p]["step"], type(p))
+        if expected_launches:  # the same kernel on the same numbers
+            assert torch.equal(p.full_tensor(), plain.detach())
+        else:
+            torch.testing.assert_close(p.full_tensor(), plain.detach(), **TOL)
 
 
 def test_ddp_equals_single_process_training(tmp_path):
@@ -135,7 +142,11 @@ def test_fsdp2_dtensor_params(tmp_path):
     for name, _ in ALGOS:
         _assert_close(ranks[1][name, "fused"]["params"], ranks[0][name, "fused"]["params"])
 
-    # Muon gathers each matrix for Newton-Schulz: the numbers of unsharded training
+    # Muon gathers each matrix for Newton-Schulz: the numbers of unsharded training, bit for bit
+    # where the grads are the same (a bfloat16 momentum buffer normalised in place, as torch does)
+    for dtype in (torch.float32, torch.bfloat16):
+        for rank in ranks:
+            assert rank["Muon", dtype] == dict(param=True, buffer=True), dtype
     model, _ = single_process("Muon", dict(lr=0.02), params=lambda m: [m[0].weight, m[2].weight])
     _assert_close(ranks[0]["Muon"], [model[0].weight.detach(), model[2].weight.detach()])
     # Adafactor's factored moments need whole tensors: a clear error, and nothing changed
