@@ -1,13 +1,15 @@
 """fuseopt under torch.distributed: DDP, FSDP2 (DTensor params), ZeroRedundancyOptimizer and
 torch.distributed.checkpoint, each in one spawn of 2 (or 3) gloo processes on CPU that runs every
-elementwise algorithm (see ``distributed_workers.py``).
+elementwise algorithm (see ``distributed_workers.py``); the dispatch of DTensor params also in this
+process, on a 1-rank group.
 
 Tolerance: the model is float64. DDP and FSDP average the ranks' gradients of the mean loss over
 their half (third) of the batch, which rounds differently from the gradient of the mean over the
 whole batch, by a few units in the last place; eight steps carry that to differences of at most
-~1e-15 absolute, 2e-14 relative in params and state (measured: 7e-16 and 1.5e-14, RMSprop). ``rtol=1e-12, atol=1e-14`` (the float64 fused-kernel
-tolerance of ``test_parity.py``) bounds it with room. What runs twice the same way (every rank's
-copy under DDP, a checkpoint resumed on as many ranks) must be bitwise equal.
+~1e-15 absolute, 2e-14 relative in params and state (measured: 7e-16 and 1.5e-14, RMSprop).
+``rtol=1e-12, atol=1e-14`` (the float64 fused-kernel tolerance of ``test_parity.py``) bounds it
+with room. What runs twice the same way (every rank's copy under DDP, a checkpoint resumed on as
+many ranks, Muon given the same grads) must be bitwise equal.
 """
 
 from __future__ import annotations
