@@ -61,8 +61,10 @@ class ForeachOps:
     @staticmethod
     def addcdiv(a, b, c, value=1):
         """``a + value * b / c``."""
-        # In place on a copy: the same numbers, and DTensor (FSDP2) has a sharding rule for the
-        # in-place op only.
+        if not any_dtensor(a):
+            return TensorList(torch._foreach_addcdiv(a, b, c, value=value))
+        # DTensor (FSDP2) has a sharding rule for the in-place op only: the same numbers, in place
+        # on a copy.
         out = torch._foreach_clone(a)
         torch._foreach_addcdiv_(out, b, c, value=value)
         return TensorList(out)
