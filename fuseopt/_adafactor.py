@@ -12,7 +12,7 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
-from fuseopt import _docs
+from fuseopt import _docs, _dtensor
 from fuseopt._dispatch import scalar_dtype
 from fuseopt.optimizer import Optimizer
 from fuseopt.rule import to_scalar
@@ -157,6 +157,14 @@ class Adafactor(Optimizer):
                         raise RuntimeError("Adafactor does not support complex parameters")
                     if p.grad.is_sparse:
                         raise RuntimeError("Adafactor does not support sparse gradients")
+                    if _dtensor.is_dtensor(p):
+                        raise NotImplementedError(
+                            "Adafactor does not support DTensor parameters (FSDP2, tensor "
+                            "parallel): its row/column second moments and its step size (the RMS "
+                            "of the param and of the update) reduce over whole tensors, not over "
+                            "a rank's shard. Optimize such params with an elementwise optimizer "
+                            "(e.g. AdamW), or keep them unsharded."
+                        )
                 work.append((group, params))
             for group, params in work:
                 if params:

@@ -17,7 +17,7 @@ from collections import defaultdict
 
 import torch
 
-from fuseopt import kernels
+from fuseopt import _dtensor, kernels
 from fuseopt.kernels import numba_cpu
 from fuseopt.rule import Fill, FirstValue, Flags, Rule, ScalarState, Zeros, to_scalar
 
@@ -172,10 +172,13 @@ def _steady_step(opt, group: dict, names: list[str]) -> bool:
     states: dict[str, list] = {n: [] for n in names}
     dtype = None
     keeps_state = rule.has_step or bool(names)  # torch's SGD without momentum keeps none
+    dtensor = _dtensor.dtensor_type()  # None unless torch.distributed.tensor is imported
     for p in group["params"]:
         g = p.grad
         if g is None:
             continue
+        if dtensor is not None and isinstance(p, dtensor):
+            return False  # shards and placements: the general path
         state = opt.state.get(p) if keeps_state else {}
         if dtype is None:
             dtype = p.dtype
@@ -271,7 +274,9 @@ def apply_rule(opt, group: dict) -> None:
         state = opt.state[p] if keeps_state else {}
         if keeps_state and not state:
             state.update(_new_state(rule, group, p, all_specs))
-        if backend == "numba" and not _contiguous(p, g, state, names):
+        if backend == "numba" and _dtensor.is_dtensor(p):  # FSDP2: the kernel runs on shards
+            backend = _dtensor.fused_backend(p, g, state, names)
+        elif backend == "numba" and not _contiguous(p, g, state, names):
             backend, g = _layout(p, g, state, names)
         first = bool(firsts) and any(n not in state for n in firsts)
         entries.append((p, g, state, first, backend, kind))
@@ -333,6 +338,10 @@ def apply_rule(opt, group: dict) -> None:
         params = [e[0] for e in batch]
         grads = [e[1] for e in batch]
         states = {n: [e[2][n] for e in batch] for n in names}
+        if backend == "numba" and _dtensor.any_dtensor(params):  # FSDP2: the kernel runs on shards
+            shards = [_dtensor.local_shards(e[0], e[1], e[2], names) for e in batch]
+            params, grads = [s[0] for s in shards], [s[1] for s in shards]
+            states = {n: [s[2][n] for s in shards] for n in names}
         if dtype.is_complex:  # as torch: complex math is real math on the (re, im) view
             params, grads = _real_views(params), _real_views(grads)
             states = {n: _real_views(ts) for n, ts in states.items()}

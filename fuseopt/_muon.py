@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fuseopt import _docs
+from fuseopt import _docs, _dtensor
 from fuseopt.optimizer import Optimizer
 from fuseopt.rule import to_scalar
 
@@ -211,9 +211,19 @@ class Muon(Optimizer):
             buf = state["momentum_buffer"]
             buf.lerp_(grad, 1 - momentum)
             update = grad.lerp(buf, momentum) if nesterov else buf
+            # A sharded (FSDP2) matrix is gathered whole: Newton-Schulz needs all of it. Every
+            # rank runs the same iterations and keeps its own shard of the result, so the numbers
+            # are those of unsharded training.
+            matrix = _dtensor.full(update)
             ortho = _newton_schulz(
-                update, group["ns_coefficients"], group["ns_steps"], group["eps"]
+                matrix, group["ns_coefficients"], group["ns_steps"], group["eps"]
             )
+            if matrix is not update:
+                ortho = _dtensor.like(ortho, p)
+                # Unsharded, a bfloat16 ``update`` is normalised in place (see _newton_schulz);
+                # here its gathered copy was: the shard takes that copy's values.
+                if update.dtype == torch.bfloat16:
+                    update.copy_(_dtensor.like(matrix, update))
             scaled_lr = lr * _lr_ratio(group["adjust_lr_fn"], p.shape)
             # Decoupled decay with the unscaled lr; a no-op multiply by 1 when weight_decay is 0.
             p.mul_(1 - lr * group["weight_decay"])

@@ -10,6 +10,8 @@ from types import SimpleNamespace
 
 import torch
 
+from fuseopt._dtensor import any_dtensor
+
 
 class TensorList(list):
     """A list of same-device, same-dtype tensors with elementwise operators (foreach ops)."""
@@ -59,7 +61,13 @@ class ForeachOps:
     @staticmethod
     def addcdiv(a, b, c, value=1):
         """``a + value * b / c``."""
-        return TensorList(torch._foreach_addcdiv(a, b, c, value=value))
+        if not any_dtensor(a):
+            return TensorList(torch._foreach_addcdiv(a, b, c, value=value))
+        # DTensor (FSDP2) has a sharding rule for the in-place op only: the same numbers, in place
+        # on a copy.
+        out = torch._foreach_clone(a)
+        torch._foreach_addcdiv_(out, b, c, value=value)
+        return TensorList(out)
 
     @staticmethod
     def lerp(a, b, w):
@@ -135,5 +143,8 @@ def run(rule, flags, scalars: dict, params: list, grads: list, states: dict[str,
         if value is not None and value is not target:
             targets.extend(target)
             values.extend(value)
-    if targets:
+    if any_dtensor(targets):
+        for target, value in zip(targets, values):  # DTensor has no rule for _foreach_copy_
+            target.copy_(value)
+    elif targets:
         torch._foreach_copy_(targets, values)
