@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 import fuseopt
+from fuseopt._console import Progress
 from fuseopt.rule import Flags, Rule
 
 __all__ = [
@@ -193,7 +194,8 @@ def run(
         algorithms: names from :data:`ALGORITHMS`; None means all.
         impls: names from :data:`IMPLEMENTATIONS`; None means all.
         steps: timed steps per configuration (after the warm-up steps).
-        progress: print one line per configuration to stderr.
+        progress: show a progress bar on stderr (tqdm's if installed, else one line per
+            configuration).
 
     Each row has ``workload, algorithm, library, impl, numel, tensors, steps, ms`` (median ms/step),
     ``times_ms``, ``ratio`` (``ms`` over the best torch ``ms`` of the same workload and algorithm),
@@ -209,6 +211,8 @@ def run(
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     total = len(shapes_by_name) * len(algos) * len(LIBRARIES) * len(impl_names)
+    # Updated between timed pairs only, so drawing the bar never falls inside a timed step.
+    bar = Progress(total, "bench", enabled=progress)
     rows: list[dict[str, Any]] = []
     for workload, shapes in shapes_by_name.items():
         numel = sum(math.prod(s) for s in shapes)
@@ -242,20 +246,15 @@ def run(
                         row["ms"] = statistics.median(row["times_ms"])
                         row["gbps"] = numel * algorithm.bytes_per_element / (row["ms"] * 1e6)
                     group.append(row)
-                    if progress:
-                        done = len(rows) + len(group)
-                        result = f"{row['ms']:.3f} ms/step" if row["error"] is None else "n/a"
-                        print(
-                            f"[{done}/{total}] {workload} {algo_name} {library} {impl}: {result}",
-                            file=sys.stderr,
-                            flush=True,
-                        )
+                    result = f"{row['ms']:.3f} ms/step" if row["error"] is None else "n/a"
+                    bar.update(note=f"{workload} {algo_name} {library} {impl}: {result}")
             torch_ms = [r["ms"] for r in group if r["library"] == "torch" and r["ms"] is not None]
             if torch_ms:
                 for r in group:
                     if r["ms"] is not None:
                         r["ratio"] = r["ms"] / min(torch_ms)
             rows.extend(group)
+    bar.close()
     return rows
 
 

@@ -129,7 +129,20 @@ def test_python_m_fuseopt_bench():
     assert proc.returncode == 0, proc.stderr
     for name in bench.ALGORITHMS:
         assert name in proc.stdout
-    assert "[1/" in proc.stderr  # progress goes to stderr, the table to stdout
+    # Progress goes to stderr (tqdm's bar, or plain lines without tqdm), the table to stdout.
+    total = len(bench.ALGORITHMS) * len(bench.LIBRARIES)
+    assert f"{total}/{total}" in proc.stderr
+    assert f"{total}/{total}" not in proc.stdout
+
+
+def test_progress_without_tqdm_prints_a_line_per_configuration(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm now raises ImportError
+    rows = bench.run(TINY, algorithms=["SGD", "Adam"], impls=["fused"], steps=1)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == len(rows) == 4
+    assert err[0].startswith("[1/4] bench: tiny SGD torch fused: ")
+    assert err[-1].startswith("[4/4] bench: tiny Adam fuseopt fused: ")
+    assert all(line.endswith("ms/step") for line in err)
 
 
 def test_cli_unknown_subcommand_is_an_argparse_error(capsys):
