@@ -1,4 +1,4 @@
-"""The ``fuseopt`` command: ``fuseopt bench ...`` (also ``python -m fuseopt bench ...``)."""
+"""The ``fuseopt`` command: ``fuseopt demo | bench | plot-lr ...`` (also ``python -m fuseopt ...``)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from collections.abc import Sequence
 # when their subcommand runs, so ``fuseopt --help`` stays fast.
 COMMANDS = {
     "bench": ("fuseopt.bench", "time optimizer.step() of fuseopt against torch.optim"),
+    "plot-lr": ("fuseopt.plot_lr", "plot a scheduler's lr (and momentum) curve"),
 }
 
 
