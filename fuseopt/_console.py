@@ -21,6 +21,8 @@ class Progress:
         enabled (bool): if ``False``, nothing is shown. Default: ``True``.
         use_tqdm (bool or None): ``None`` uses tqdm when it is importable; ``False`` always prints
             plain lines. Default: ``None``.
+        lines (bool): without tqdm, print a line for every note (``True``) or only the last note,
+            when the bar is closed (``False``, for many small updates). Default: ``True``.
 
     Example:
         >>> bar = Progress(3, "work", use_tqdm=False)
@@ -30,9 +32,16 @@ class Progress:
     """
 
     def __init__(
-        self, total: int, desc: str, *, enabled: bool = True, use_tqdm: bool | None = None
+        self,
+        total: int,
+        desc: str,
+        *,
+        enabled: bool = True,
+        use_tqdm: bool | None = None,
+        lines: bool = True,
     ) -> None:
-        self.total, self.desc, self.enabled, self.done = total, desc, enabled, 0
+        self.total, self.desc, self.enabled, self.lines, self.done = total, desc, enabled, lines, 0
+        self._note: str | None = None
         self._bar: Any = None
         if enabled and use_tqdm is not False:
             try:
@@ -53,13 +62,21 @@ class Progress:
             if note is not None:
                 self._bar.set_postfix_str(note, refresh=False)
         elif note is not None:
-            print(f"[{self.done}/{self.total}] {self.desc}: {note}", file=sys.stderr, flush=True)
+            self._note = note
+            if self.lines:
+                self._print()
+
+    def _print(self) -> None:
+        print(f"[{self.done}/{self.total}] {self.desc}: {self._note}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         """Finish the bar (tqdm leaves it on screen, with its last note)."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+        elif self.enabled and not self.lines and self._note is not None:
+            self._print()
+            self._note = None
 
 
 def check_output(path: str | os.PathLike[str], option: str) -> Path:

@@ -3,31 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from conftest import check_png, run_cli
 
-from fuseopt import cli, lr_scheduler, plot_lr
+from fuseopt import lr_scheduler, plot_lr
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 BLOCKS = "▁▂▃▄▅▆▇█"
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    """``fuseopt ARGV`` in-process: (exit code, stdout, stderr)."""
-    try:
-        code = cli.main(list(argv))
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def check_png(path, min_size=(100, 100)):
-    assert path.read_bytes()[:8] == PNG_SIGNATURE
-    from matplotlib.image import imread
-
-    image = imread(path)
-    assert image.ndim == 3 and image.shape[2] in (3, 4)
-    assert image.shape[0] >= min_size[0] and image.shape[1] >= min_size[1]
-    assert image.std() > 0  # something was drawn
 
 
 def test_one_cycle_plot_and_sparklines(tmp_path, capsys):
