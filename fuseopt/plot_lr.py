@@ -206,6 +206,7 @@ def build_parser(prog: str | None = None, cls: type | None = None) -> argparse.A
     names = ", ".join(schedulers())
     parser = argparse.ArgumentParser(
         prog=prog or "fuseopt plot-lr",
+        allow_abbrev=False,  # options come from the signature: a prefix must not guess one
         description="Plot a scheduler's lr (and momentum) curve and print it as a sparkline. "
         "Each constructor argument of the scheduler is an option (max_lr -> --max-lr; lists "
         "as 1,2,3; true/false; none). `fuseopt plot-lr SCHEDULER -h` lists them.",

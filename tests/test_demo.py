@@ -56,6 +56,21 @@ def test_default_runs_cover_the_issue():
     assert any(r.scheduler and r.ema for r in runs)
 
 
+@pytest.mark.parametrize("library", ["fuseopt", "torch"])
+def test_every_optimizer_and_scheduler_builds(library):
+    for algorithm in demo.ALGORITHMS:
+        for scheduler in [None, *demo.SCHEDULERS]:
+            model = demo.make_model(0)
+            run = demo.Run(algorithm, scheduler, ema=True)
+            opt, sched, ema = demo._build(run, library, model, total_steps=100)
+            assert type(opt).__name__ == algorithm
+            assert type(opt).__module__.startswith(library)
+            assert (sched is None) == (scheduler is None)
+            if scheduler is not None and library == "fuseopt":
+                assert type(sched).__module__.startswith("fuseopt")
+            assert ema.module is not model and type(ema).__module__.startswith(library)
+
+
 def test_parse_runs():
     assert demo.parse_runs("sgd, adamw+onecyclelr+ema") == [
         demo.Run("SGD"),
