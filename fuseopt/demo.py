@@ -222,15 +222,20 @@ def train(
     seed: int = 0,
     batch_size: int = BATCH_SIZE,
     progress: bool = True,
+    threads: int | None = None,
 ) -> Result:
     """Train the MLP with ``run`` from ``library`` (``"fuseopt"`` or ``"torch"``).
 
     The initial weights and the order of the minibatches depend on ``seed`` only, so every run
-    sees the same ones.
+    sees the same ones. ``threads``: torch's (and so numba's) thread count while training.
     """
     x_train, y_train, x_test, y_test = data
     model = make_model(seed)
     _warm_up(run, library, model, x_train[:batch_size], y_train[:batch_size])
+    if threads is not None:
+        # Set after the warm-up: numba's OpenMP layer, started by the first fused step, resets
+        # the OpenMP thread count that torch reports (and numba's kernels then follow).
+        torch.set_num_threads(threads)
     per_epoch = math.ceil(len(y_train) / batch_size)
     opt, sched, ema = _build(run, library, model, epochs * per_epoch)
     result = Result(run, library)
@@ -410,10 +415,18 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         return 1
     libraries = ["fuseopt", "torch"] if args.compare_torch else ["fuseopt"]
     threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)  # numba's kernels follow torch's thread count
     try:
         results = [
-            train(run, library, data, args.epochs, args.seed, args.batch_size, not args.no_progress)
+            train(
+                run,
+                library,
+                data,
+                args.epochs,
+                args.seed,
+                args.batch_size,
+                progress=not args.no_progress,
+                threads=args.threads,
+            )
             for run in runs
             for library in libraries
         ]

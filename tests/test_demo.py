@@ -49,6 +49,24 @@ def test_runs_share_the_start_and_the_batches(data):
     assert first.losses[-1] < 0.7 * first.losses[0]  # it learns
 
 
+def test_threads_hold_while_training(data):
+    import torch
+
+    from fuseopt.optimizer import register_optimizer_step_pre_hook
+
+    before = torch.get_num_threads()
+    seen = []
+    handle = register_optimizer_step_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+    try:
+        torch.set_num_threads(2)
+        result = demo.train(demo.Run("NAdam"), "fuseopt", data, 1, progress=False, threads=1)
+    finally:
+        handle.remove()
+        torch.set_num_threads(before)
+    assert len(seen) == 2 + result.steps  # the warm-up's two steps, then the run's
+    assert set(seen[2:]) == {1}
+
+
 def test_default_runs_cover_the_issue():
     runs = demo.parse_runs(demo.DEFAULT_RUNS)
     assert {r.algorithm for r in runs} >= {"SGD", "Adam", "AdamW", "RMSprop", "NAdam"}
