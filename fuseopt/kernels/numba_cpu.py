@@ -170,9 +170,14 @@ _launch_lock = threading.Lock()
 def _sync_threads() -> None:
     import numba
 
-    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    wanted = torch.get_num_threads()
+    n = max(1, min(wanted, numba.config.NUMBA_NUM_THREADS))
     if numba.get_num_threads() != n:
         numba.set_num_threads(n)  # follow torch.set_num_threads, never oversubscribe
+    if torch.get_num_threads() != wanted:
+        # Starting numba's OpenMP layer (once per process) resets the OpenMP thread count, which
+        # torch shares and reports: give torch back the count its user set.
+        torch.set_num_threads(wanted)
 
 
 def bump_steps(steps: list[torch.Tensor]) -> list[float] | None:
