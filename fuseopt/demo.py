@@ -231,11 +231,9 @@ def train(
     """
     x_train, y_train, x_test, y_test = data
     model = make_model(seed)
-    _warm_up(run, library, model, x_train[:batch_size], y_train[:batch_size])
     if threads is not None:
-        # Set after the warm-up: numba's OpenMP layer, started by the first fused step, resets
-        # the OpenMP thread count that torch reports (and numba's kernels then follow).
-        torch.set_num_threads(threads)
+        torch.set_num_threads(threads)  # numba's kernels follow torch's count
+    _warm_up(run, library, model, x_train[:batch_size], y_train[:batch_size])
     per_epoch = math.ceil(len(y_train) / batch_size)
     opt, sched, ema = _build(run, library, model, epochs * per_epoch)
     result = Result(run, library)
