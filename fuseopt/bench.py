@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 import fuseopt
-from fuseopt._console import Progress
+from fuseopt._console import Progress, check_output
 from fuseopt.rule import Flags, Rule
 
 __all__ = [
@@ -438,6 +438,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
             raise ValueError(f"--steps must be at least 1, got {steps}")
         if args.threads is not None and args.threads < 1:
             raise ValueError(f"--threads must be at least 1, got {args.threads}")
+        if args.json:
+            check_output(args.json, "--json")
     except ValueError as e:
         parser.error(str(e))
     if args.threads is not None:
@@ -461,9 +463,13 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     )
     print(format_table(rows, env["bandwidth_gbps"]))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": env, "steps": steps, "results": rows}, f, indent=1)
-            f.write("\n")
+        try:
+            with open(args.json, "w") as f:
+                json.dump({"environment": env, "steps": steps, "results": rows}, f, indent=1)
+                f.write("\n")
+        except OSError as e:  # checked at the start, but the disk may have changed since
+            print(f"{parser.prog}: error: cannot write --json: {e}", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -30,7 +30,21 @@ import fuseopt
 from fuseopt import lr_scheduler, swa_utils
 from fuseopt._console import MISSING_EXTRA, Progress, check_image_format, check_output
 
-__all__ = ["ALGORITHMS", "SCHEDULERS", "Run", "build_parser", "load_digits", "main", "train"]
+__all__ = [
+    "ALGORITHMS",
+    "SCHEDULERS",
+    "Result",
+    "Run",
+    "build_parser",
+    "format_table",
+    "load_digits",
+    "main",
+    "make_model",
+    "max_difference",
+    "parse_runs",
+    "plot",
+    "train",
+]
 
 # The demo's hyperparameters per algorithm: a sensible lr for this problem, otherwise defaults.
 # LBFGS (needs a closure), SparseAdam (sparse grads) and Muon (2-D params only) do not fit a
@@ -94,6 +108,7 @@ class Run:
 
     @property
     def name(self) -> str:
+        """``OPTIMIZER[+SCHEDULER][+EMA]``, as ``--optimizers`` spells it."""
         return "+".join(
             [self.algorithm, *([self.scheduler] if self.scheduler else []), *[EMA] * self.ema]
         )

@@ -106,6 +106,17 @@ def test_cli_unknown_workload_exits_with_usage_error(capsys):
     assert "unknown workload 'nope'" in err and "gpt2-small" in err
 
 
+def test_unwritable_json_path_fails_before_timing(tmp_path, capsys):
+    path = tmp_path / "missing" / "out.json"
+    with pytest.raises(SystemExit) as info:
+        bench.main(["--workloads", "many-small", "--json", str(path)])
+    assert info.value.code == 2
+    captured = capsys.readouterr()
+    assert f"cannot write --json {str(path)!r}: its folder" in captured.err
+    assert "does not exist" in captured.err
+    assert captured.out == ""  # nothing was timed
+
+
 def test_main_writes_json(tmp_path, capsys):
     path = tmp_path / "out.json"
     args = ["--workloads", "many-small", "--impls", "fused", "--steps", "1", "--json", str(path)]
