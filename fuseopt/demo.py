@@ -3,7 +3,7 @@
 An MLP (64-128-10) learns scikit-learn's bundled digits (1,797 8x8 images, no download) with each
 optimizer in turn: the same initial weights, the same minibatches, the same budget. Each run shows a
 progress bar; then a table gives the final train loss, the test accuracy, the wall time and the time
-spent in ``optimizer.step()``, and a picture shows the loss and accuracy curves.
+spent in ``optimizer.step()``, and a picture shows the loss and test error curves.
 ``--compare-torch`` also trains with torch.optim's same-named optimizers and reports how far the
 loss curves are apart (fuseopt computes torch's numbers, so: by rounding only).
 
