@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 import fuseopt
+from fuseopt._console import Progress, check_output
 from fuseopt.rule import Flags, Rule
 
 __all__ = [
@@ -208,7 +209,8 @@ def run(
         impls: names from :data:`IMPLEMENTATIONS`; None means all.
         steps: timed steps per configuration (after the warm-up steps).
         dtype: of params, grads and states (float32, float64, bfloat16, float16).
-        progress: print one line per configuration to stderr.
+        progress: show a progress bar on stderr (tqdm's if installed, else one line per
+            configuration).
 
     Each row has ``workload, algorithm, library, impl, numel, tensors, steps, ms`` (median ms/step),
     ``times_ms``, ``ratio`` (``ms`` over the best torch ``ms`` of the same workload and algorithm),
@@ -224,6 +226,8 @@ def run(
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     total = len(shapes_by_name) * len(algos) * len(LIBRARIES) * len(impl_names)
+    # Updated between timed pairs only, so drawing the bar never falls inside a timed step.
+    bar = Progress(total, "bench", enabled=progress)
     rows: list[dict[str, Any]] = []
     for workload, shapes in shapes_by_name.items():
         numel = sum(math.prod(s) for s in shapes)
@@ -259,20 +263,15 @@ def run(
                         moved = numel * algorithm.bytes_per_element * dtype.itemsize // 4
                         row["gbps"] = moved / (row["ms"] * 1e6)
                     group.append(row)
-                    if progress:
-                        done = len(rows) + len(group)
-                        result = f"{row['ms']:.3f} ms/step" if row["error"] is None else "n/a"
-                        print(
-                            f"[{done}/{total}] {workload} {algo_name} {library} {impl}: {result}",
-                            file=sys.stderr,
-                            flush=True,
-                        )
+                    result = f"{row['ms']:.3f} ms/step" if row["error"] is None else "n/a"
+                    bar.update(note=f"{workload} {algo_name} {library} {impl}: {result}")
             torch_ms = [r["ms"] for r in group if r["library"] == "torch" and r["ms"] is not None]
             if torch_ms:
                 for r in group:
                     if r["ms"] is not None:
                         r["ratio"] = r["ms"] / min(torch_ms)
             rows.extend(group)
+    bar.close()
     return rows
 
 
@@ -468,6 +467,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
             raise ValueError(f"--steps must be at least 1, got {steps}")
         if args.threads is not None and args.threads < 1:
             raise ValueError(f"--threads must be at least 1, got {args.threads}")
+        if args.json:
+            check_output(args.json, "--json")
     except ValueError as e:
         parser.error(str(e))
     if args.threads is not None:
@@ -501,10 +502,14 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         print(f"\nprobes on {first[0]}, {args.dtype}:")
         print(bench_probes.format_probes(probes))
     if args.json:
-        with open(args.json, "w") as f:
-            result = {"environment": env, "steps": steps, "results": rows, "probes": probes}
-            json.dump(result, f, indent=1)
-            f.write("\n")
+        try:
+            with open(args.json, "w") as f:
+                result = {"environment": env, "steps": steps, "results": rows, "probes": probes}
+                json.dump(result, f, indent=1)
+                f.write("\n")
+        except OSError as e:  # checked at the start, but the disk may have changed since
+            print(f"{parser.prog}: error: cannot write --json: {e}", file=sys.stderr)
+            return 1
     return 0
 
 

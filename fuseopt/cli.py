@@ -1,4 +1,4 @@
-"""The ``fuseopt`` command: ``fuseopt bench ...`` (also ``python -m fuseopt bench ...``)."""
+"""The ``fuseopt`` command: ``fuseopt demo | bench | plot-lr ...`` (also ``python -m fuseopt ...``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from collections.abc import Sequence
 # subcommand -> (module whose ``main(argv, prog)`` runs it, help line). Modules are imported only
 # when their subcommand runs, so ``fuseopt --help`` stays fast.
 COMMANDS = {
+    "demo": ("fuseopt.demo", "train a small model with several optimizers; table and loss plot"),
     "bench": ("fuseopt.bench", "time optimizer.step() of fuseopt against torch.optim"),
+    "plot-lr": ("fuseopt.plot_lr", "plot a scheduler's lr (and momentum) curve"),
 }
 
 

@@ -60,3 +60,26 @@ def clone_params(params) -> list[torch.Tensor]:
 @pytest.fixture(params=list(IMPLS))
 def impl(request) -> str:
     return request.param
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """``fuseopt ARGV`` in-process: (exit code, stdout, stderr); argparse's exits included."""
+    from fuseopt import cli
+
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def check_png(path, min_size=(100, 100)) -> None:
+    """``path`` is a PNG file that matplotlib reads back as a non-blank RGB(A) image."""
+    from matplotlib.image import imread
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    image = imread(path)
+    assert image.ndim == 3 and image.shape[2] in (3, 4)
+    assert image.shape[0] >= min_size[0] and image.shape[1] >= min_size[1]
+    assert image.std() > 0  # something was drawn

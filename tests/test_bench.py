@@ -106,6 +106,17 @@ def test_cli_unknown_workload_exits_with_usage_error(capsys):
     assert "unknown workload 'nope'" in err and "gpt2-small" in err
 
 
+def test_unwritable_json_path_fails_before_timing(tmp_path, capsys):
+    path = tmp_path / "missing" / "out.json"
+    with pytest.raises(SystemExit) as info:
+        bench.main(["--workloads", "many-small", "--json", str(path)])
+    assert info.value.code == 2
+    captured = capsys.readouterr()
+    assert f"cannot write --json {str(path)!r}: its folder" in captured.err
+    assert "does not exist" in captured.err
+    assert captured.out == ""  # nothing was timed
+
+
 def test_main_writes_json(tmp_path, capsys):
     path = tmp_path / "out.json"
     args = ["--workloads", "many-small", "--impls", "fused", "--steps", "1", "--json", str(path)]
@@ -129,7 +140,20 @@ def test_python_m_fuseopt_bench():
     assert proc.returncode == 0, proc.stderr
     for name in bench.ALGORITHMS:
         assert name in proc.stdout
-    assert "[1/" in proc.stderr  # progress goes to stderr, the table to stdout
+    # Progress goes to stderr (tqdm's bar, or plain lines without tqdm), the table to stdout.
+    total = len(bench.ALGORITHMS) * len(bench.LIBRARIES)
+    assert f"{total}/{total}" in proc.stderr
+    assert f"{total}/{total}" not in proc.stdout
+
+
+def test_progress_without_tqdm_prints_a_line_per_configuration(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm now raises ImportError
+    rows = bench.run(TINY, algorithms=["SGD", "Adam"], impls=["fused"], steps=1)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == len(rows) == 4
+    assert err[0].startswith("[1/4] bench: tiny SGD torch fused: ")
+    assert err[-1].startswith("[4/4] bench: tiny Adam fuseopt fused: ")
+    assert all(line.endswith("ms/step") for line in err)
 
 
 def test_cli_unknown_subcommand_is_an_argparse_error(capsys):

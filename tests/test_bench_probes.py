@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -46,20 +44,6 @@ def test_step_after_matmul_reports_both_medians():
     times = bench_probes.step_after_matmul(_adam(fuseopt, fused=True), size=64, repeats=3)
     assert set(times) == {"after_step_s", "after_matmul_s"}
     assert all(t > 0 for t in times.values())
-
-
-def test_numba_keeps_torchs_thread_count():
-    """numba's OpenMP layer resets the shared runtime's thread count when it starts: torch's
-    ``set_num_threads(1)`` must survive the first fused step, and numba must follow it."""
-    code = (
-        "import torch, numba, fuseopt\n"
-        "torch.set_num_threads(1)\n"
-        "p = torch.zeros(1 << 18, requires_grad=True); p.grad = torch.ones_like(p)\n"
-        "fuseopt.Adam([p], fused=True).step()\n"
-        "print(torch.get_num_threads(), numba.get_num_threads())\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["1", "1"]
 
 
 def test_probes_table_and_bfloat16_rows():

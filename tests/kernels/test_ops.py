@@ -122,6 +122,31 @@ def test_numba_follows_torch_thread_count():
         torch.set_num_threads(before)
 
 
+def test_first_kernel_keeps_torch_thread_count():
+    """Starting numba's OpenMP layer resets the OpenMP thread count, which torch shares and reports:
+    the first fused step must leave torch's count as the user set it. A fresh process, since the
+    layer starts once per process."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import torch, fuseopt\n"
+        "torch.set_num_threads(1)\n"
+        "p = torch.zeros(1 << 18, requires_grad=True)\n"  # above SERIAL_BELOW: the pool runs
+        "p.grad = torch.ones_like(p)\n"
+        "fuseopt.Adam([p], fused=True).step()\n"
+        "import numba\n"
+        "print(torch.get_num_threads(), numba.get_num_threads())\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["1", "1"]
+
+
 def test_chunks_cover_every_element_once():
     numels = (0, 1, numba_cpu.CHUNK, numba_cpu.CHUNK + 1, 3 * numba_cpu.CHUNK - 5)
     chunks = numba_cpu._chunks(numels)
