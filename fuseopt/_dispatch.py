@@ -44,7 +44,7 @@ def check_fused(p: torch.Tensor) -> None:
 def _dense(t: torch.Tensor) -> bool:
     """Non-overlapping and dense (any dim order): the kernels walk its storage as a flat array."""
     expected = 1
-    for size, stride in sorted((s, st) for s, st in zip(t.shape, t.stride()) if s != 1):
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
         if stride != expected:
             return False
         expected *= size
