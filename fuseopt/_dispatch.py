@@ -9,6 +9,10 @@ Which backend runs is decided per call from the group's flags and never written 
 - ``foreach=False`` or ``fused=False`` (and the other not True): reference, torch's for-loop;
 - both None: numba on CPU for float32/float64 when numba is importable, foreach on other devices,
   reference otherwise. This default differs from torch's (for-loop on CPU): fused is faster.
+
+Triton (``kernels/triton_gpu.py``) is the fused backend of CUDA params (float32, float16, bfloat16,
+float64), and their default when Triton is importable; ``FUSEOPT_FUSED_BACKEND=triton`` makes it
+the fused backend of CPU params too (Triton's interpreter, ``TRITON_INTERPRET=1``: for tests).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from collections import defaultdict
 import torch
 
 from fuseopt import kernels
-from fuseopt.kernels import numba_cpu
+from fuseopt.kernels import numba_cpu, triton_gpu
 from fuseopt.rule import Fill, FirstValue, Flags, ScalarState, Zeros, to_scalar
 
 _CAPTURABLE_DEVICES = ["cuda", "xpu", "hpu"]
@@ -33,6 +37,8 @@ def scalar_dtype(fused: bool | None = None) -> torch.dtype:
 
 def check_fused(p: torch.Tensor) -> None:
     """torch's error for ``fused=True`` on a param the fused kernels do not cover."""
+    if _triton(p):
+        return
     if not (p.device.type == "cpu" and numba_cpu.supports(p.dtype.to_real())):
         raise RuntimeError(
             "`fused=True` requires all the params to be floating point Tensors of supported "
@@ -51,6 +57,11 @@ def _dense(t: torch.Tensor) -> bool:
     return True
 
 
+def _triton(p: torch.Tensor) -> bool:
+    """Whether the Triton kernels are the fused (and default) implementation for ``p``."""
+    return triton_gpu.wanted(p.device) and triton_gpu.supports(p.dtype.to_real())
+
+
 def _backend(group: dict, p: torch.Tensor, sparse: bool) -> str:
     fused, foreach = group.get("fused"), group.get("foreach")
     if fused:
@@ -60,10 +71,12 @@ def _backend(group: dict, p: torch.Tensor, sparse: bool) -> str:
     if group.get("differentiable") or sparse:
         return "reference"
     if fused:
-        return "numba"
+        return "triton" if _triton(p) else "numba"
     if foreach:
         return "foreach"
     if fused is None and foreach is None:
+        if _triton(p):
+            return "triton"
         if p.device.type == "cpu":
             real = p.dtype.to_real()  # complex runs on its real view
             return "numba" if numba_cpu.supports(real) and numba_cpu.available() else "reference"
@@ -82,14 +95,14 @@ def _contiguous(p: torch.Tensor, g: torch.Tensor, state: dict, names: list[str])
     return True
 
 
-def _layout(p: torch.Tensor, g: torch.Tensor, state: dict, names: list[str]):
+def _layout(p: torch.Tensor, g: torch.Tensor, state: dict, names: list[str], backend: str):
     """The slow path of the fused kernels' layout check: (backend, grad) for a non-contiguous param."""
     tensors = [state[n] for n in names if n in state]
     if not _dense(p) or any(not _dense(t) or t.stride() != p.stride() for t in tensors):
         return "reference", g  # views with gaps: the flat kernel cannot walk them
     if g.stride() != p.stride() or not _dense(g):
         g = torch.empty_like(p).copy_(g)  # a grad laid out like the param
-    return "numba", g
+    return backend, g
 
 
 def _bump_steps(steps: list[torch.Tensor], as_tensors: bool) -> list:
@@ -149,6 +162,29 @@ def _scalar_hook(hook, group: dict, entries: list, steps, scalar_names: list[str
         hook(group, step, {n: [entries[i][2][n] for i in idx] for n in scalar_names})
 
 
+def amp_scaling(opt) -> bool:
+    """Whether every param of ``opt`` steps in the Triton kernels, which unscale grads and skip
+    inf steps themselves: torch's ``_step_supports_amp_scaling``, read by GradScaler."""
+    if opt.rule is None:
+        return False
+    try:
+        return all(_backend(g, p, False) == "triton" for g in opt.param_groups for p in g["params"])
+    except RuntimeError:  # fused=True on a param no fused kernel covers: step() will say so
+        return False
+
+
+def _amp(opt, rule, pending: list) -> tuple:
+    """GradScaler's ``grad_scale`` and ``found_inf`` (attributes it sets on the optimizer around
+    ``step``), checked before any change: only the Triton kernels take them, as in torch only the
+    fused kernels do."""
+    grad_scale, found_inf = getattr(opt, "grad_scale", None), getattr(opt, "found_inf", None)
+    if (grad_scale is not None or found_inf is not None) and any(
+        b != "triton" for _, _, b in pending
+    ):
+        raise AssertionError("Expected grad_scale and found_inf to be None")
+    return grad_scale, found_inf
+
+
 def apply_rule(opt, group: dict) -> None:
     """One step of ``opt.rule`` on every param of ``group`` that has a grad."""
     rule = opt.rule
@@ -174,7 +210,8 @@ def apply_rule(opt, group: dict) -> None:
         backend = backends.get(key) or backends.setdefault(key, _backend(group, p, sparse))
         if capturable:
             step = opt.state[p]["step"] if p in opt.state and opt.state[p] else None
-            if p.device.type not in _CAPTURABLE_DEVICES or (
+            # (Triton on CPU is its interpreter, which runs the capturable kernels for the tests)
+            if (p.device.type not in _CAPTURABLE_DEVICES and backend != "triton") or (
                 step is not None and step.device != p.device
             ):
                 raise AssertionError(
@@ -182,13 +219,16 @@ def apply_rule(opt, group: dict) -> None:
                     f"{_CAPTURABLE_DEVICES}."
                 )
         pending.append((p, g, backend))
+    grad_scale, found_inf = _amp(opt, rule, pending)
+    if found_inf is not None and scalar_names and found_inf.item():
+        return  # host scalar state (NAdam's mu_product) must not advance: one host read here
     entries = []  # (param, grad, state, first, backend)
     for p, g, backend in pending:
         state = opt.state[p] if keeps_state else {}
         if keeps_state and not state:
             state.update(_new_state(rule, group, p, all_specs))
-        if backend == "numba" and not _contiguous(p, g, state, names):
-            backend, g = _layout(p, g, state, names)
+        if backend in ("numba", "triton") and not _contiguous(p, g, state, names):
+            backend, g = _layout(p, g, state, names, backend)
         first = bool(firsts) and any(n not in state for n in firsts)
         entries.append((p, g, state, first, backend))
     if not entries:
@@ -218,11 +258,16 @@ def apply_rule(opt, group: dict) -> None:
             rule.sparse_update(group, p, g, state, step)
             continue
         key_step = id(step) if on_tensors else step
+        if on_tensors and backend == "triton" and not rule.flags_read_step:
+            key_step = "stacked"  # device steps of a whole batch, one launch
         batches[(backend, p.device, p.dtype, first, key_step, svs[i])].append((p, g, state, step))
 
-    for (backend, _, _, first, _, sv), batch in batches.items():
+    for (backend, _, _, first, key_step, sv), batch in batches.items():
         sv = dict(zip(scalar_names, sv))
         step = batch[0][3]
+        if key_step == "stacked" and len(batch) > 1:
+            # the rule's scalars, computed on a 1-D tensor of steps, give one value per param
+            step = torch.stack([b[3] for b in batch])
         flags = Flags(rule.flags(group, first, step, sv))
         scalars = rule.scalars(group, step, sv)
         params, grads, states = [], [], {n: [] for n in names}
@@ -237,6 +282,15 @@ def apply_rule(opt, group: dict) -> None:
             grads.append(g)
             for n in names:
                 states[n].append(state[n])
-        kernels.get(backend).run(rule, flags, scalars, params, grads, states)
+        if backend == "triton":
+            kernels.get(backend).run(
+                rule, flags, scalars, params, grads, states, grad_scale, found_inf
+            )
+        else:
+            kernels.get(backend).run(rule, flags, scalars, params, grads, states)
+    if found_inf is not None and rule.has_step:
+        # as torch's fused optimizers: a skipped step does not count
+        steps_ = [e[2]["step"] for e in entries]
+        torch._foreach_sub_(steps_, [found_inf.to(s.device) for s in steps_])
     if scalar_names:
         _scalar_hook(rule.after, group, entries, steps, scalar_names)
