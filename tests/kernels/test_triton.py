@@ -60,6 +60,7 @@ def test_float32_parity(algo, kwargs, launches):
     ref = _run(algo.theirs, ref_params, grads, **kwargs, foreach=False)
     _compare(opt, ref, params, ref_params, False, torch.float32)
     assert len(launches) == STEPS
+    assert all(len(call[3]) == len(params) for call in launches)  # the transposed one too
 
 
 def test_default_is_triton_and_float64(launches):
@@ -264,6 +265,50 @@ def test_generated_source_is_shared_and_readable():
     src = triton_gpu.source(graph, ops, torch.bfloat16, table=False)
     assert "tl.sqrt_rn(" in src and "tl.div_rn(" in src and "lerp(" in src
     assert "bf16_store(" in src and src.count("tl.load(ptrs + ") == len(ops)
+
+
+# (dtype, scalars from the device table) per algorithm, in turn: every dtype and both scalar paths
+_COMPILED = [(torch.float32, False), (torch.bfloat16, True), (torch.float16, False)]
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS, ids=lambda a: a.name)
+def test_kernel_compiles_for_sm90(algo, launches, monkeypatch):
+    """The interpreter forgives what the compiler may not: each algorithm's kernel (its richest
+    option set, GradScaler on) compiles to PTX for an H100 (sm_90) without a GPU, with
+    correctly rounded division and sqrt (no ``.approx``) and the rule's FMAs."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    desc, kwargs = algo.configs()[-1]
+    params, _, grads = _problem(torch.float32, steps=2)
+    _run(algo.ours, params, grads, **kwargs, fused=True)
+    rule, flags, scalars, _, _, states = launches[-1][:6]
+    dtype, table = _COMPILED[ALGORITHMS.index(algo) % len(_COMPILED)]
+    operands = ("param", "grad", *states)
+    graph = triton_gpu.trace(rule, flags, operands)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    fn = triton_gpu._load(triton_gpu.source(graph, operands, dtype, table), False)
+    signature = {"ptrs": "*i64", "chunks": "*i64", "NT": "i32"}
+    if table:
+        signature.update(scal="*fp64", scal_stride="i32")
+    else:
+        signature.update({f"s{k}": "fp32" for k in range(len(graph.scalars))})
+    signature.update(grad_scale="*fp32", found_inf="*fp32")
+    constexprs = dict(SCALE=True, INF=True, BLOCK=triton_gpu.BLOCK, CHUNK=triton_gpu.CHUNK)
+    signature.update(dict.fromkeys(constexprs, "constexpr"))
+    import triton
+
+    compiled = triton.compile(
+        ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+        target=GPUTarget("cuda", 90, 32),
+        options={"enable_fp_fusion": False},
+    )
+    ptx = compiled.asm["ptx"]
+    assert ".approx" not in ptx
+    if any(op in ("fma", "lerp") for op, _ in graph.nodes):
+        assert "fma.rn.f32" in ptx
+    if any(op == "sqrt" for op, _ in graph.nodes):
+        assert "sqrt.rn.f32" in ptx
 
 
 def test_imports_triton_lazily():
