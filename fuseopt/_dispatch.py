@@ -241,6 +241,10 @@ def apply_rule(opt, group: dict) -> None:
         raise RuntimeError("`requires_grad` is not supported for `step` in differentiable mode")
     # capturable and differentiable compute host scalars from the step tensors, as torch does
     on_tensors = capturable or bool(group.get("differentiable"))
+    if rule.has_step and not on_tensors:
+        # fused=True keeps the steps on the GPU: the Triton kernels take scalars computed there,
+        # as in the capturable case, instead of reading the steps back to the host
+        on_tensors = all(e[4] == "triton" and not e[2]["step"].is_cpu for e in entries)
     steps = _bump_steps([e[2]["step"] for e in entries], on_tensors) if rule.has_step else None
 
     if scalar_names:

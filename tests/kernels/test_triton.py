@@ -152,6 +152,26 @@ def test_capturable(algo, launches, monkeypatch):
         assert any(torch.is_tensor(v) for v in launches[-1][2].values())
 
 
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "Adamax", "Adadelta", "RMSprop", "Rprop"])
+def test_capturable_step_reads_nothing_back(name, monkeypatch):
+    """A capturable step never reads a tensor back to the host (what a CUDA graph forbids);
+    NAdam and ASGD (host scalar state) and RAdam (a flag from the step) still do."""
+    desc, kwargs = BY_NAME[name].configs()[-1]
+    params, _, grads = _problem(torch.float32, steps=3)
+    opt = BY_NAME[name].ours(params, **kwargs, capturable=True)
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("host read")
+
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        with monkeypatch.context() as m:
+            for method in ("item", "tolist", "__float__", "__bool__", "numpy"):
+                m.setattr(torch.Tensor, method, host_read)
+            opt.step()
+
+
 def test_capturable_params_with_different_steps():
     """Stacked steps give each tensor its own bias corrections."""
     params, ref_params, grads = _problem(torch.float32)
