@@ -11,7 +11,8 @@ on fresh params (zeros) with small random grads; two warm-up steps each (the fir
 kernels and creates state, the second runs the steady-state variant, e.g. SGD's momentum after its
 first step); then ``steps`` steps of each, alternating between the two libraries, are timed with
 :func:`time.perf_counter`, and the median is reported. Both are freed before the next pair is built
-(Adam on gpt2-small holds ~2 GB per optimizer in float32).
+(Adam on gpt2-small holds ~2 GB per optimizer in float32). With ``--device cuda`` the params live
+on the GPU and each timed step is bracketed by ``torch.cuda.synchronize()``.
 """
 
 from __future__ import annotations
@@ -131,18 +132,27 @@ def _pick(names: Iterable[str] | None, table: Mapping[str, Any], what: str) -> l
 
 
 # ------------------------------------------------------------------------------------- timing
-def _make_params(shapes: list[tuple[int, ...]], seed: int = 0) -> list[torch.Tensor]:
+def _make_params(
+    shapes: list[tuple[int, ...]], seed: int = 0, device: str = "cpu"
+) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     params = []
     for shape in shapes:
-        p = torch.zeros(shape, dtype=torch.float32, requires_grad=True)
-        p.grad = torch.randn(shape, generator=gen).mul_(1e-3)
+        p = torch.zeros(shape, dtype=torch.float32, device=device, requires_grad=True)
+        p.grad = torch.randn(shape, generator=gen).mul_(1e-3).to(device)
         params.append(p)
     return params
 
 
+def _synchronizer(device: str):
+    """What waits for the device's queued work (a CUDA step returns before it runs)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.synchronize
+    return lambda: None
+
+
 def _time_pair(
-    algorithm: Algorithm, impl: str, shapes: list[tuple[int, ...]], steps: int
+    algorithm: Algorithm, impl: str, shapes: list[tuple[int, ...]], steps: int, device: str = "cpu"
 ) -> dict[str, list[float] | Exception]:
     """Seconds per step of ``steps`` timed steps for each library, after the warm-up steps.
 
@@ -156,7 +166,7 @@ def _time_pair(
         for library, module in LIBRARIES.items():
             try:
                 opt = getattr(module, algorithm.name)(
-                    _make_params(shapes), **algorithm.kwargs, **IMPLEMENTATIONS[impl]
+                    _make_params(shapes, device=device), **algorithm.kwargs, **IMPLEMENTATIONS[impl]
                 )
                 for _ in range(WARMUP_STEPS):
                     opt.step()
@@ -165,10 +175,13 @@ def _time_pair(
             else:
                 opts[library] = opt
                 results[library] = []
+        sync = _synchronizer(device)
         for _ in range(steps):
             for library, opt in opts.items():
+                sync()
                 start = time.perf_counter()
                 opt.step()
+                sync()
                 results[library].append(time.perf_counter() - start)
         return results
     finally:
@@ -184,6 +197,7 @@ def run(
     steps: int = DEFAULT_STEPS,
     *,
     progress: bool = True,
+    device: str = "cpu",
 ) -> list[dict[str, Any]]:
     """Time every (workload, algorithm, library, implementation); return one dict per result.
 
@@ -194,6 +208,7 @@ def run(
         impls: names from :data:`IMPLEMENTATIONS`; None means all.
         steps: timed steps per configuration (after the warm-up steps).
         progress: print one line per configuration to stderr.
+        device: where the params live (``"cpu"``, ``"cuda"``).
 
     Each row has ``workload, algorithm, library, impl, numel, tensors, steps, ms`` (median ms/step),
     ``times_ms``, ``ratio`` (``ms`` over the best torch ``ms`` of the same workload and algorithm),
@@ -216,7 +231,7 @@ def run(
             algorithm = ALGORITHMS[algo_name]
             group = []
             for impl in impl_names:
-                timed = _time_pair(algorithm, impl, shapes, steps)
+                timed = _time_pair(algorithm, impl, shapes, steps, device)
                 for library in LIBRARIES:
                     row: dict[str, Any] = dict(
                         workload=workload,
@@ -268,18 +283,21 @@ class _ReadModifyWrite(Rule):
         return dict(param=param + grad)
 
 
-def measure_bandwidth(numel: int = 1 << 25, repeats: int = 7) -> float:
+def measure_bandwidth(numel: int = 1 << 25, repeats: int = 7, device: str = "cpu") -> float:
     """Memory bandwidth in GB/s: the best of ``repeats`` fused read-modify-write passes (the
     optimizers' own kernel machinery, 12 bytes per element) over float32 buffers far larger than
     the caches: the floor any elementwise optimizer step meets."""
-    from fuseopt.kernels import numba_cpu
+    from fuseopt.kernels import numba_cpu, triton_gpu
 
-    a, b = torch.ones(numel), torch.ones(numel)
-    rule = _ReadModifyWrite()
+    backend = triton_gpu if torch.device(device).type == "cuda" else numba_cpu
+    a, b = torch.ones(numel, device=device), torch.ones(numel, device=device)
+    rule, sync = _ReadModifyWrite(), _synchronizer(device)
     times = []
     for _ in range(repeats + 1):  # the first pass compiles (or loads) the kernel
+        sync()
         start = time.perf_counter()
-        numba_cpu.run(rule, Flags(), {}, [a], [b], {})
+        backend.run(rule, Flags(), {}, [a], [b], {})
+        sync()
         times.append(time.perf_counter() - start)
     return 12 * numel / min(times[1:]) / 1e9
 
@@ -358,8 +376,8 @@ def format_table(rows: list[dict[str, Any]], bandwidth: float | None = None) -> 
     return "\n".join(lines)
 
 
-def environment() -> dict[str, Any]:
-    """What the numbers depend on: versions, CPU, threads."""
+def environment(device: str = "cpu") -> dict[str, Any]:
+    """What the numbers depend on: versions, CPU (or GPU), threads."""
     try:
         import numba
 
@@ -376,6 +394,7 @@ def environment() -> dict[str, Any]:
         torch_threads=torch.get_num_threads(),
         cpus=os.cpu_count(),
         load_average=os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        device=torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu",
     )
 
 
@@ -388,7 +407,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The argument parser of ``python -m fuseopt.bench`` / ``fuseopt bench``."""
     parser = argparse.ArgumentParser(
         prog=prog or "python -m fuseopt.bench",
-        description="Time optimizer.step() of fuseopt against torch.optim (float32, CPU).",
+        description="Time optimizer.step() of fuseopt against torch.optim (float32).",
     )
     parser.add_argument(
         "--workloads",
@@ -413,6 +432,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         type=int,
         help="torch.set_num_threads(N) before timing; numba follows torch (default: torch's). "
         "On a busy machine, 1 thread avoids timing the scheduler instead of the optimizer",
+    )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where the params live (default: cpu); cuda times the Triton kernels",
     )
     parser.add_argument("--json", metavar="PATH", help="also write all results as JSON to PATH")
     parser.add_argument(
@@ -443,7 +467,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         parser.error(str(e))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    env = environment()  # before the run: the load average must not count the benchmark itself
+    env = environment(args.device)  # before the run: the load average must not count the benchmark
     if env["load_average"] is not None and env["load_average"] >= 1.0:
         # Each parallel region waits for its slowest thread: when another process holds a core,
         # every region of every step waits for a time slice (torch runs one region per tensor
@@ -453,10 +477,11 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
             "other processes will make the timings noisy (try --threads 1)",
             file=sys.stderr,
         )
-    env["bandwidth_gbps"] = measure_bandwidth()
-    rows = run(workloads, args.algorithms, args.impls, steps)
+    env["bandwidth_gbps"] = measure_bandwidth(device=args.device)
+    rows = run(workloads, args.algorithms, args.impls, steps, device=args.device)
     print(
-        f"optimizer.step(), float32, median of {steps} steps; torch {env['torch']}, "
+        f"optimizer.step(), float32{'' if args.device == 'cpu' else ' on ' + env['device']}, "
+        f"median of {steps} steps; torch {env['torch']}, "
         f"numba {env['numba']}, {env['torch_threads']} threads; measured bandwidth "
         f"{env['bandwidth_gbps']:.1f} GB/s (x bound: fastest fuseopt time / bytes moved at it)"
     )

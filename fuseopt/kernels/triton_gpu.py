@@ -37,7 +37,7 @@ CHUNK = 8 * BLOCK  # elements per program: enough programs for one large tensor 
 # Triton's interpreter runs each program in numpy: small blocks keep it fast, and let small test
 # tensors span several chunks and loop iterations.
 INTERPRET_BLOCK, INTERPRET_CHUNK = 64, 128
-# storage type of the pointers, compute type; bfloat16 is read as its bits (see _load/_store)
+# storage type of the pointers, compute type; bfloat16 is read as its bits (bf16_load/bf16_store)
 DTYPES = {
     torch.float32: ("tl.float32", "tl.float32"),
     torch.float16: ("tl.float16", "tl.float32"),
