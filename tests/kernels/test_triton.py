@@ -267,6 +267,20 @@ def test_amp_scaling_only_where_triton_runs(monkeypatch):
     assert not opt.state  # nothing changed
 
 
+def test_without_triton_the_numba_kernel_runs(monkeypatch, launches):
+    """Where Triton cannot be imported, the switch is ignored: CPU params take the numba kernel."""
+    monkeypatch.setattr(triton_gpu, "available", lambda: False)
+    params, ref_params, grads = _problem(torch.float32)
+    opt = _run(fuseopt.Adam, params, grads, fused=True)
+    ref = _run(torch.optim.Adam, ref_params, grads, foreach=False)
+    _compare(opt, ref, params, ref_params, False, torch.float32)
+    assert not launches and not opt._step_supports_amp_scaling
+    half = torch.zeros(2, dtype=torch.bfloat16, requires_grad=True)
+    half.grad = torch.ones_like(half)
+    with pytest.raises(RuntimeError, match="supported devices"):
+        fuseopt.Adam([half], fused=True).step()
+
+
 def test_generated_source_is_shared_and_readable():
     """The Triton kernel comes from the traced graph the numba kernel uses; its source spells the
     vocabulary with correctly rounded division and sqrt."""
