@@ -38,7 +38,7 @@ def _triton_on_cpu(monkeypatch):
 
 @pytest.fixture
 def launches(monkeypatch):
-    """The number of Triton launches (batches) so far."""
+    """The arguments of every Triton launch (one per batch) so far."""
     calls = []
     run = triton_gpu.run
     monkeypatch.setattr(triton_gpu, "run", lambda *a, **k: (calls.append(a), run(*a, **k))[1])
@@ -86,7 +86,7 @@ def test_complex_runs_on_the_real_view():
 # the dtype after each step. (torch's for-loop on the half dtype itself rounds after every op and
 # breaks down where float16 cannot hold eps=1e-8 or centered RMSprop cancels.) Both sides round
 # float32 values that may differ by an ulp (sqrt, fma), so a value may land one unit of the
-# dtype's last place away and carry that on: rtol is two of those units (the dtype's eps), and
+# dtype's last place away and carry that on: rtol is the dtype's eps (one to two such units), and
 # atol one unit at the params' scale (|p| ~ 1), which an additive update (Rprop, SGD) keeps
 # while it carries the param towards 0.
 HALF_TOL = {
@@ -137,7 +137,7 @@ CAPTURABLE = [a for a in ALGORITHMS if a.name not in ("SGD", "Adagrad")]  # torc
 
 
 @pytest.mark.parametrize("algo", CAPTURABLE, ids=lambda a: a.name)
-def test_capturable(algo, launches, monkeypatch):
+def test_capturable(algo, launches):
     """capturable=True: scalars computed from the device steps (no host read of them), all params
     in one launch (RAdam, whose flags read the step, one launch per param), torch's numbers."""
     desc, kwargs = algo.configs()[-1]
