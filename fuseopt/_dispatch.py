@@ -9,6 +9,10 @@ Which backend runs is decided per call from the group's flags and never written 
 - ``foreach=False`` or ``fused=False`` (and the other not True): reference, torch's for-loop;
 - both None: numba on CPU for float32/float64 when numba is importable, foreach on other devices,
   reference otherwise. This default differs from torch's (for-loop on CPU): fused is faster.
+
+Triton (``kernels/triton_gpu.py``) is the fused backend of CUDA params (float32, float16, bfloat16,
+float64), and their default when Triton is importable; ``FUSEOPT_FUSED_BACKEND=triton`` makes it
+the fused backend of CPU params too (Triton's interpreter, ``TRITON_INTERPRET=1``: for tests).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from collections import defaultdict
 import torch
 
 from fuseopt import _dtensor, kernels
-from fuseopt.kernels import numba_cpu
+from fuseopt.kernels import numba_cpu, triton_gpu
 from fuseopt.rule import Fill, FirstValue, Flags, Rule, ScalarState, Zeros, to_scalar
 
 _CAPTURABLE_DEVICES = ["cuda", "xpu", "hpu"]
@@ -33,6 +37,8 @@ def scalar_dtype(fused: bool | None = None) -> torch.dtype:
 
 def check_fused(p: torch.Tensor) -> None:
     """torch's error for ``fused=True`` on a param the fused kernels do not cover."""
+    if _triton(p):
+        return
     if not (p.device.type == "cpu" and _fusable(p.dtype)):
         raise RuntimeError(
             "`fused=True` requires all the params to be floating point Tensors of supported "
@@ -57,6 +63,11 @@ def _dense(t: torch.Tensor) -> bool:
     return True
 
 
+def _triton(p: torch.Tensor) -> bool:
+    """Whether the Triton kernels are the fused (and default) implementation for ``p``."""
+    return triton_gpu.wanted(p.device) and triton_gpu.supports(p.dtype.to_real())
+
+
 def _backend(group: dict, p: torch.Tensor, sparse: bool) -> str:
     fused, foreach = group.get("fused"), group.get("foreach")
     if fused:
@@ -66,10 +77,12 @@ def _backend(group: dict, p: torch.Tensor, sparse: bool) -> str:
     if group.get("differentiable") or sparse:
         return "reference"
     if fused:
-        return "numba"
+        return "triton" if _triton(p) else "numba"
     if foreach:
         return "foreach"
     if fused is None and foreach is None:
+        if _triton(p):
+            return "triton"
         if p.device.type == "cpu":
             return "numba" if _fusable(p.dtype) and numba_cpu.available() else "reference"
         return "foreach"
@@ -87,14 +100,14 @@ def _contiguous(p: torch.Tensor, g: torch.Tensor, state: dict, names: list[str])
     return True
 
 
-def _layout(p: torch.Tensor, g: torch.Tensor, state: dict, names: list[str]):
+def _layout(p: torch.Tensor, g: torch.Tensor, state: dict, names: list[str], backend: str):
     """The slow path of the fused kernels' layout check: (backend, grad) for a non-contiguous param."""
     tensors = [state[n] for n in names if n in state]
     if not _dense(p) or any(not _dense(t) or t.stride() != p.stride() for t in tensors):
         return "reference", g  # views with gaps: the flat kernel cannot walk them
     if g.stride() != p.stride() or not _dense(g):
         g = torch.empty_like(p).copy_(g)  # a grad laid out like the param
-    return "numba", g
+    return backend, g
 
 
 def _real_views(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -232,6 +245,29 @@ def _run_steady(rule, group, step, params, grads, states) -> None:
     numba_cpu.run(rule, flags, rule.scalars(group, step, {}), params, grads, states)
 
 
+def amp_scaling(opt) -> bool:
+    """Whether every param of ``opt`` steps in the Triton kernels, which unscale grads and skip
+    inf steps themselves: torch's ``_step_supports_amp_scaling``, read by GradScaler."""
+    if opt.rule is None:
+        return False
+    try:
+        return all(_backend(g, p, False) == "triton" for g in opt.param_groups for p in g["params"])
+    except RuntimeError:  # fused=True on a param no fused kernel covers: step() will say so
+        return False
+
+
+def _amp(opt, rule, pending: list) -> tuple:
+    """GradScaler's ``grad_scale`` and ``found_inf`` (attributes it sets on the optimizer around
+    ``step``), checked before any change: only the Triton kernels take them, as in torch only the
+    fused kernels do."""
+    grad_scale, found_inf = getattr(opt, "grad_scale", None), getattr(opt, "found_inf", None)
+    if (grad_scale is not None or found_inf is not None) and any(
+        entry[2] != "triton" for entry in pending
+    ):
+        raise AssertionError("Expected grad_scale and found_inf to be None")
+    return grad_scale, found_inf
+
+
 def apply_rule(opt, group: dict) -> None:
     """One step of ``opt.rule`` on every param of ``group`` that has a grad."""
     rule = opt.rule
@@ -239,7 +275,10 @@ def apply_rule(opt, group: dict) -> None:
     scalar_names = [s.name for s in all_specs if isinstance(s, ScalarState)]
     specs = [s for s in all_specs if not isinstance(s, ScalarState)]  # what kernels see
     names = [s.name for s in specs]
-    if not scalar_names and not group.get("capturable") and _steady_step(opt, group, names):
+    amp = (
+        getattr(opt, "grad_scale", None) is not None or getattr(opt, "found_inf", None) is not None
+    )
+    if not (scalar_names or amp or group.get("capturable")) and _steady_step(opt, group, names):
         return
     firsts = [s.name for s in specs if isinstance(s, FirstValue)]
     keeps_state = rule.has_step or bool(all_specs)  # torch's SGD without momentum keeps none
@@ -261,7 +300,8 @@ def apply_rule(opt, group: dict) -> None:
         backend = backends.get(kind) or backends.setdefault(kind, _backend(group, p, sparse))
         if capturable:
             step = opt.state[p]["step"] if p in opt.state and opt.state[p] else None
-            if p.device.type not in _CAPTURABLE_DEVICES or (
+            # (Triton on CPU is its interpreter, which runs the capturable kernels for the tests)
+            if (p.device.type not in _CAPTURABLE_DEVICES and backend != "triton") or (
                 step is not None and step.device != p.device
             ):
                 raise AssertionError(
@@ -269,6 +309,9 @@ def apply_rule(opt, group: dict) -> None:
                     f"{_CAPTURABLE_DEVICES}."
                 )
         pending.append((p, g, backend, kind))
+    grad_scale, found_inf = _amp(opt, rule, pending)
+    if found_inf is not None and scalar_names and found_inf.item():
+        return  # host scalar state (NAdam's mu_product) must not advance: one host read here
     entries = []  # (param, grad, state, first, backend, kind)
     for p, g, backend, kind in pending:
         state = opt.state[p] if keeps_state else {}
@@ -276,8 +319,8 @@ def apply_rule(opt, group: dict) -> None:
             state.update(_new_state(rule, group, p, all_specs))
         if backend == "numba" and _dtensor.is_dtensor(p):  # FSDP2: the kernel runs on shards
             backend = _dtensor.fused_backend(p, g, state, names)
-        elif backend == "numba" and not _contiguous(p, g, state, names):
-            backend, g = _layout(p, g, state, names)
+        elif backend in ("numba", "triton") and not _contiguous(p, g, state, names):
+            backend, g = _layout(p, g, state, names, backend)
         first = bool(firsts) and any(n not in state for n in firsts)
         entries.append((p, g, state, first, backend, kind))
     if not entries:
@@ -290,6 +333,10 @@ def apply_rule(opt, group: dict) -> None:
         raise RuntimeError("`requires_grad` is not supported for `step` in differentiable mode")
     # capturable and differentiable compute host scalars from the step tensors, as torch does
     on_tensors = capturable or bool(group.get("differentiable"))
+    if rule.has_step and not on_tensors:
+        # fused=True keeps the steps on the GPU: the Triton kernels take scalars computed there,
+        # as in the capturable case, instead of reading the steps back to the host
+        on_tensors = all(e[4] == "triton" and not e[2]["step"].is_cpu for e in entries)
     steps = _bump_steps([e[2]["step"] for e in entries], on_tensors) if rule.has_step else None
 
     if scalar_names:
@@ -302,7 +349,7 @@ def apply_rule(opt, group: dict) -> None:
 
     # Entries that share backend, kind, first-step-ness, step and scalar states run as one batch.
     # Usually that is all of them: then the group is one batch, without a key per param.
-    batches: dict[tuple, tuple] = {}
+    batches: dict[tuple, tuple[list, list]] = {}
     kinds = {(e[3], e[4], e[5]) for e in entries}
     if (
         len(kinds) == 1
@@ -313,7 +360,7 @@ def apply_rule(opt, group: dict) -> None:
     ):
         _, _, _, first, backend, kind = entries[0]
         batches[(backend, kind, first, None, svs[0])] = (
-            None if steps is None else steps[0],
+            [None if steps is None else steps[0]],
             entries,
         )
     else:
@@ -323,11 +370,20 @@ def apply_rule(opt, group: dict) -> None:
             if kind[2] and rule.sparse_update is not None:
                 rule.sparse_update(group, p, g, state, step)
                 continue
-            key = (backend, kind, first, id(step) if on_tensors else step, svs[i])
-            batches.setdefault(key, (step, []))[1].append(entry)
+            key_step = id(step) if on_tensors else step
+            if on_tensors and backend == "triton" and not rule.flags_read_step:
+                key_step = "stacked"  # device steps of a whole batch, one launch
+            key = (backend, kind, first, key_step, svs[i])
+            batch_steps, batch = batches.setdefault(key, ([], []))
+            batch_steps.append(step)
+            batch.append(entry)
 
-    for (backend, (_, dtype, _), first, _, sv), (step, batch) in batches.items():
+    for (backend, (_, dtype, _), first, key_step, sv), (batch_steps, batch) in batches.items():
         sv = dict(zip(scalar_names, sv))
+        step = batch_steps[0]
+        if key_step == "stacked" and len(batch) > 1:
+            # the rule's scalars, computed on a 1-D tensor of steps, give one value per param
+            step = torch.stack(batch_steps)
         flags = Flags(rule.flags(group, first, step, sv))
         scalars = rule.scalars(group, step, sv)
         if firsts:
@@ -345,6 +401,15 @@ def apply_rule(opt, group: dict) -> None:
         if dtype.is_complex:  # as torch: complex math is real math on the (re, im) view
             params, grads = _real_views(params), _real_views(grads)
             states = {n: _real_views(ts) for n, ts in states.items()}
-        kernels.get(backend).run(rule, flags, scalars, params, grads, states)
+        if backend == "triton":
+            kernels.get(backend).run(
+                rule, flags, scalars, params, grads, states, grad_scale, found_inf
+            )
+        else:
+            kernels.get(backend).run(rule, flags, scalars, params, grads, states)
+    if found_inf is not None and rule.has_step:
+        # as torch's fused optimizers: a skipped step does not count
+        steps_ = [e[2]["step"] for e in entries]
+        torch._foreach_sub_(steps_, [found_inf.to(s.device) for s in steps_])
     if scalar_names:
         _scalar_hook(rule.after, group, entries, steps, scalar_names)

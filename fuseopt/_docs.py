@@ -8,7 +8,9 @@ foreach = """foreach (bool, optional): whether the foreach (multi-tensor) implem
             kernel where it has one for the device and dtype (default: None)"""
 fused = """fused (bool, optional): whether the fused implementation (one numba kernel per step
             on CPU, float32 and float64) is used. If unspecified (None), fuseopt picks it on CPU
-            for those dtypes, unlike torch, whose CPU default is the for-loop (default: None)"""
+            for those dtypes, unlike torch, whose CPU default is the for-loop. On CUDA, the fused
+            implementation (and the default, when Triton is importable) is one Triton kernel
+            per step, for float32, float16, bfloat16 and float64 (default: None)"""
 maximize = """maximize (bool, optional): maximize the objective with respect to the params,
             instead of minimizing (default: False)"""
 capturable = """capturable (bool, optional): whether this instance is safe to capture in a

@@ -11,7 +11,8 @@ on fresh params (zeros) with small random grads; two warm-up steps each (the fir
 kernels and creates state, the second runs the steady-state variant, e.g. SGD's momentum after its
 first step); then ``steps`` steps of each, alternating between the two libraries, are timed with
 :func:`time.perf_counter`, and the median is reported. Both are freed before the next pair is built
-(Adam on gpt2-small holds ~2 GB per optimizer in float32).
+(Adam on gpt2-small holds ~2 GB per optimizer in float32). With ``--device cuda`` the params live
+on the GPU and each timed step is bracketed by ``torch.cuda.synchronize()``.
 """
 
 from __future__ import annotations
@@ -140,15 +141,25 @@ def _pick(names: Iterable[str] | None, table: Mapping[str, Any], what: str) -> l
 
 # ------------------------------------------------------------------------------------- timing
 def _make_params(
-    shapes: list[tuple[int, ...]], seed: int = 0, dtype: torch.dtype = torch.float32
+    shapes: list[tuple[int, ...]],
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
 ) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     params = []
     for shape in shapes:
-        p = torch.zeros(shape, dtype=dtype, requires_grad=True)
-        p.grad = torch.randn(shape, generator=gen).mul_(1e-3).to(dtype)
+        p = torch.zeros(shape, dtype=dtype, device=device, requires_grad=True)
+        p.grad = torch.randn(shape, generator=gen).mul_(1e-3).to(device, dtype)
         params.append(p)
     return params
+
+
+def _synchronizer(device: str):
+    """What waits for the device's queued work (a CUDA step returns before it runs)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.synchronize
+    return lambda: None
 
 
 def _time_pair(
@@ -157,6 +168,7 @@ def _time_pair(
     shapes: list[tuple[int, ...]],
     steps: int,
     dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
 ) -> dict[str, list[float] | Exception]:
     """Seconds per step of ``steps`` timed steps for each library, after the warm-up steps.
 
@@ -170,7 +182,9 @@ def _time_pair(
         for library, module in LIBRARIES.items():
             try:
                 opt = getattr(module, algorithm.name)(
-                    _make_params(shapes, dtype=dtype), **algorithm.kwargs, **IMPLEMENTATIONS[impl]
+                    _make_params(shapes, dtype=dtype, device=device),
+                    **algorithm.kwargs,
+                    **IMPLEMENTATIONS[impl],
                 )
                 for _ in range(WARMUP_STEPS):
                     opt.step()
@@ -179,10 +193,13 @@ def _time_pair(
             else:
                 opts[library] = opt
                 results[library] = []
+        sync = _synchronizer(device)
         for _ in range(steps):
             for library, opt in opts.items():
+                sync()
                 start = time.perf_counter()
                 opt.step()
+                sync()
                 results[library].append(time.perf_counter() - start)
         return results
     finally:
@@ -199,6 +216,7 @@ def run(
     *,
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
+    device: str = "cpu",
 ) -> list[dict[str, Any]]:
     """Time every (workload, algorithm, library, implementation); return one dict per result.
 
@@ -211,6 +229,7 @@ def run(
         dtype: of params, grads and states (float32, float64, bfloat16, float16).
         progress: show a progress bar on stderr (tqdm's if installed, else one line per
             configuration).
+        device: where the params live (``"cpu"``, ``"cuda"``).
 
     Each row has ``workload, algorithm, library, impl, numel, tensors, steps, ms`` (median ms/step),
     ``times_ms``, ``ratio`` (``ms`` over the best torch ``ms`` of the same workload and algorithm),
@@ -235,7 +254,7 @@ def run(
             algorithm = ALGORITHMS[algo_name]
             group = []
             for impl in impl_names:
-                timed = _time_pair(algorithm, impl, shapes, steps, dtype)
+                timed = _time_pair(algorithm, impl, shapes, steps, dtype, device)
                 for library in LIBRARIES:
                     row: dict[str, Any] = dict(
                         workload=workload,
@@ -284,18 +303,21 @@ class _ReadModifyWrite(Rule):
         return dict(param=param + grad)
 
 
-def measure_bandwidth(numel: int = 1 << 25, repeats: int = 7) -> float:
+def measure_bandwidth(numel: int = 1 << 25, repeats: int = 7, device: str = "cpu") -> float:
     """Memory bandwidth in GB/s: the best of ``repeats`` fused read-modify-write passes (the
     optimizers' own kernel machinery, 12 bytes per element) over float32 buffers far larger than
     the caches: the floor any elementwise optimizer step meets."""
-    from fuseopt.kernels import numba_cpu
+    from fuseopt.kernels import numba_cpu, triton_gpu
 
-    a, b = torch.ones(numel), torch.ones(numel)
-    rule = _ReadModifyWrite()
+    backend = triton_gpu if torch.device(device).type == "cuda" else numba_cpu
+    a, b = torch.ones(numel, device=device), torch.ones(numel, device=device)
+    rule, sync = _ReadModifyWrite(), _synchronizer(device)
     times = []
     for _ in range(repeats + 1):  # the first pass compiles (or loads) the kernel
+        sync()
         start = time.perf_counter()
-        numba_cpu.run(rule, Flags(), {}, [a], [b], {})
+        backend.run(rule, Flags(), {}, [a], [b], {})
+        sync()
         times.append(time.perf_counter() - start)
     return 12 * numel / min(times[1:]) / 1e9
 
@@ -374,8 +396,8 @@ def format_table(rows: list[dict[str, Any]], bandwidth: float | None = None) -> 
     return "\n".join(lines)
 
 
-def environment() -> dict[str, Any]:
-    """What the numbers depend on: versions, CPU, threads."""
+def environment(device: str = "cpu") -> dict[str, Any]:
+    """What the numbers depend on: versions, CPU (or GPU), threads."""
     try:
         import numba
 
@@ -392,6 +414,7 @@ def environment() -> dict[str, Any]:
         torch_threads=torch.get_num_threads(),
         cpus=os.cpu_count(),
         load_average=os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        device=torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu",
     )
 
 
@@ -404,7 +427,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The argument parser of ``python -m fuseopt.bench`` / ``fuseopt bench``."""
     parser = argparse.ArgumentParser(
         prog=prog or "python -m fuseopt.bench",
-        description="Time optimizer.step() of fuseopt against torch.optim (CPU).",
+        description="Time optimizer.step() of fuseopt against torch.optim.",
     )
     parser.add_argument(
         "--workloads",
@@ -442,6 +465,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="also measure, on the first workload: the extra memory of a step (fuseopt fused, "
         "torch foreach/fused), the first step of a new process, a step right after a matmul",
     )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where the params live (default: cpu); cuda times the Triton kernels",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write all results as JSON to PATH")
     parser.add_argument(
         "--quick",
@@ -473,7 +501,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         parser.error(str(e))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    env = environment()  # before the run: the load average must not count the benchmark itself
+    env = environment(args.device)  # before the run: the load average must not count the benchmark
     if env["load_average"] is not None and env["load_average"] >= 1.0:
         # Each parallel region waits for its slowest thread: when another process holds a core,
         # every region of every step waits for a time slice (torch runs one region per tensor
@@ -483,11 +511,12 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
             "other processes will make the timings noisy (try --threads 1)",
             file=sys.stderr,
         )
-    env["bandwidth_gbps"] = measure_bandwidth()
+    env["bandwidth_gbps"] = measure_bandwidth(device=args.device)
     dtype = DTYPES[args.dtype]
-    rows = run(workloads, args.algorithms, args.impls, steps, dtype=dtype)
+    rows = run(workloads, args.algorithms, args.impls, steps, dtype=dtype, device=args.device)
     print(
-        f"optimizer.step(), {args.dtype}, median of {steps} steps; torch {env['torch']}, "
+        f"optimizer.step(), {args.dtype}{'' if args.device == 'cpu' else ' on ' + env['device']}, "
+        f"median of {steps} steps; torch {env['torch']}, "
         f"numba {env['numba']}, {env['torch_threads']} threads; measured bandwidth "
         f"{env['bandwidth_gbps']:.1f} GB/s (x bound: fastest fuseopt time / bytes moved at it)"
     )

@@ -286,6 +286,15 @@ class Optimizer(torch.optim.Optimizer):
                 torch._foreach_zero_(grads)
 
     # ------------------------------------------------------------------------------------ step
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """GradScaler's question: does ``step`` unscale grads and skip inf steps itself (reading
+        the ``grad_scale`` and ``found_inf`` attributes GradScaler sets)? Yes where every param
+        runs the fused Triton kernels; torch answers yes for its fused optimizers."""
+        from fuseopt._dispatch import amp_scaling  # the dispatcher imports this module
+
+        return amp_scaling(self)
+
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         r"""Perform a single optimization step.
 

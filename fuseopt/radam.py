@@ -23,6 +23,7 @@ class RAdamRule(Rule):
     """RAdam's elementwise update; the rectification switch is a per-step flag."""
 
     state = (Zeros("exp_avg"), Zeros("exp_avg_sq"))
+    flags_read_step = True
 
     def flags(self, g, first, step, sv):
         return dict(

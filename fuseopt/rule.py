@@ -101,6 +101,9 @@ class Rule:
     #: whether ``update`` supports sparse grads (reference backend only); else this error is raised
     sparse_ok: bool = False
     sparse_error: str = "this optimizer does not support sparse gradients"
+    #: whether ``flags`` reads the step count (RAdam): then capturable params with tensor steps
+    #: cannot share one launch (their flags could differ) and each runs alone
+    flags_read_step: bool = False
 
     def flags(self, group: dict, first: bool, step: Any, sv: dict) -> dict:
         """Static choices for a batch.

@@ -1,6 +1,7 @@
-"""Backends that evaluate an update rule: ``reference`` (per tensor), ``foreach`` (tensor lists) and
-``numba`` (fused CPU kernel). Each module has ``run(rule, flags, scalars, params, grads, states)``;
-the kernel modules are imported only when first used, so ``import fuseopt`` stays light.
+"""Backends that evaluate an update rule: ``reference`` (per tensor), ``foreach`` (tensor lists),
+``numba`` (fused CPU kernel) and ``triton`` (fused CUDA kernel). Each module has
+``run(rule, flags, scalars, params, grads, states)``; the kernel modules are imported only when
+first used, and numba and Triton only when a kernel is built, so ``import fuseopt`` stays light.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ BACKENDS = {
     "reference": "fuseopt.kernels.reference",
     "foreach": "fuseopt.kernels.foreach",
     "numba": "fuseopt.kernels.numba_cpu",
+    "triton": "fuseopt.kernels.triton_gpu",
 }
 
 

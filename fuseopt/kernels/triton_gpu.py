@@ -1,0 +1,303 @@
+"""Fused CUDA backend: a rule's traced graph compiled into one Triton kernel per batch.
+
+The graph is the one the numba backend compiles (:func:`fuseopt.kernels.trace.trace`); only the
+spelling differs. One launch covers every tensor of a batch, as torch's ``multi_tensor_apply``
+does: the kernel gets a device table of data addresses (operand x tensor, int64) and a table of
+chunks ``(tensor, start, stop)``; program ``c`` walks chunk ``c``, loads its tensor's addresses
+from the table and casts them to typed pointers. Values are loaded in their storage dtype and
+computed in float32 (float64 for float64 params); float16/bfloat16 are rounded back once, on
+store.
+
+Host scalars reach the kernel as float32 arguments, or, where one of them is a tensor
+(``capturable``, a tensor ``lr``) or the params are float64, as a float64 device table with one
+row per tensor (or one shared row), so a captured step reads them from the device and never syncs.
+With GradScaler (``grad_scale``/``found_inf``), the kernel divides the grad by the scale and
+leaves everything unchanged where ``found_inf`` is set.
+
+Triton is imported only when a kernel is first built. ``TRITON_INTERPRET=1`` runs the same kernels
+on CPU tensors (Triton's interpreter): set ``FUSEOPT_FUSED_BACKEND=triton`` to dispatch CPU params
+here, which is how the tests check every algorithm without a GPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+from functools import cache, lru_cache
+
+import torch
+
+from fuseopt.kernels.numba_cpu import cache_dir
+from fuseopt.kernels.trace import Graph, trace
+
+BLOCK = 1024  # elements per vector step of a program
+CHUNK = 8 * BLOCK  # elements per program: enough programs for one large tensor to fill a GPU
+# Triton's interpreter runs each program in numpy: small blocks keep it fast, and let small test
+# tensors span several chunks and loop iterations.
+INTERPRET_BLOCK, INTERPRET_CHUNK = 64, 128
+# storage type of the pointers, compute type; bfloat16 is read as its bits (bf16_load/bf16_store)
+DTYPES = {
+    torch.float32: ("tl.float32", "tl.float32"),
+    torch.float16: ("tl.float16", "tl.float32"),
+    torch.bfloat16: ("tl.uint16", "tl.float32"),
+    torch.float64: ("tl.float64", "tl.float64"),
+}
+
+
+@cache
+def available() -> bool:
+    """Whether Triton can be imported."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def supports(dtype: torch.dtype) -> bool:
+    """Whether this backend has kernels for params of ``dtype``."""
+    return dtype in DTYPES
+
+
+def on_cpu() -> bool:
+    """Whether ``FUSEOPT_FUSED_BACKEND=triton`` asks for Triton on CPU tensors (its interpreter)."""
+    return os.environ.get("FUSEOPT_FUSED_BACKEND", "").lower() == "triton"
+
+
+def wanted(device: torch.device) -> bool:
+    """Whether the fused kernels for params on ``device`` are this backend's."""
+    if device.type == "cuda":
+        return available()
+    return device.type == "cpu" and on_cpu() and available()
+
+
+# ------------------------------------------------------------------------------------- codegen
+# Helpers with ATen's formulas, in every generated module (an interpreted kernel cannot call a
+# compiled helper, nor the other way round, so they are jitted with the kernel).
+_HELPERS = '''
+@triton.jit
+def lerp(a, b, w):
+    """ATen's two-sided lerp, with FMA."""
+    d = b - a
+    return tl.where(tl.abs(w) < 0.5, tl.fma(w, d, a), tl.fma(-d, 1.0 - w, b))
+
+
+@triton.jit
+def sign(a):
+    """torch.sign: 1, -1, or 0 (also for NaN)."""
+    return tl.where(a > 0, 1.0, tl.where(a < 0, -1.0, 0.0)).to(a.dtype)
+
+
+@triton.jit
+def clamp(a, lo, hi):
+    """torch.clamp with scalar bounds: NaN stays NaN, lo > hi gives hi."""
+    return tl.where(a != a, a, tl.minimum(tl.maximum(a, lo), hi))
+
+
+@triton.jit
+def bf16_load(ptr, offs, mask):
+    """bfloat16 bits to float32 (exact)."""
+    bits = tl.load(ptr + offs, mask=mask).to(tl.uint32)
+    return (bits << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def bf16_store(ptr, offs, x, mask):
+    """float32 to bfloat16 bits, rounded to nearest even as c10::BFloat16 (also in the
+    interpreter, whose own conversion truncates)."""
+    u = x.to(tl.uint32, bitcast=True)
+    r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    r = tl.where(x != x, 0x7FC0, r)
+    tl.store(ptr + offs, r.to(tl.uint16), mask=mask)
+'''
+
+
+def _expr(op: str, a: list[str], f64: bool) -> str:
+    if op == "neg":
+        return f"-{a[0]}"
+    if op in ("add", "sub", "mul"):
+        return f"{a[0]} {dict(add='+', sub='-', mul='*')[op]} {a[1]}"
+    if op == "div":  # Triton's `/` on float32 is approximate (div.full.f32); on float64 it is not
+        return f"{a[0]} / {a[1]}" if f64 else f"tl.div_rn({a[0]}, {a[1]})"
+    if op == "fma":
+        return f"tl.fma({a[0]}, {a[1]}, {a[2]})"
+    if op == "sqrt":  # correctly rounded, as CUDA's sqrtf (tl.sqrt on float32 is approximate)
+        return f"tl.sqrt({a[0]})" if f64 else f"tl.sqrt_rn({a[0]})"
+    if op in ("maximum", "minimum"):
+        return f"tl.{op}({a[0]}, {a[1]}, propagate_nan=tl.PropagateNan.ALL)"
+    if op == "abs":
+        return f"tl.abs({a[0]})"
+    if op in ("lerp", "sign", "clamp"):
+        return f"{op}({', '.join(a)})"
+    if op in ("gt", "lt", "eq"):
+        return f"{a[0]} {dict(gt='>', lt='<', eq='==')[op]} {a[1]}"
+    if op == "where":
+        return f"tl.where({a[0]}, {a[1]}, {a[2]})"
+    raise ValueError(f"triton backend: unknown op {op!r}")
+
+
+def source(graph: Graph, operands: tuple[str, ...], dtype: torch.dtype, table: bool) -> str:
+    """Python source of the Triton kernel for ``graph`` on tensors of ``dtype``; ``table``: the
+    scalars come from a device table instead of kernel arguments."""
+    storage, compute = DTYPES[dtype]
+    f64 = dtype == torch.float64
+    names = list(graph.scalars)
+    args = ["scal, scal_stride"] if table else [f"s{k}" for k in range(len(names))]
+    hoisted, body = [], []
+    for k, name in enumerate(operands):
+        hoisted.append(
+            f"    a{k} = tl.load(ptrs + {k} * NT + t).to(tl.pointer_type({storage}))  # {name}"
+        )
+    used = {x for op, a in graph.nodes if op not in ("input", "scalar", "const") for x in a}
+    used |= set(graph.outputs.values())
+    for i, (op, a) in enumerate(graph.nodes):
+        if op == "input":
+            if i not in used:
+                continue  # e.g. a FirstValue state on its first step: never read
+            k = operands.index(a[0])
+            if dtype == torch.bfloat16:
+                load = f"bf16_load(a{k}, offs, m)"
+            else:
+                load = f"tl.load(a{k} + offs, mask=m).to({compute})"
+            body.append(f"        v{i} = {load}")
+            if a[0] == "grad":  # GradScaler: unscale first, as torch's fused kernels
+                unscaled = _expr("div", [f"v{i}", "scale"], f64)
+                body.append(f"        if SCALE:\n            v{i} = {unscaled}")
+        elif op == "scalar":
+            k = names.index(a[0])
+            value = f"tl.load(scal + t * scal_stride + {k})" if table else f"s{k}"
+            hoisted.append(f"    v{i} = tl.cast({value}, {compute})  # {a[0]}")
+        elif op == "const":
+            hoisted.append(f"    v{i} = tl.full([BLOCK], {a[0]!r}, {compute})")
+        else:
+            body.append(f"        v{i} = {_expr(op, [f'v{x}' for x in a], f64)}")
+    for name, node in graph.outputs.items():
+        k = operands.index(name)
+        if dtype == torch.bfloat16:
+            body.append(f"        bf16_store(a{k}, offs, v{node}, m)")
+        else:
+            body.append(f"        tl.store(a{k} + offs, v{node}.to({storage}), mask=m)")
+    return "\n".join(
+        [
+            "# Generated by fuseopt.kernels.triton_gpu; do not edit.",
+            "import triton",
+            "import triton.language as tl",
+            _HELPERS,
+            "",
+            '@triton.jit(do_not_specialize=["NT"])',
+            f"def kernel(ptrs, chunks, NT, {', '.join(args)}, grad_scale, found_inf,",
+            "           SCALE: tl.constexpr, INF: tl.constexpr, BLOCK: tl.constexpr,",
+            "           CHUNK: tl.constexpr):",
+            "    c = tl.program_id(0)",
+            "    t = tl.load(chunks + 3 * c)",
+            "    lo = tl.load(chunks + 3 * c + 1)",
+            "    hi = tl.load(chunks + 3 * c + 2)",
+            "    if INF:  # a step with an inf/NaN grad changes nothing: mask every access",
+            "        hi = tl.where(tl.load(found_inf) == 0, hi, lo)",
+            "    if SCALE:",
+            f"        scale = tl.cast(tl.load(grad_scale), {compute})",
+            *hoisted,
+            "    for off in tl.range(0, CHUNK, BLOCK):",
+            "        offs = lo + off + tl.arange(0, BLOCK)",
+            "        m = offs < hi",
+            *body,
+            "",
+        ]
+    )
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@cache
+def _load(src: str, interpret: bool):
+    # Triton's @jit reads the kernel's source through inspect: it must live in a real file.
+    name = "fuseopt_triton_" + hashlib.sha1(src.encode()).hexdigest()[:20]
+    path = os.path.join(cache_dir(), name + ".py")
+    if not os.path.exists(path):
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.write(src)
+        os.replace(tmp, path)  # atomic: concurrent processes never see a half-written file
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)  # TRITON_INTERPRET is read here, by @triton.jit
+    if os.environ.get("FUSEOPT_DUMP_KERNELS"):
+        print(f"fuseopt: kernel {path}", file=sys.stderr)
+    return module.kernel
+
+
+@cache
+def kernel(rule, flags, operands: tuple[str, ...], dtype: torch.dtype, table: bool):
+    """The Triton kernel for ``rule`` with ``flags`` on ``operands`` of ``dtype``, and the names of
+    the scalars it takes, in order."""
+    graph = trace(rule, flags, operands)
+    src = source(graph, operands, dtype, table)
+    return _load(src, _interpreting()), tuple(graph.scalars)
+
+
+# -------------------------------------------------------------------------------------- launch
+@lru_cache(maxsize=256)
+def _chunks(numels: tuple[int, ...], device: torch.device, chunk: int) -> torch.Tensor:
+    """``(tensor, start, stop)`` rows covering every tensor, on ``device`` (cached: a captured
+    CUDA graph keeps reading the same table)."""
+    rows = [(t, lo, min(lo + chunk, n)) for t, n in enumerate(numels) for lo in range(0, n, chunk)]
+    return torch.tensor(rows or [(0, 0, 0)], dtype=torch.int64).to(device)
+
+
+@lru_cache(maxsize=256)
+def _pointers(addresses: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The address table (operand-major), on ``device``; cached while the tensors stay put."""
+    return torch.tensor(addresses, dtype=torch.int64).to(device)
+
+
+def _scalar_table(values: list, n: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    """Scalars as a float64 device table: ``(table, row stride)``; stride 0 when all tensors share
+    one row. Tensor scalars stay on the device (no host read); a 1-D one has a value per tensor."""
+    cols = [
+        v.to(device=device, dtype=torch.float64)
+        if torch.is_tensor(v)
+        else torch.full((), float(v), dtype=torch.float64, device=device)
+        for v in values
+    ]
+    if any(c.dim() == 1 for c in cols):
+        return torch.stack([c.expand(n) for c in cols], dim=1).contiguous(), len(cols)
+    return (torch.stack(cols) if cols else torch.zeros(1, dtype=torch.float64, device=device)), 0
+
+
+def run(
+    rule,
+    flags,
+    scalars: dict,
+    params: list,
+    grads: list,
+    states: dict[str, list],
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+) -> None:
+    """Apply ``rule`` to all tensors in one launch (tensors must be dense, like the param).
+
+    A scalar given as a 1-D tensor holds one value per tensor (``capturable`` steps stacked).
+    ``grad_scale``/``found_inf``: GradScaler's 0-dim tensors, as torch's fused kernels take them.
+    """
+    operands = ("param", "grad", *states)
+    dtype, device = params[0].dtype, params[0].device
+    values = list(scalars.values())
+    table = dtype == torch.float64 or any(torch.is_tensor(v) for v in values)
+    fn, names = kernel(rule, flags, operands, dtype, table)
+    lists = [params, grads, *states.values()]
+    ptrs = _pointers(tuple(t.data_ptr() for lst in lists for t in lst), device)
+    block, chunk = (INTERPRET_BLOCK, INTERPRET_CHUNK) if _interpreting() else (BLOCK, CHUNK)
+    chunks = _chunks(tuple(p.numel() for p in params), device, chunk)
+    if table:
+        scal, stride = _scalar_table([scalars[n] for n in names], len(params), device)
+        scalar_args = (scal, stride)
+    else:
+        scalar_args = tuple(float(scalars[n]) for n in names)
+    fn[(chunks.shape[0],)](
+        ptrs, chunks, len(params), *scalar_args,
+        ptrs if grad_scale is None else grad_scale.to(device),
+        ptrs if found_inf is None else found_inf.to(device),
+        SCALE=grad_scale is not None, INF=found_inf is not None, BLOCK=block, CHUNK=chunk,
+        enable_fp_fusion=False,  # FMAs exactly where the rule has them, as the numba kernels
+    )  # fmt: skip

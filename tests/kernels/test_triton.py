@@ -1,0 +1,357 @@
+"""The Triton kernels, run on CPU tensors by Triton's interpreter, against torch.optim's for-loop.
+
+``FUSEOPT_FUSED_BACKEND=triton`` sends CPU params to the Triton backend and ``TRITON_INTERPRET=1``
+makes ``@triton.jit`` interpret the generated kernels (read when a kernel module is loaded, so
+both are set before the first kernel is built). The interpreter rounds like the GPU except for
+``tl.fma`` (a multiply and an add there), so float32 uses the fused kernels' tolerance of
+test_parity. Half-precision params compute in float32 and round once per stored value, where
+torch's for-loop on the same dtype rounds after every op: see ``HALF_TOL``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from algorithms import ALGORITHMS, BY_NAME, cases
+from conftest import clone_params, make_grads, make_params
+from test_parity import TOL, _compare, _run
+
+import fuseopt
+from fuseopt._dispatch import amp_scaling
+from fuseopt.kernels import triton_gpu
+
+pytest.importorskip("triton")
+
+STEPS = 7  # torch's choice: RAdam's rectification starts at step 6
+# Several chunks and loop iterations at the interpreter's block sizes (64, 128).
+SHAPES = [(4, 3), (7,), (2, 3, 2), (), (0,), "transposed", (300,)]
+
+
+@pytest.fixture(autouse=True)
+def _triton_on_cpu(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("FUSEOPT_FUSED_BACKEND", "triton")
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """The arguments of every Triton launch (one per batch) so far."""
+    calls = []
+    run = triton_gpu.run
+    monkeypatch.setattr(triton_gpu, "run", lambda *a, **k: (calls.append(a), run(*a, **k))[1])
+    return calls
+
+
+def _problem(dtype, steps=STEPS):
+    params = make_params(dtype, shapes=SHAPES)
+    return params, clone_params(params), make_grads(params, steps)
+
+
+@pytest.mark.parametrize(
+    ("algo", "kwargs"), [pytest.param(a, kw, id=f"{a.name}-{d}") for a, d, kw in cases()]
+)
+def test_float32_parity(algo, kwargs, launches):
+    """Every algorithm and option set of the parity table, fused=True, one launch per step."""
+    params, ref_params, grads = _problem(torch.float32)
+    opt = _run(algo.ours, params, grads, **kwargs, fused=True)
+    ref = _run(algo.theirs, ref_params, grads, **kwargs, foreach=False)
+    _compare(opt, ref, params, ref_params, False, torch.float32)
+    assert len(launches) == STEPS
+    assert all(len(call[3]) == len(params) for call in launches)  # the transposed one too
+
+
+def test_default_is_triton_and_float64(launches):
+    """With the switch, the default implementation is the Triton kernel; float64 computes in
+    float64 (scalars through the device table)."""
+    params, ref_params, grads = _problem(torch.float64)
+    kwargs = dict(weight_decay=0.1, amsgrad=True)
+    opt = _run(fuseopt.Adam, params, grads, **kwargs)
+    ref = _run(torch.optim.Adam, ref_params, grads, **kwargs, foreach=False)
+    _compare(opt, ref, params, ref_params, False, torch.float64)
+    assert len(launches) == STEPS
+
+
+def test_complex_runs_on_the_real_view():
+    params, ref_params, grads = _problem(torch.complex64)
+    opt = _run(fuseopt.Adam, params, grads, fused=True)
+    ref = _run(torch.optim.Adam, ref_params, grads, foreach=False)
+    _compare(opt, ref, params, ref_params, False, torch.complex64)
+
+
+# Half precision: the kernel computes in float32 and rounds each stored value once per step. The
+# oracle does the same with torch: its for-loop on float32 copies, rounding params and state to
+# the dtype after each step. (torch's for-loop on the half dtype itself rounds after every op and
+# breaks down where float16 cannot hold eps=1e-8 or centered RMSprop cancels.) Both sides round
+# float32 values that may differ by an ulp (sqrt, fma), so a value may land one unit of the
+# dtype's last place away and carry that on: rtol is the dtype's eps (one to two such units), and
+# atol one unit at the params' scale (|p| ~ 1), which an additive update (Rprop, SGD) keeps
+# while it carries the param towards 0.
+HALF_TOL = {
+    torch.bfloat16: dict(rtol=2**-7, atol=2**-7),
+    torch.float16: dict(rtol=2**-10, atol=2**-10),
+}
+
+
+def _run_rounded(cls, params, grads, dtype, **kwargs):
+    """torch's step in float32 on ``params``, each stored value rounded to ``dtype`` after it."""
+    opt = cls(params, **kwargs)
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.float()
+        opt.step()
+        with torch.no_grad():
+            for p in params:
+                p.copy_(p.to(dtype))
+                for value in opt.state[p].values():
+                    if torch.is_tensor(value) and value.dim():
+                        value.copy_(value.to(dtype))
+    return opt
+
+
+@pytest.mark.parametrize("dtype", list(HALF_TOL), ids=str)
+@pytest.mark.parametrize("algo", ALGORITHMS, ids=lambda a: a.name)
+def test_half_precision(algo, dtype):
+    """float16/bfloat16 params (and state) with the richest option set of each algorithm."""
+    desc, kwargs = algo.configs()[-1]
+    params, ref_params, grads = _problem(dtype)
+    ref_params = [p.detach().float().requires_grad_() for p in ref_params]
+    opt = _run(algo.ours, params, grads, **kwargs, fused=True)
+    ref = _run_rounded(algo.theirs, ref_params, grads, dtype, **kwargs, foreach=False)
+    for p, q in zip(params, ref_params):
+        assert p.dtype == dtype
+        torch.testing.assert_close(p.detach().float(), q.detach(), **HALF_TOL[dtype])
+    theirs = ref.state_dict()["state"]
+    for i, state in opt.state_dict()["state"].items():
+        for key, value in state.items():
+            if key == "step":
+                assert torch.equal(value, theirs[i][key])
+            elif torch.is_tensor(value) and value.dim():
+                assert value.dtype == dtype
+                torch.testing.assert_close(value.float(), theirs[i][key], **HALF_TOL[dtype])
+
+
+CAPTURABLE = [a for a in ALGORITHMS if a.name not in ("SGD", "Adagrad")]  # torch's capturable ones
+
+
+@pytest.mark.parametrize("algo", CAPTURABLE, ids=lambda a: a.name)
+def test_capturable(algo, launches):
+    """capturable=True: scalars computed from the device steps (no host read of them), all params
+    in one launch (RAdam, whose flags read the step, one launch per param), torch's numbers."""
+    desc, kwargs = algo.configs()[-1]
+    kwargs = {k: v for k, v in kwargs.items() if not torch.is_tensor(v)}
+    params, ref_params, grads = _problem(torch.float32)
+    opt = _run(algo.ours, params, grads, **kwargs, capturable=True)
+    ref = _run(algo.theirs, ref_params, grads, **kwargs, foreach=False)
+    _compare_capturable(opt, ref, params, ref_params)
+    per_step = len(params) if algo.name == "RAdam" else 1
+    assert len(launches) == STEPS * per_step
+    if algo.name in ("Adam", "AdamW", "Adamax", "NAdam", "RAdam"):  # bias corrections
+        assert any(torch.is_tensor(v) for v in launches[-1][2].values())
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "Adamax", "Adadelta", "RMSprop", "Rprop"])
+def test_capturable_step_reads_nothing_back(name, monkeypatch):
+    """A capturable step never reads a tensor back to the host (what a CUDA graph forbids);
+    NAdam and ASGD (host scalar state) and RAdam (a flag from the step) still do."""
+    desc, kwargs = BY_NAME[name].configs()[-1]
+    params, _, grads = _problem(torch.float32, steps=3)
+    opt = BY_NAME[name].ours(params, **kwargs, capturable=True)
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("host read")
+
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        with monkeypatch.context() as m:
+            for method in ("item", "tolist", "__float__", "__bool__", "numpy"):
+                m.setattr(torch.Tensor, method, host_read)
+            opt.step()
+
+
+def test_capturable_params_with_different_steps():
+    """Stacked steps give each tensor its own bias corrections."""
+    params, ref_params, grads = _problem(torch.float32)
+    opt = fuseopt.Adam(params, capturable=True)
+    ref = torch.optim.Adam(ref_params, foreach=False)
+    for i, step_grads in enumerate(grads):
+        for j, (p, q, g) in enumerate(zip(params, ref_params, step_grads)):
+            skip = j == 0 and i % 2  # the first param has no grad every other step
+            p.grad = None if skip else g.clone()
+            q.grad = None if skip else g.clone()
+        opt.step()
+        ref.step()
+    _compare_capturable(opt, ref, params, ref_params)
+
+
+def _compare_capturable(opt, ref, params, ref_params):
+    """``_compare``, the groups differing only by the ``capturable`` flag the test chose."""
+    for group in opt.param_groups:
+        assert group["capturable"]
+        group["capturable"] = False
+    _compare(opt, ref, params, ref_params, False, torch.float32)
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "SGD", "Adagrad", "RMSprop", "NAdam"])
+def test_grad_scale_and_found_inf(name):
+    """GradScaler's attributes: grads divided by ``grad_scale`` in the kernel; a step with
+    ``found_inf`` leaves params, state and the step count unchanged."""
+    algo = BY_NAME[name]
+    desc, kwargs = algo.configs()[-1]
+    kwargs = {k: v for k, v in kwargs.items() if not torch.is_tensor(v)}
+    params, ref_params, grads = _problem(torch.float32)
+    opt = algo.ours(params, **kwargs, fused=True)
+    assert opt._step_supports_amp_scaling
+    ref = algo.theirs(ref_params, **kwargs, foreach=False)
+    scale = torch.tensor(1024.0)
+    for step_grads in grads:
+        for p, q, g in zip(params, ref_params, step_grads):
+            p.grad, q.grad = g * scale, g.clone()
+        opt.grad_scale, opt.found_inf = scale, torch.tensor(0.0)
+        opt.step()
+        ref.step()
+    _compare(opt, ref, params, ref_params, False, torch.float32)
+    before = ([p.detach().clone() for p in params], opt.state_dict())
+    for p in params:
+        p.grad = torch.full_like(p, float("inf"))
+    opt.found_inf = torch.tensor(1.0)
+    opt.step()
+    del opt.grad_scale, opt.found_inf
+    for p, q in zip(params, before[0]):
+        assert torch.equal(p.detach(), q)
+    after = opt.state_dict()["state"]
+    for i, state in before[1]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(after[i][key], value), key
+
+
+def test_grad_scaler_end_to_end():
+    """torch.amp.GradScaler drives fuseopt's fused step (no unscale pass of its own) to the same
+    params as torch's for-loop Adam under the same scaler, inf steps included."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 5, generator=gen)
+    results = []
+    for cls, flags in ((fuseopt.Adam, dict(fused=True)), (torch.optim.Adam, dict(foreach=False))):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(5, 3)
+        opt = cls(model.parameters(), lr=0.01, **flags)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        for i in range(4):
+            loss = model(x).square().mean() * (float("inf") if i == 2 else 1.0)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+        results.append((list(model.parameters()), opt.state_dict()["state"][0]["step"]))
+    for p, q in zip(results[0][0], results[1][0]):
+        torch.testing.assert_close(p, q, **TOL[torch.float32])
+    assert results[0][1] == results[1][1] == 3
+
+
+def test_amp_scaling_only_where_triton_runs(monkeypatch):
+    p = torch.zeros(3, requires_grad=True)
+    assert amp_scaling(fuseopt.Adam([p], fused=True))
+    assert amp_scaling(fuseopt.Adam([p]))  # the default is the Triton kernel here
+    assert not amp_scaling(fuseopt.Adam([p], foreach=True))
+    assert not fuseopt.LBFGS([p])._step_supports_amp_scaling
+    monkeypatch.delenv("FUSEOPT_FUSED_BACKEND")
+    assert not amp_scaling(fuseopt.Adam([p], fused=True))  # numba: GradScaler unscales first
+    opt = fuseopt.Adam([p], fused=True)
+    p.grad = torch.ones(3)
+    opt.grad_scale = torch.tensor(2.0)
+    with pytest.raises(AssertionError, match="Expected grad_scale and found_inf to be None"):
+        opt.step()
+    assert not opt.state  # nothing changed
+
+
+def test_without_triton_the_numba_kernel_runs(monkeypatch, launches):
+    """Where Triton cannot be imported, the switch is ignored: CPU params take the numba kernel."""
+    monkeypatch.setattr(triton_gpu, "available", lambda: False)
+    params, ref_params, grads = _problem(torch.float32)
+    opt = _run(fuseopt.Adam, params, grads, fused=True)
+    ref = _run(torch.optim.Adam, ref_params, grads, foreach=False)
+    _compare(opt, ref, params, ref_params, False, torch.float32)
+    assert not launches and not opt._step_supports_amp_scaling
+    half = torch.zeros(2, dtype=torch.bfloat16, requires_grad=True)
+    half.grad = torch.ones_like(half)
+    with pytest.raises(RuntimeError, match="supported devices"):
+        fuseopt.Adam([half], fused=True).step()
+
+
+def test_generated_source_is_shared_and_readable():
+    """The Triton kernel comes from the traced graph the numba kernel uses; its source spells the
+    vocabulary with correctly rounded division and sqrt."""
+    from fuseopt.kernels.trace import trace
+
+    rule, ops = fuseopt.Adam.rule, ("param", "grad", "exp_avg", "exp_avg_sq")
+    flags = rule.flags(
+        dict(amsgrad=False, maximize=False, weight_decay=0, decoupled_weight_decay=False),
+        False,
+        1,
+        {},
+    )
+    from fuseopt.rule import Flags
+
+    graph = trace(rule, Flags(flags), ops)
+    src = triton_gpu.source(graph, ops, torch.bfloat16, table=False)
+    assert "tl.sqrt_rn(" in src and "tl.div_rn(" in src and "lerp(" in src
+    assert "bf16_store(" in src and src.count("tl.load(ptrs + ") == len(ops)
+
+
+# (dtype, scalars from the device table) per algorithm, in turn: every dtype and both scalar paths
+_COMPILED = [(torch.float32, False), (torch.bfloat16, True), (torch.float16, False)]
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS, ids=lambda a: a.name)
+def test_kernel_compiles_for_sm90(algo, launches, monkeypatch):
+    """The interpreter forgives what the compiler may not: each algorithm's kernel (its richest
+    option set, GradScaler on) compiles to PTX for an H100 (sm_90) without a GPU, with
+    correctly rounded division and sqrt (no ``.approx``) and the rule's FMAs."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    desc, kwargs = algo.configs()[-1]
+    params, _, grads = _problem(torch.float32, steps=2)
+    _run(algo.ours, params, grads, **kwargs, fused=True)
+    rule, flags, scalars, _, _, states = launches[-1][:6]
+    dtype, table = _COMPILED[ALGORITHMS.index(algo) % len(_COMPILED)]
+    operands = ("param", "grad", *states)
+    graph = triton_gpu.trace(rule, flags, operands)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    fn = triton_gpu._load(triton_gpu.source(graph, operands, dtype, table), False)
+    signature = {"ptrs": "*i64", "chunks": "*i64", "NT": "i32"}
+    if table:
+        signature.update(scal="*fp64", scal_stride="i32")
+    else:
+        signature.update({f"s{k}": "fp32" for k in range(len(graph.scalars))})
+    signature.update(grad_scale="*fp32", found_inf="*fp32")
+    constexprs = dict(SCALE=True, INF=True, BLOCK=triton_gpu.BLOCK, CHUNK=triton_gpu.CHUNK)
+    signature.update(dict.fromkeys(constexprs, "constexpr"))
+    import triton
+
+    compiled = triton.compile(
+        ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+        target=GPUTarget("cuda", 90, 32),
+        options={"enable_fp_fusion": False},
+    )
+    ptx = compiled.asm["ptx"]
+    assert ".approx" not in ptx
+    if any(op in ("fma", "lerp") for op, _ in graph.nodes):
+        assert "fma.rn.f32" in ptx
+    if any(op == "sqrt" for op, _ in graph.nodes):
+        assert "sqrt.rn.f32" in ptx
+
+
+def test_imports_triton_lazily():
+    """``import fuseopt`` and a CPU step without the switch never import Triton."""
+    code = (
+        "import sys, torch, fuseopt\n"
+        "p = torch.zeros(3, requires_grad=True); p.grad = torch.ones(3)\n"
+        "fuseopt.Adam([p]).step()\n"
+        "assert 'triton' not in sys.modules, 'triton imported'\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "FUSEOPT_FUSED_BACKEND"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
