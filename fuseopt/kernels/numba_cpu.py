@@ -145,8 +145,10 @@ def cache_dir() -> str:
 
 
 @cache
-def _load(src: str):
-    name = "fuseopt_kernel_" + hashlib.sha1(src.encode()).hexdigest()[:20]
+def import_source(src: str, prefix: str):
+    """Write generated ``src`` to :func:`cache_dir` (once; the name hashes the source) and import
+    it as a module (kernel compilers read real files: numba's cache, Triton's ``inspect``)."""
+    name = prefix + hashlib.sha1(src.encode()).hexdigest()[:20]
     path = os.path.join(cache_dir(), name + ".py")
     if not os.path.exists(path):
         tmp = f"{path}.{os.getpid()}.tmp"
@@ -159,7 +161,7 @@ def _load(src: str):
     spec.loader.exec_module(module)
     if os.environ.get("FUSEOPT_DUMP_KERNELS"):
         print(f"fuseopt: kernel {path}", file=sys.stderr)
-    return module.kernel
+    return module
 
 
 @cache
@@ -167,7 +169,9 @@ def kernel(rule, flags, operands: tuple[str, ...], dtype: torch.dtype):
     """The compiled kernel for ``rule`` with ``flags`` on ``operands`` of ``dtype``, and the names
     of the scalars it takes, in order."""
     graph = trace(rule, flags, operands)
-    return _load(source(graph, operands, dtype)), tuple(graph.scalars)
+    return import_source(source(graph, operands, dtype), "fuseopt_kernel_").kernel, tuple(
+        graph.scalars
+    )
 
 
 # -------------------------------------------------------------------------------------- launch

@@ -21,15 +21,13 @@ here, which is how the tests check every algorithm without a GPU.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
-import sys
 from functools import cache, lru_cache
 
 import torch
 
-from fuseopt.kernels.numba_cpu import cache_dir
+from fuseopt.kernels.numba_cpu import import_source
 from fuseopt.kernels.trace import Graph, trace
 
 BLOCK = 1024  # elements per vector step of a program
@@ -209,31 +207,14 @@ def _interpreting() -> bool:
 
 
 @cache
-def _load(src: str, interpret: bool):
-    # Triton's @jit reads the kernel's source through inspect: it must live in a real file.
-    name = "fuseopt_triton_" + hashlib.sha1(src.encode()).hexdigest()[:20]
-    path = os.path.join(cache_dir(), name + ".py")
-    if not os.path.exists(path):
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            f.write(src)
-        os.replace(tmp, path)  # atomic: concurrent processes never see a half-written file
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)  # TRITON_INTERPRET is read here, by @triton.jit
-    if os.environ.get("FUSEOPT_DUMP_KERNELS"):
-        print(f"fuseopt: kernel {path}", file=sys.stderr)
-    return module.kernel
-
-
-@cache
 def kernel(rule, flags, operands: tuple[str, ...], dtype: torch.dtype, table: bool):
     """The Triton kernel for ``rule`` with ``flags`` on ``operands`` of ``dtype``, and the names of
     the scalars it takes, in order."""
     graph = trace(rule, flags, operands)
     src = source(graph, operands, dtype, table)
-    return _load(src, _interpreting()), tuple(graph.scalars)
+    # @triton.jit reads TRITON_INTERPRET when the module runs: one module per mode
+    prefix = "fuseopt_triton_interp_" if _interpreting() else "fuseopt_triton_"
+    return import_source(src, prefix).kernel, tuple(graph.scalars)
 
 
 # -------------------------------------------------------------------------------------- launch

@@ -321,7 +321,9 @@ def test_kernel_compiles_for_sm90(algo, launches, monkeypatch):
     operands = ("param", "grad", *states)
     graph = triton_gpu.trace(rule, flags, operands)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    fn = triton_gpu._load(triton_gpu.source(graph, operands, dtype, table), False)
+    fn = triton_gpu.import_source(
+        triton_gpu.source(graph, operands, dtype, table), "fuseopt_triton_"
+    ).kernel
     signature = {"ptrs": "*i64", "chunks": "*i64", "NT": "i32"}
     if table:
         signature.update(scal="*fp64", scal_stride="i32")
