@@ -276,7 +276,8 @@ class LBFGS(Optimizer):
         """Loss and flat gradient at ``x + t d``; the params are put back to ``x`` afterwards."""
         self._add_grad(t, d)
         with torch.enable_grad():
-            loss = float(closure())
+            loss = closure()
+        loss = float(loss)  # outside grad mode: torch warns converting a grad-requiring tensor
         flat_grad = self._gather_flat_grad()
         self._set_param(x)
         return loss, flat_grad
@@ -388,7 +389,8 @@ class LBFGS(Optimizer):
                 # that evaluation would be wasted, and the next step starts with one anyway.
                 if n_iter != max_iter:
                     with torch.enable_grad():
-                        loss = float(closure())
+                        loss = closure()
+                    loss = float(loss)
                     flat_grad = self._gather_flat_grad()
                     opt_cond = flat_grad.abs().max() <= tolerance_grad
                     evals = 1

@@ -62,6 +62,7 @@ def test_constructor_errors_match_torch(cls, kwargs, exc, match):
         cls([torch.zeros(2, requires_grad=True)], **kwargs)
 
 
+@pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
 @pytest.mark.parametrize("cls", [fuseopt.Adam, fuseopt.AdamW, fuseopt.SGD])
 def test_fused_rejects_unsupported_dtype_before_changing_anything(cls):
     """fused=True on a dtype without kernel: a clear error, and no param or state touched."""
