@@ -7,7 +7,8 @@ foreach = """foreach (bool, optional): whether the foreach (multi-tensor) implem
             used. If unspecified by the user (so foreach is None), fuseopt runs its fused
             kernel where it has one for the device and dtype (default: None)"""
 fused = """fused (bool, optional): whether the fused implementation (one numba kernel per step
-            on CPU, float32 and float64) is used. If unspecified (None), fuseopt picks it on CPU
+            on CPU, for float32, float64, bfloat16 and float16, the 16-bit ones computed in
+            float32 and rounded once) is used. If unspecified (None), fuseopt picks it on CPU
             for those dtypes, unlike torch, whose CPU default is the for-loop. On CUDA, the fused
             implementation (and the default, when Triton is importable) is one Triton kernel
             per step, for float32, float16, bfloat16 and float64 (default: None)"""
