@@ -169,12 +169,15 @@ def _time_pair(
     steps: int,
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
+    calibration: _Calibration | None = None,
 ) -> dict[str, list[float] | Exception]:
     """Seconds per step of ``steps`` timed steps for each library, after the warm-up steps.
 
     Both libraries' optimizers live at once and their steps alternate, so that a slow spell of a
     shared machine (memory bandwidth here drifts by tens of percent) hits both alike. A library
-    whose optimizer cannot be built or stepped gets the exception instead of times.
+    whose optimizer cannot be built or stepped gets the exception instead of times. With
+    ``calibration``, one bandwidth pass runs after each round of steps: ``"calibration"`` holds
+    the GB/s the machine gave at those moments.
     """
     opts: dict[str, Any] = {}
     results: dict[str, list[float] | Exception] = {}
@@ -194,6 +197,7 @@ def _time_pair(
                 opts[library] = opt
                 results[library] = []
         sync = _synchronizer(device)
+        gbps = []
         for _ in range(steps):
             for library, opt in opts.items():
                 sync()
@@ -201,6 +205,10 @@ def _time_pair(
                 opt.step()
                 sync()
                 results[library].append(time.perf_counter() - start)
+            if calibration is not None:
+                gbps.append(calibration())
+        if calibration is not None:
+            results["calibration"] = gbps
         return results
     finally:
         # Free the state and tensors now: the next pair may need the memory (gpt2-small).
@@ -247,6 +255,7 @@ def run(
     total = len(shapes_by_name) * len(algos) * len(LIBRARIES) * len(impl_names)
     # Updated between timed pairs only, so drawing the bar never falls inside a timed step.
     bar = Progress(total, "bench", enabled=progress)
+    calibration = _Calibration(device)
     rows: list[dict[str, Any]] = []
     for workload, shapes in shapes_by_name.items():
         numel = sum(math.prod(s) for s in shapes)
@@ -254,7 +263,7 @@ def run(
             algorithm = ALGORITHMS[algo_name]
             group = []
             for impl in impl_names:
-                timed = _time_pair(algorithm, impl, shapes, steps, dtype, device)
+                timed = _time_pair(algorithm, impl, shapes, steps, dtype, device, calibration)
                 for library in LIBRARIES:
                     row: dict[str, Any] = dict(
                         workload=workload,
@@ -269,6 +278,7 @@ def run(
                         times_ms=[],
                         ratio=None,
                         gbps=None,
+                        bandwidth_gbps=statistics.median(timed["calibration"]),
                         error=None,
                     )
                     times = timed[library]
@@ -303,23 +313,32 @@ class _ReadModifyWrite(Rule):
         return dict(param=param + grad)
 
 
-def measure_bandwidth(numel: int = 1 << 25, repeats: int = 7, device: str = "cpu") -> float:
-    """Memory bandwidth in GB/s: the best of ``repeats`` fused read-modify-write passes (the
-    optimizers' own kernel machinery, 12 bytes per element) over float32 buffers far larger than
-    the caches: the floor any elementwise optimizer step meets."""
-    from fuseopt.kernels import numba_cpu, triton_gpu
+class _Calibration:
+    """A fused read-modify-write pass (the optimizers' own kernel machinery, 12 bytes per
+    element) over float32 buffers far larger than the caches; calling it returns the GB/s of one
+    pass: the bandwidth an elementwise optimizer step could have had at that moment."""
 
-    backend = triton_gpu if torch.device(device).type == "cuda" else numba_cpu
-    a, b = torch.ones(numel, device=device), torch.ones(numel, device=device)
-    rule, sync = _ReadModifyWrite(), _synchronizer(device)
-    times = []
-    for _ in range(repeats + 1):  # the first pass compiles (or loads) the kernel
-        sync()
+    def __init__(self, device: str = "cpu", numel: int = 1 << 24) -> None:
+        from fuseopt.kernels import numba_cpu, triton_gpu
+
+        self.backend = triton_gpu if torch.device(device).type == "cuda" else numba_cpu
+        self.a, self.b = torch.ones(numel, device=device), torch.ones(numel, device=device)
+        self.sync, self.rule = _synchronizer(device), _ReadModifyWrite()
+        self()  # the first pass compiles (or loads) the kernel
+
+    def __call__(self) -> float:
+        self.sync()
         start = time.perf_counter()
-        backend.run(rule, Flags(), {}, [a], [b], {})
-        sync()
-        times.append(time.perf_counter() - start)
-    return 12 * numel / min(times[1:]) / 1e9
+        self.backend.run(self.rule, Flags(), {}, [self.a], [self.b], {})
+        self.sync()
+        return 12 * self.a.numel() / (time.perf_counter() - start) / 1e9
+
+
+def measure_bandwidth(numel: int = 1 << 25, repeats: int = 7, device: str = "cpu") -> float:
+    """Memory bandwidth in GB/s: the best of ``repeats`` passes of :class:`_Calibration` (the
+    floor any elementwise optimizer step meets)."""
+    calibration = _Calibration(device, numel)
+    return max(calibration() for _ in range(repeats))
 
 
 # -------------------------------------------------------------------------------------- report
@@ -379,7 +398,9 @@ def format_table(rows: list[dict[str, Any]], bandwidth: float | None = None) -> 
         cells.append(f"{best['impl'] if best else 'n/a':>{w}}")
         cells.append(f"{best['gbps']:>6.1f}" if best else f"{'n/a':>6}")
         if bandwidth:
-            cells.append(f"{bandwidth / best['gbps']:>6.2f}x" if best else f"{'n/a':>7}")
+            # the bandwidth measured between this row's steps where the run has it
+            bw = best and (best.get("bandwidth_gbps") or bandwidth)
+            cells.append(f"{bw / best['gbps']:>6.2f}x" if best else f"{'n/a':>7}")
         lines.append(" ".join(cells))
     # torch has fused kernels for few algorithms: one line for those, then any other failure
     no_fused = [
@@ -517,8 +538,9 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     print(
         f"optimizer.step(), {args.dtype}{'' if args.device == 'cpu' else ' on ' + env['device']}, "
         f"median of {steps} steps; torch {env['torch']}, "
-        f"numba {env['numba']}, {env['torch_threads']} threads; measured bandwidth "
-        f"{env['bandwidth_gbps']:.1f} GB/s (x bound: fastest fuseopt time / bytes moved at it)"
+        f"numba {env['numba']}, {env['torch_threads']} threads; bandwidth {env['bandwidth_gbps']:.1f} "
+        "GB/s at the start (x bound: fastest fuseopt time / time of its bytes at the bandwidth "
+        "measured between its steps)"
     )
     print(format_table(rows, env["bandwidth_gbps"]))
     probes = None
