@@ -176,8 +176,8 @@ def _time_pair(
     Both libraries' optimizers live at once and their steps alternate, so that a slow spell of a
     shared machine (memory bandwidth here drifts by tens of percent) hits both alike. A library
     whose optimizer cannot be built or stepped gets the exception instead of times. With
-    ``calibration``, one bandwidth pass runs after each round of steps: ``"calibration"`` holds
-    the GB/s the machine gave at those moments.
+    ``calibration``, a bandwidth pass runs just before and just after the timed steps:
+    ``"calibration"`` holds the GB/s the machine gave then.
     """
     opts: dict[str, Any] = {}
     results: dict[str, list[float] | Exception] = {}
@@ -197,7 +197,9 @@ def _time_pair(
                 opts[library] = opt
                 results[library] = []
         sync = _synchronizer(device)
-        gbps = []
+        # Calibrate just before and after the timed steps, not between them: a calibration pass
+        # evicts the caches, and small workloads would then be timed cold.
+        gbps = [calibration()] if calibration is not None else []
         for _ in range(steps):
             for library, opt in opts.items():
                 sync()
@@ -205,10 +207,8 @@ def _time_pair(
                 opt.step()
                 sync()
                 results[library].append(time.perf_counter() - start)
-            if calibration is not None:
-                gbps.append(calibration())
         if calibration is not None:
-            results["calibration"] = gbps
+            results["calibration"] = [*gbps, calibration()]
         return results
     finally:
         # Free the state and tensors now: the next pair may need the memory (gpt2-small).
@@ -398,7 +398,7 @@ def format_table(rows: list[dict[str, Any]], bandwidth: float | None = None) -> 
         cells.append(f"{best['impl'] if best else 'n/a':>{w}}")
         cells.append(f"{best['gbps']:>6.1f}" if best else f"{'n/a':>6}")
         if bandwidth:
-            # the bandwidth measured between this row's steps where the run has it
+            # the bandwidth measured around this row's steps where the run has it
             bw = best and (best.get("bandwidth_gbps") or bandwidth)
             cells.append(f"{bw / best['gbps']:>6.2f}x" if best else f"{'n/a':>7}")
         lines.append(" ".join(cells))
@@ -540,7 +540,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         f"median of {steps} steps; torch {env['torch']}, "
         f"numba {env['numba']}, {env['torch_threads']} threads; bandwidth {env['bandwidth_gbps']:.1f} "
         "GB/s at the start (x bound: fastest fuseopt time / time of its bytes at the bandwidth "
-        "measured between its steps)"
+        "measured around its steps)"
     )
     print(format_table(rows, env["bandwidth_gbps"]))
     probes = None

@@ -65,9 +65,9 @@ def test_bench_dtype_counts_bytes_of_that_dtype():
     assert ours["gbps"] == pytest.approx(moved / (ours["ms"] * 1e6))
 
 
-def test_x_bound_uses_the_bandwidth_measured_between_the_rows_steps():
+def test_x_bound_uses_the_bandwidth_measured_around_the_rows_steps():
     """This VM's bandwidth drifts within a run: each row's bound comes from calibration passes
-    run between its own steps, not from the figure measured at the start."""
+    run around its own steps, not from the figure measured at the start."""
     rows = bench.run({"tiny": [[64, 64]]}, ["SGD"], ["fused"], steps=2, progress=False)
     assert all(r["bandwidth_gbps"] > 0 for r in rows)
     ours = next(r for r in rows if r["library"] == "fuseopt")
