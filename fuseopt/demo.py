@@ -28,7 +28,13 @@ from torch.nn import functional as F
 
 import fuseopt
 from fuseopt import lr_scheduler, swa_utils
-from fuseopt._console import MISSING_EXTRA, Progress, check_image_format, check_output
+from fuseopt._console import (
+    MISSING_EXTRA,
+    Progress,
+    check_image_format,
+    check_output,
+    write_plot,
+)
 
 __all__ = [
     "ALGORITHMS",
@@ -460,14 +466,11 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         "train loss: full train set, final weights; test acc: final weights (the EMA's for +EMA); "
         "step s: time in optimizer.step() (after a 2-step warm-up on a throwaway copy)"
     )
-    if not args.no_plot:
-        try:
-            plot(results, args.output, title, per_epoch)
-        except OSError as e:
-            print(f"{parser.prog}: error: cannot write -o/--output: {e}", file=sys.stderr)
-            return 1
-        print(f"wrote {args.output}")
-    return 0
+    if args.no_plot:
+        return 0
+    return write_plot(
+        lambda: plot(results, args.output, title, per_epoch), args.output, parser.prog
+    )
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from typing import Any
 
 import fuseopt
 from fuseopt import lr_scheduler
-from fuseopt._console import MISSING_EXTRA, check_image_format, check_output
+from fuseopt._console import MISSING_EXTRA, check_image_format, check_output, write_plot
 
 __all__ = ["build_scheduler", "main", "parse_value", "schedulers", "sparkline"]
 
@@ -296,14 +296,9 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     print(title)
     for label, values in curves.items():
         print(_summary(label, values))
-    if not args.no_plot:
-        try:
-            _plot(curves, title, args.output)
-        except OSError as e:
-            print(f"{parser.prog}: error: cannot write -o/--output: {e}", file=sys.stderr)
-            return 1
-        print(f"wrote {args.output}")
-    return 0
+    if args.no_plot:
+        return 0
+    return write_plot(lambda: _plot(curves, title, args.output), args.output, parser.prog)
 
 
 if __name__ == "__main__":
