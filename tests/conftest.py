@@ -53,6 +53,20 @@ def run_steps(cls, params, grads, **kwargs):
     return opt
 
 
+def error_of(fn) -> tuple[type, str]:
+    """(type, message) of the exception ``fn()`` raises; fails the test if it raises none."""
+    with pytest.raises(Exception) as info:  # the type is what is compared
+        fn()
+    return type(info.value), str(info.value)
+
+
+def expect_error_input(err, make) -> None:
+    """``make()`` raises, or warns, what torch's ``optim_db`` error input ``err`` names."""
+    expect = pytest.warns if issubclass(err.error_type, Warning) else pytest.raises
+    with expect(err.error_type, match=err.error_regex):
+        make()
+
+
 def clone_params(params) -> list[torch.Tensor]:
     return [p.detach().clone().requires_grad_() for p in params]
 

@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 from algorithms import ALGORITHMS
+from conftest import expect_error_input
 from torch.testing._internal.common_optimizers import OptimizerErrorEnum
 
 import fuseopt
@@ -18,23 +19,16 @@ ERROR_CASES = [
 ]
 
 
-def _raise_or_warn(algo, cls, err):
+def _build_and_step(cls, err):
     inp = err.optimizer_error_input
-    if err.error_on == OptimizerErrorEnum.CONSTRUCTION_ERROR:
-        cls(inp.params, **inp.kwargs)
-    else:
-        opt = cls(inp.params, **inp.kwargs)
+    opt = cls(inp.params, **inp.kwargs)
+    if err.error_on == OptimizerErrorEnum.STEP_ERROR:
         opt.step()
 
 
 @pytest.mark.parametrize(("algo", "err"), ERROR_CASES)
 def test_torch_error_inputs(algo, err):
-    if issubclass(err.error_type, Warning):
-        with pytest.warns(err.error_type, match=err.error_regex):
-            _raise_or_warn(algo, algo.ours, err)
-    else:
-        with pytest.raises(err.error_type, match=err.error_regex):
-            _raise_or_warn(algo, algo.ours, err)
+    expect_error_input(err, lambda: _build_and_step(algo.ours, err))
 
 
 @pytest.mark.parametrize(
