@@ -171,6 +171,12 @@ def _scalar_hook(hook, group: dict, entries: list, steps, scalar_names: list[str
         hook(group, step, {n: [entries[i][2][n] for i in idx] for n in scalar_names})
 
 
+def _param_check(rule: Rule):
+    """``rule.check``, or None where the rule does not override it (most check nothing): the
+    per-param call is then skipped."""
+    return None if type(rule).check is Rule.check else rule.check
+
+
 def _steady_step(opt, group: dict, names: list[str]) -> bool:
     """The usual step, in one pass over the params: all on CPU in one real dtype that the fused
     kernel takes, grads dense and contiguous, states complete and contiguous. Returns False,
@@ -179,8 +185,7 @@ def _steady_step(opt, group: dict, names: list[str]) -> bool:
     Per-param Python dominates a step over many small tensors: this path does only what every
     step needs (the checks, the pointers) and leaves first steps and odd layouts to the other.
     """
-    rule, check = opt.rule, opt.rule.check
-    check = None if type(rule).check is Rule.check else check
+    rule, check = opt.rule, _param_check(opt.rule)
     params, grads, steps = [], [], []
     states: dict[str, list] = {n: [] for n in names}
     dtype = None
@@ -285,7 +290,7 @@ def apply_rule(opt, group: dict) -> None:
     capturable = bool(group.get("capturable"))
     # First every check that can fail, so that an error leaves params and state untouched.
     backends: dict[tuple, str] = {}
-    check = None if type(rule).check is Rule.check else rule.check  # most rules check nothing
+    check = _param_check(rule)
     pending = []  # (param, grad, backend, kind)
     for p in group["params"]:
         g = p.grad
