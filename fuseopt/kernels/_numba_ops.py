@@ -3,13 +3,43 @@
 Imported by the generated kernel modules, so they are module-level and cache-safe.
 """
 
+import importlib.util
 import math
+import sys
 
 import numba
 import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
+
+
+def _lazy_blas_probe() -> None:
+    """Load numba's ``arraymath`` without importing SciPy.
+
+    At its first compile numba imports ``arraymath``, which imports ``scipy.linalg`` (0.2-0.3 s,
+    half of a new process's first step) only to set a "BLAS is available" flag. Here the flag comes
+    from whether SciPy is installed; numba's real check still runs when a kernel uses BLAS.
+    """
+    if "scipy.linalg" in sys.modules or "numba.np.arraymath" in sys.modules:
+        return  # already paid for, or numba has already looked
+    from numba.np import linalg
+
+    real = linalg.ensure_blas
+
+    def installed():
+        if importlib.util.find_spec("scipy") is None:
+            raise ImportError("scipy is not installed")
+
+    linalg.ensure_blas = installed
+    try:
+        from numba.np import arraymath
+    finally:
+        linalg.ensure_blas = real
+    arraymath.ensure_blas = real
+
+
+_lazy_blas_probe()
 
 
 @intrinsic

@@ -147,6 +147,31 @@ def test_first_kernel_keeps_torch_thread_count():
     assert proc.stdout.split() == ["1", "1"]
 
 
+def test_first_step_skips_scipy_linalg_and_numba_blas_still_works():
+    """numba's first compile imports ``scipy.linalg`` just to set a flag (a quarter of a second);
+    fuseopt's first step must not pay for it, and numba's ``np.dot`` must still reach BLAS."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("scipy")
+    code = (
+        "import sys, torch, fuseopt, numba, numpy as np\n"
+        "p = torch.zeros(8, requires_grad=True)\n"
+        "p.grad = torch.ones_like(p)\n"
+        "fuseopt.Adam([p], fused=True).step()\n"
+        "print('scipy.linalg' in sys.modules)\n"
+        "a = np.arange(6.0).reshape(2, 3)\n"
+        "print(numba.njit(lambda x: np.dot(x, x.T))(a).tolist() == (a @ a.T).tolist())\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False", "True"]
+
+
 def test_chunks_cover_every_element_once():
     numels = (0, 1, numba_cpu.CHUNK, numba_cpu.CHUNK + 1, 3 * numba_cpu.CHUNK - 5)
     chunks = numba_cpu._chunks(numels)
