@@ -7,8 +7,9 @@ Which backend runs is decided per call from the group's flags and never written 
 - ``fused=True``: the fused kernel of the device, or torch's error where there is none;
 - ``foreach=True``: foreach;
 - ``foreach=False`` or ``fused=False`` (and the other not True): reference, torch's for-loop;
-- both None: numba on CPU for float32/float64 when numba is importable, foreach on other devices,
-  reference otherwise. This default differs from torch's (for-loop on CPU): fused is faster.
+- both None: numba on CPU (float32, float64, bfloat16, float16 and complex) when numba is
+  importable, foreach on other devices, reference otherwise. This default differs from torch's
+  (for-loop on CPU): fused is faster.
 
 Triton (``kernels/triton_gpu.py``) is the fused backend of CUDA params (float32, float16, bfloat16,
 float64), and their default when Triton is importable; ``FUSEOPT_FUSED_BACKEND=triton`` makes it
@@ -17,15 +18,23 @@ the fused backend of CPU params too (Triton's interpreter, ``TRITON_INTERPRET=1`
 
 from __future__ import annotations
 
+import weakref
 from collections import defaultdict
+from itertools import chain, compress, repeat
+from operator import attrgetter, is_, is_not
 
+import numpy as np
 import torch
 
 from fuseopt import _dtensor, kernels
 from fuseopt.kernels import numba_cpu, triton_gpu
-from fuseopt.rule import Fill, FirstValue, Flags, Rule, ScalarState, Zeros, to_scalar
+from fuseopt.rule import Fill, FirstValue, Flags, ScalarState, Zeros, to_scalar
 
 _CAPTURABLE_DEVICES = ["cuda", "xpu", "hpu"]
+# C-level accessors for map() over a whole group (a Python loop costs ~50 ns more per call)
+_GRAD, _DTYPE, _LAYOUT, _IS_CPU = (attrgetter(a) for a in ("grad", "dtype", "layout", "is_cpu"))
+_DATA_PTR, _NUMEL = torch.Tensor.data_ptr, torch.Tensor.numel
+_IS_CONTIGUOUS = torch.Tensor.is_contiguous
 
 
 def scalar_dtype(fused: bool | None = None) -> torch.dtype:
@@ -89,20 +98,31 @@ def _backend(group: dict, p: torch.Tensor, sparse: bool) -> str:
     return "reference"
 
 
+def _like(t: torch.Tensor, p: torch.Tensor) -> bool:
+    """Whether ``t`` (a grad or state) has ``p``'s shape, dtype and device, as the fused kernels
+    assume."""
+    return t.shape == p.shape and t.dtype == p.dtype and t.device == p.device
+
+
 def _contiguous(p: torch.Tensor, g: torch.Tensor, state: dict, names: list[str]) -> bool:
-    """The fast path of the fused kernels' layout check: param, grad and state all contiguous."""
-    if not (p.is_contiguous() and g.is_contiguous()):
+    """The fast path of the fused kernels' layout check: param, grad and state all contiguous,
+    and the grad and state like the param."""
+    if not (p.is_contiguous() and g.is_contiguous() and _like(g, p)):
         return False
     for n in names:
         t = state.get(n)
-        if t is not None and not t.is_contiguous():
+        if t is not None and not (t.is_contiguous() and _like(t, p)):
             return False
     return True
 
 
 def _layout(p: torch.Tensor, g: torch.Tensor, state: dict, names: list[str], backend: str):
-    """The slow path of the fused kernels' layout check: (backend, grad) for a non-contiguous param."""
+    """The slow path of the fused kernels' layout check: (backend, grad) for a non-contiguous param
+    or a grad or state unlike it."""
     tensors = [state[n] for n in names if n in state]
+    if not all(_like(t, p) for t in [g, *tensors]):
+        # a wrong checkpoint, a grad set through .data: torch's math (its promotion or its error)
+        return "reference", g
     if not _dense(p) or any(not _dense(t) or t.stride() != p.stride() for t in tensors):
         return "reference", g  # views with gaps: the flat kernel cannot walk them
     if g.stride() != p.stride() or not _dense(g):
@@ -171,21 +191,109 @@ def _scalar_hook(hook, group: dict, entries: list, steps, scalar_names: list[str
         hook(group, step, {n: [entries[i][2][n] for i in idx] for n in scalar_names})
 
 
-def _param_check(rule: Rule):
-    """``rule.check``, or None where the rule does not override it (most check nothing): the
-    per-param call is then skipped."""
-    return None if type(rule).check is Rule.check else rule.check
+class _Plan:
+    """A group's pointer table from its last one-pass step, reused while nothing it rests on changed.
+
+    Rebuilding the table costs about 2 us of Python per param, which dominates a step over many small
+    tensors. Each step still checks, in C-level passes over the group (``map``, no Python per
+    param), that the same params have grads; that each param keeps its address, numel and
+    contiguity; that the state tensors are the same objects (weak references: the plan keeps
+    nothing alive) at the same addresses; and that every grad is a dense, contiguous CPU tensor of
+    the param's dtype and numel. Anything else makes :func:`_steady_step` check afresh.
+    """
+
+    __slots__ = (
+        "param_refs",
+        "mask",
+        "names",
+        "refs",
+        "ptrs",
+        "numels",
+        "dtype",
+        "tables",
+        "steps",
+    )
+
+    def __init__(self, group_params, mask, params, states: dict, steps: list, tables: tuple):
+        self.param_refs = list(map(weakref.ref, group_params))
+        self.mask = mask  # which params have grads; None when all do
+        self.names = [*states, "step"] if steps else list(states)
+        tensors = [*states.values(), steps] if steps else list(states.values())
+        self.refs = [list(map(weakref.ref, ts)) for ts in tensors]
+        self.ptrs = list(map(_DATA_PTR, chain(params, *tensors)))
+        self.numels = list(map(_NUMEL, params))
+        self.dtype = params[0].dtype
+        self.tables = tables  # numba_cpu.table(); the grad row is refilled every step
+        self.steps = (np.array(self.ptrs[-len(steps) :]), steps[0].dtype) if steps else None
+
+    def match(self, opt, group: dict):
+        """``(params, grads, state tensors by name)`` of this step if the plan still holds, else
+        None."""
+        gps = group["params"]
+        if len(gps) != len(self.param_refs) or not all(
+            map(is_, map(weakref.ref, gps), self.param_refs)
+        ):
+            return None
+        grads = list(map(_GRAD, gps))
+        mask = list(map(is_not, grads, repeat(None)))
+        if all(mask):
+            if self.mask is not None:
+                return None
+            params = gps
+        else:
+            if mask != self.mask:
+                return None
+            params, grads = list(compress(gps, mask)), list(compress(grads, mask))
+        current = []
+        if self.names:  # torch's SGD without momentum keeps no state
+            states = list(map(opt.state.get, params))
+            if any(map(is_, states, repeat(None))):
+                return None
+            current = [list(map(dict.get, states, repeat(n))) for n in self.names]
+        for tensors, refs in zip(current, self.refs):
+            if any(map(is_, tensors, repeat(None))) or not all(
+                map(is_, map(weakref.ref, tensors), refs)
+            ):
+                return None
+        if (
+            list(map(_DATA_PTR, chain(params, *current))) != self.ptrs
+            or list(map(_NUMEL, params)) != self.numels
+            or list(map(_NUMEL, grads)) != self.numels
+            or not all(map(_IS_CONTIGUOUS, params))
+            or not all(map(_IS_CONTIGUOUS, grads))
+            or not all(map(is_, map(_LAYOUT, grads), repeat(torch.strided)))
+            or not all(map(is_, map(_DTYPE, grads), repeat(self.dtype)))
+            or not all(map(_IS_CPU, grads))
+        ):
+            return None
+        return params, grads, dict(zip(self.names, current))
 
 
 def _steady_step(opt, group: dict, names: list[str]) -> bool:
-    """The usual step, in one pass over the params: all on CPU in one real dtype that the fused
-    kernel takes, grads dense and contiguous, states complete and contiguous. Returns False,
-    having changed nothing, when any of that does not hold; the general path then runs.
+    """The usual step: all on CPU in one real dtype that the fused kernel takes, grads dense and
+    contiguous, states complete, contiguous and like their param. Returns False, having changed
+    nothing, when any of that does not hold; the general path then runs.
 
     Per-param Python dominates a step over many small tensors: this path does only what every
     step needs (the checks, the pointers) and leaves first steps and odd layouts to the other.
+    A :class:`_Plan` keeps the pointers between steps, so that most steps only check them.
     """
-    rule, check = opt.rule, _param_check(opt.rule)
+    rule = opt.rule
+    plans = opt.__dict__.setdefault("_steady_plans", {})
+    plan = plans.get(id(group))
+    found = plan.match(opt, group) if plan is not None else None
+    if plan is not None and found is None:
+        del plans[id(group)]  # stale: checking it again next step would only cost time
+    if found is not None and _backend(group, found[0][0], False) == "numba":
+        params, grads, states = found
+        if plan.steps is None:
+            return _run_steady(rule, group, None, plan.tables, grads, plan.dtype, names)
+        values = numba_cpu.bump_at(*plan.steps)
+        if min(values) == max(values):
+            return _run_steady(rule, group, values[0], plan.tables, grads, plan.dtype, names)
+        _run_by_step(rule, group, values, params, grads, {n: states[n] for n in names})
+        return True
+
     params, grads, steps = [], [], []
     states: dict[str, list] = {n: [] for n in names}
     dtype = None
@@ -206,48 +314,65 @@ def _steady_step(opt, group: dict, names: list[str]) -> bool:
             (keeps_state and not state)
             or g.is_sparse
             or p.dtype != dtype
+            or g.dtype != dtype
             or not p.is_cpu
             or not (p.is_contiguous() and g.is_contiguous())
         ):
             return False
+        numel = p.numel()
         for n in names:
             t = state.get(n)
-            if t is None or not t.is_contiguous():
+            if (
+                t is None
+                or not t.is_contiguous()
+                or t.dtype != dtype
+                or t.numel() != numel
+                or not t.is_cpu
+            ):
                 return False
             states[n].append(t)
-        if check is not None:
-            check(group, p, g)  # may raise: nothing has changed yet
         params.append(p)
         grads.append(g)
         if rule.has_step:
             steps.append(state["step"])
     if not params:
         return False
-    step = None
+    values = None
     if rule.has_step:
         values = numba_cpu.bump_steps(steps)  # None (and nothing bumped) for odd step tensors
         if values is None:
             return False
         if min(values) != max(values):  # params that joined the group later: one batch each
-            for value in sorted(set(values)):
-                pick = [i for i, v in enumerate(values) if v == value]
-                _run_steady(
-                    rule,
-                    group,
-                    value,
-                    [params[i] for i in pick],
-                    [grads[i] for i in pick],
-                    {n: [ts[i] for i in pick] for n, ts in states.items()},
-                )
+            _run_by_step(rule, group, values, params, grads, states)
             return True
-        step = values[0]
-    _run_steady(rule, group, step, params, grads, states)
+    tables = numba_cpu.table(params, grads, states)
+    gps = group["params"]
+    mask = None if len(params) == len(gps) else [p.grad is not None for p in gps]
+    plans[id(group)] = _Plan(gps, mask, params, states, steps, tables)
+    step = values[0] if values else None
+    return _run_steady(rule, group, step, tables, grads, dtype, names)
+
+
+def _run_steady(rule, group, step, tables, grads, dtype, names) -> bool:
+    """One launch over ``tables`` (:func:`numba_cpu.table`) with this step's grad pointers."""
+    ptrs = tables[0].copy()  # the plan's table stays as it is, should two threads step at once
+    ptrs[1] = list(map(_DATA_PTR, grads))
+    flags = Flags(rule.flags(group, False, step, {}))
+    operands = ("param", "grad", *names)
+    scalars = rule.scalars(group, step, {})
+    numba_cpu.launch(rule, flags, scalars, operands, dtype, (ptrs, *tables[1:]))
     return True
 
 
-def _run_steady(rule, group, step, params, grads, states) -> None:
-    flags = Flags(rule.flags(group, False, step, {}))
-    numba_cpu.run(rule, flags, rule.scalars(group, step, {}), params, grads, states)
+def _run_by_step(rule, group, values, params, grads, states) -> None:
+    """One launch per step value: params that joined the group later are at other steps."""
+    for value in sorted(set(values)):
+        pick = [i for i, v in enumerate(values) if v == value]
+        batch = {n: [ts[i] for i in pick] for n, ts in states.items()}
+        tables = numba_cpu.table([params[i] for i in pick], [grads[i] for i in pick], batch)
+        _run_steady(
+            rule, group, value, tables, [grads[i] for i in pick], params[0].dtype, list(batch)
+        )
 
 
 def amp_scaling(opt) -> bool:
@@ -290,17 +415,16 @@ def apply_rule(opt, group: dict) -> None:
     capturable = bool(group.get("capturable"))
     # First every check that can fail, so that an error leaves params and state untouched.
     backends: dict[tuple, str] = {}
-    check = _param_check(rule)
     pending = []  # (param, grad, backend, kind)
     for p in group["params"]:
         g = p.grad
         if g is None:
             continue
         sparse = g.is_sparse
-        if sparse and not rule.sparse_ok:
-            raise RuntimeError(rule.sparse_error)
-        if check is not None:
-            check(group, p, g)
+        if sparse:
+            if not rule.sparse_ok:
+                raise RuntimeError(rule.sparse_error)
+            rule.check_sparse(group, p, g)
         kind = (p.device, p.dtype, sparse)
         backend = backends.get(kind) or backends.setdefault(kind, _backend(group, p, sparse))
         if capturable:

@@ -36,8 +36,8 @@ class AdagradRule(Rule):
         param = ops.addcdiv(param, grad, ops.sqrt(sum) + s.eps, value=s.neg_clr)
         return dict(param=param, sum=sum)
 
-    def check(self, group, param, grad):
-        if grad.is_sparse and group["weight_decay"] != 0:
+    def check_sparse(self, group, param, grad):
+        if group["weight_decay"] != 0:
             raise RuntimeError("weight_decay option is not compatible with sparse gradients")
 
     @staticmethod

@@ -131,5 +131,6 @@ class Rule:
         """Return the new ``param`` and state values (a dict; a None value is not written)."""
         raise NotImplementedError
 
-    def check(self, group: dict, param, grad) -> None:
-        """Raise torch's error for a param the rule cannot step; runs before any state changes."""
+    def check_sparse(self, group: dict, param, grad) -> None:
+        """Raise torch's error for a sparse ``grad`` the rule cannot step with this group's
+        options; runs before any state changes. Dense grads need no check."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import clone_params
+from conftest import clone_params, error_of
 
 import fuseopt
 from fuseopt import _dispatch
@@ -98,3 +98,155 @@ def test_declined_cases_step_like_torch(case, steady_calls):
     assert steady_calls[1:] == [False, False]
     for p, q in zip(params, theirs):
         torch.testing.assert_close(p, q, **FUSED_TOL)
+
+
+# ------------------------------------------------------------------------- the plan between steps
+@pytest.fixture
+def plan_hits(monkeypatch):
+    """For every step that had a plan: whether it still held."""
+    hits = []
+    real = _dispatch._Plan.match
+
+    def spy(self, opt, group):
+        found = real(self, opt, group)
+        hits.append(found is not None)
+        return found
+
+    monkeypatch.setattr(_dispatch._Plan, "match", spy)
+    return hits
+
+
+def _swap_state_tensor(opt, params, ours):
+    opt.state[params[1]]["exp_avg"] = opt.state[params[1]]["exp_avg"].clone() * 0.5
+    return lambda ref, theirs: ref.state[theirs[1]].__setitem__(
+        "exp_avg", ref.state[theirs[1]]["exp_avg"].clone() * 0.5
+    )
+
+
+def _swap_state_data(opt, params, ours):
+    t = opt.state[params[1]]["exp_avg_sq"]
+    t.data = t.data.clone() * 2.0  # same tensor object, new storage: the old one is freed
+    return lambda ref, theirs: ref.state[theirs[1]]["exp_avg_sq"].mul_(2.0)
+
+
+def _swap_param_data(opt, params, ours):
+    params[0].data = params[0].data.clone() + 1.0
+    return lambda ref, theirs: theirs[0].data.add_(1.0)
+
+
+def _reset_state(opt, params, ours):
+    del opt.state[params[2]]  # as a user resetting one param's moments
+    return lambda ref, theirs: ref.state.pop(theirs[2])
+
+
+def _load_state_dict(opt, params, ours):
+    opt.load_state_dict(opt.state_dict())  # new state tensors, same values
+    return lambda ref, theirs: None
+
+
+def _rewind_one_step(opt, params, ours):
+    opt.state[params[0]]["step"].sub_(1.0)  # in place: the steps now differ
+    return lambda ref, theirs: ref.state[theirs[0]]["step"].sub_(1.0)
+
+
+# after the change: whether the plan made at step 2 holds at steps 3, 4 and 5
+@pytest.mark.parametrize(
+    "change, hits",
+    [
+        (_swap_state_tensor, [True, False, True, True]),
+        (_swap_state_data, [True, False, True, True]),
+        (_swap_param_data, [True, False, True, True]),
+        # new groups: no plan at step 3, a new one from step 4
+        (_load_state_dict, [True, True, True]),
+        # the pointers hold; the steps differ from then on: one launch per step value
+        (_rewind_one_step, [True, True, True, True]),
+        # that param starts again at step 1: no plan is made for params at different steps
+        (_reset_state, [True, False]),
+    ],
+)
+def test_plan_sees_every_change_between_steps(change, hits, plan_hits):
+    """Between two steps the user changes what the plan's pointers rest on; the next step must
+    see it (torch's numbers prove it)."""
+    ours = _params(n=4)
+    theirs = clone_params(ours)
+    opt = fuseopt.Adam(ours, lr=0.1)
+    ref = torch.optim.Adam(theirs, lr=0.1, foreach=False)
+    for step in range(6):
+        if step == 3:
+            change(opt, ours, ours)(ref, theirs)
+        for p, q, g in zip(ours, theirs, _grads(ours, step)):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+        for p, q in zip(ours, theirs):
+            torch.testing.assert_close(p, q, **FUSED_TOL)
+    for p, q in zip(ours, theirs):
+        for name, value in ref.state[q].items():
+            torch.testing.assert_close(opt.state[p][name], value, **FUSED_TOL)
+    assert plan_hits == hits
+
+
+@pytest.mark.parametrize("case", ["no_grad", "strided_grad", "double_grad_data", "sparse_grad"])
+def test_plan_checks_this_steps_grads(case, plan_hits):
+    """Grads are new tensors every step: the plan checks each one (presence, layout, dtype)."""
+    ours = _params(n=3, size=16)
+    theirs = clone_params(ours)
+    opt = fuseopt.Adagrad(ours, lr=0.1)
+    ref = torch.optim.Adagrad(theirs, lr=0.1, foreach=False)
+    for step in range(4):
+        grads = _grads(ours, step)
+        for p, q, g in zip(ours, theirs, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        if step == 3:
+            if case == "no_grad":
+                ours[1].grad = theirs[1].grad = None
+            elif case == "strided_grad":
+                wide = torch.zeros(2 * grads[0].numel())
+                wide[::2] = grads[0]
+                ours[0].grad = wide[::2]
+            elif case == "double_grad_data":
+                ours[0].grad.data = grads[0].double()  # .data skips the grad setter's checks
+                theirs[0].grad.data = grads[0].double()  # torch's for-loop promotes
+            else:
+                ours[0].grad = grads[0].to_sparse()
+                theirs[0].grad = grads[0].to_sparse()
+        opt.step()
+        ref.step()
+    assert plan_hits == [True, True, False]  # made at step 1
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, **FUSED_TOL)
+
+
+def test_plan_keeps_no_tensor_alive():
+    """The plan refers to params and states weakly: clearing the state frees its memory."""
+    import gc
+    import weakref
+
+    params = _params(n=2)
+    opt = fuseopt.Adam(params, lr=0.1)
+    for step in range(3):
+        for p, g in zip(params, _grads(params, step)):
+            p.grad = g
+        opt.step()
+    assert opt._steady_plans  # a plan was made
+    moments = [weakref.ref(opt.state[p]["exp_avg"]) for p in params]
+    opt.state.clear()
+    gc.collect()
+    assert all(m() is None for m in moments)
+
+
+@pytest.mark.parametrize("bad", ["numel", "dtype"])
+def test_state_unlike_its_param_never_reaches_the_kernel(bad):
+    """A state tensor of another size or dtype (a wrong checkpoint) would make the flat kernel
+    read or write outside it: such params take torch's own math, which raises torch's error."""
+    params = _params(n=2)
+    opt = fuseopt.Adam(params, lr=0.1)
+    ref = torch.optim.Adam(clone_params(params), lr=0.1, foreach=False)
+    for o, ps in ((opt, params), (ref, [p for g in ref.param_groups for p in g["params"]])):
+        for p, g in zip(ps, _grads(ps, 0)):
+            p.grad = g
+        o.step()
+        s = o.state[ps[0]]
+        s["exp_avg"] = torch.zeros(3) if bad == "numel" else s["exp_avg"].double()
+    expected = error_of(ref.step)
+    assert error_of(opt.step) == expected

@@ -215,20 +215,37 @@ def bump_steps(steps: list[torch.Tensor]) -> list[float] | None:
         s.dtype == dtype and s.is_cpu for s in steps
     ):
         return None
+    return bump_at(np.array([s.data_ptr() for s in steps], dtype=np.int64), dtype)
+
+
+def bump_at(ptrs: np.ndarray, dtype: torch.dtype) -> list[float]:
+    """Add 1 to the float32 or float64 scalars at addresses ``ptrs``; return the new values."""
     from fuseopt.kernels import _numba_ops
 
     bump = _numba_ops.bump_steps32 if dtype == torch.float32 else _numba_ops.bump_steps64
-    return bump(np.array([s.data_ptr() for s in steps], dtype=np.int64)).tolist()
+    return bump(ptrs).tolist()
+
+
+def table(params: list, grads: list, states: dict[str, list]) -> tuple:
+    """What a launch over these tensors needs besides the scalars: the pointer table (param, grad,
+    then the states, one row each), the chunk table, and whether the step is small enough to run
+    on one thread."""
+    lists = [params, grads, *states.values()]
+    ptrs = np.array([[t.data_ptr() for t in lst] for lst in lists], dtype=np.int64)
+    numels = tuple(p.numel() for p in params)
+    return ptrs, _chunks(numels), sum(numels) < SERIAL_BELOW
+
+
+def launch(rule, flags, scalars: dict, operands: tuple, dtype: torch.dtype, tables: tuple) -> None:
+    """Run the kernel of ``rule`` on ``operands`` of ``dtype`` over :func:`table`'s ``tables``."""
+    fn, names = kernel(rule, flags, operands, dtype)
+    scal = np.array([float(scalars[name]) for name in names], dtype=np.float64)
+    ptrs, chunks, serial = tables
+    with _launch_lock:
+        _launch(fn, ptrs, chunks, scal, serial=serial)
 
 
 def run(rule, flags, scalars: dict, params: list, grads: list, states: dict[str, list]) -> None:
     """Apply ``rule`` to all tensors in one kernel launch (tensors must be dense, like the param)."""
     operands = ("param", "grad", *states)
-    fn, names = kernel(rule, flags, operands, params[0].dtype)
-    lists = [params, grads, *states.values()]
-    ptrs = np.array([[t.data_ptr() for t in lst] for lst in lists], dtype=np.int64)
-    scal = np.array([float(scalars[name]) for name in names], dtype=np.float64)
-    numels = tuple(p.numel() for p in params)
-    chunks = _chunks(numels)
-    with _launch_lock:
-        _launch(fn, ptrs, chunks, scal, serial=sum(numels) < SERIAL_BELOW)
+    launch(rule, flags, scalars, operands, params[0].dtype, table(params, grads, states))
