@@ -21,7 +21,7 @@ from __future__ import annotations
 import weakref
 from collections import defaultdict
 from itertools import chain, compress, repeat
-from operator import attrgetter, is_, is_not
+from operator import attrgetter, is_, is_not, itemgetter
 
 import numpy as np
 import torch
@@ -206,6 +206,7 @@ class _Plan:
         "param_refs",
         "mask",
         "names",
+        "state_of",
         "refs",
         "ptrs",
         "numels",
@@ -217,14 +218,18 @@ class _Plan:
     def __init__(self, group_params, mask, params, states: dict, steps: list, tables: tuple):
         self.param_refs = list(map(weakref.ref, group_params))
         self.mask = mask  # which params have grads; None when all do
-        self.names = [*states, "step"] if steps else list(states)
+        names = [*states, "step"] if steps else list(states)
         tensors = [*states.values(), steps] if steps else list(states.values())
-        self.refs = [list(map(weakref.ref, ts)) for ts in tensors]
-        self.ptrs = list(map(_DATA_PTR, chain(params, *tensors)))
+        # state tensors param by param, as itemgetter(*names) gives them from the state dicts
+        self.names = names
+        self.state_of = itemgetter(*names) if len(names) > 1 else None
+        by_param = list(chain.from_iterable(zip(*tensors)))
+        self.refs = list(map(weakref.ref, by_param))
+        self.ptrs = list(map(_DATA_PTR, chain(params, by_param)))
         self.numels = list(map(_NUMEL, params))
         self.dtype = params[0].dtype
         self.tables = tables  # numba_cpu.table(); the grad row is refilled every step
-        self.steps = (np.array(self.ptrs[-len(steps) :]), steps[0].dtype) if steps else None
+        self.steps = (np.array(list(map(_DATA_PTR, steps))), steps[0].dtype) if steps else None
 
     def match(self, opt, group: dict):
         """``(params, grads, state tensors by name)`` of this step if the plan still holds, else
@@ -244,19 +249,20 @@ class _Plan:
             if mask != self.mask:
                 return None
             params, grads = list(compress(gps, mask)), list(compress(grads, mask))
-        current = []
+        tensors = []  # state tensors param by param
         if self.names:  # torch's SGD without momentum keeps no state
-            states = list(map(opt.state.get, params))
-            if any(map(is_, states, repeat(None))):
-                return None
-            current = [list(map(dict.get, states, repeat(n))) for n in self.names]
-        for tensors, refs in zip(current, self.refs):
-            if any(map(is_, tensors, repeat(None))) or not all(
-                map(is_, map(weakref.ref, tensors), refs)
-            ):
+            try:
+                states = map(opt.state.get, params)  # None: TypeError below
+                if self.state_of is None:
+                    tensors = list(map(itemgetter(self.names[0]), states))
+                else:
+                    tensors = list(chain.from_iterable(map(self.state_of, states)))
+                if not all(map(is_, map(weakref.ref, tensors), self.refs)):
+                    return None
+            except (KeyError, TypeError):  # a state or one of its tensors is gone
                 return None
         if (
-            list(map(_DATA_PTR, chain(params, *current))) != self.ptrs
+            list(map(_DATA_PTR, chain(params, tensors))) != self.ptrs
             or list(map(_NUMEL, params)) != self.numels
             or list(map(_NUMEL, grads)) != self.numels
             or not all(map(_IS_CONTIGUOUS, params))
@@ -266,7 +272,8 @@ class _Plan:
             or not all(map(_IS_CPU, grads))
         ):
             return None
-        return params, grads, dict(zip(self.names, current))
+        k = len(self.names)
+        return params, grads, {n: tensors[i::k] for i, n in enumerate(self.names)}
 
 
 def _steady_step(opt, group: dict, names: list[str]) -> bool:
@@ -289,9 +296,10 @@ def _steady_step(opt, group: dict, names: list[str]) -> bool:
         if plan.steps is None:
             return _run_steady(rule, group, None, plan.tables, grads, plan.dtype, names)
         values = numba_cpu.bump_at(*plan.steps)
-        if min(values) == max(values):
-            return _run_steady(rule, group, values[0], plan.tables, grads, plan.dtype, names)
-        _run_by_step(rule, group, values, params, grads, {n: states[n] for n in names})
+        if values.min() == values.max():
+            step = float(values[0])
+            return _run_steady(rule, group, step, plan.tables, grads, plan.dtype, names)
+        _run_by_step(rule, group, values.tolist(), params, grads, {n: states[n] for n in names})
         return True
 
     params, grads, steps = [], [], []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 from torch import Tensor
 
 from fuseopt import _docs
@@ -12,13 +14,21 @@ from fuseopt.rule import Fill, Rule, Zeros, with_fused
 __all__ = ["Rprop"]
 
 
+def _f32(*values: float) -> tuple[float, ...]:
+    """``values`` rounded to float32, as the kernels see them (on the host: no device read)."""
+    return struct.unpack(f"{len(values)}f", struct.pack(f"{len(values)}f", *values))
+
+
 class RpropRule(Rule):
     """Rprop's elementwise update: step sizes grow while the gradient keeps its sign."""
 
     state = (Zeros("prev"), Fill("step_size", key="lr"))
 
     def flags(self, g, first, step, sv):
-        return dict(maximize=g["maximize"])
+        etaminus, etaplus = g["etas"]
+        # torch's range for the etas, in the kernels' float32 too (a user may change them later)
+        plain = all(0 < m < 1 < p for m, p in ((etaminus, etaplus), _f32(etaminus, etaplus)))
+        return dict(maximize=g["maximize"], plain_etas=plain)
 
     def scalars(self, g, step, sv):
         (etaminus, etaplus), (lo, hi) = g["etas"], g["step_sizes"]
@@ -27,12 +37,23 @@ class RpropRule(Rule):
     def update(self, ops, f, s, param, grad, prev, step_size):
         if f.maximize:
             grad = -grad
-        factor = ops.sign(grad * prev)  # then, as torch, sign -> eta+ / eta- / 1 in place
-        factor = ops.where(ops.gt(factor, 0), s.etaplus, factor)
-        factor = ops.where(ops.lt(factor, 0), s.etaminus, factor)
-        factor = ops.where(ops.eq(factor, 0), 1, factor)
-        step_size = ops.clamp(step_size * factor, s.lo, s.hi)
-        grad = ops.where(ops.eq(factor, s.etaminus), 0, grad)  # no step after a sign change
+        if f.plain_etas:
+            # torch's chain below, in fewer selects: with 0 < eta- < 1 < eta+ no replaced value
+            # matches a later test (16-bit kernels are compute-bound; this one most)
+            # (step_size * 1 is step_size: every branch rounds as torch's one multiply)
+            product = grad * prev
+            turned = ops.lt(product, 0)
+            grown = ops.where(turned, step_size * s.etaminus, step_size)
+            grown = ops.where(ops.gt(product, 0), step_size * s.etaplus, grown)
+            step_size = ops.clamp(grown, s.lo, s.hi)
+            grad = ops.where(turned, 0, grad)
+        else:
+            factor = ops.sign(grad * prev)  # then, as torch, sign -> eta+ / eta- / 1 in place
+            factor = ops.where(ops.gt(factor, 0), s.etaplus, factor)
+            factor = ops.where(ops.lt(factor, 0), s.etaminus, factor)
+            factor = ops.where(ops.eq(factor, 0), 1, factor)
+            step_size = ops.clamp(step_size * factor, s.lo, s.hi)
+            grad = ops.where(ops.eq(factor, s.etaminus), 0, grad)  # no step after a sign change
         param = ops.addcmul(param, ops.sign(grad), step_size, value=-1)
         return dict(param=param, prev=grad, step_size=step_size)
 

@@ -41,7 +41,10 @@ def test_every_flag_combination_traces_and_generates(name):
             src = numba_cpu.source(graph, ("param", "grad", *states), dtype)
             compile(src, "<kernel>", "exec")  # valid Python
             assert "np.float64(" not in src  # typed constants only: no promotion to float64
-        assert src.count("= store_bf16(") == len(graph.outputs)  # one rounding per output
+        # one store per output: rounded, or as it is where bfloat16 holds the value exactly
+        assert src.count("= store_bf16(") + src.count("= store_bf16_exact(") == len(graph.outputs)
+        exact = numba_cpu._exact(graph, torch.bfloat16)
+        assert src.count("= store_bf16_exact(") == sum(n in exact for n in graph.outputs.values())
 
 
 @pytest.mark.parametrize("algo", ALGORITHMS, ids=lambda a: a.name)
@@ -93,3 +96,24 @@ def test_read_only_cache_dir_falls_back(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "access", lambda p, mode: p != ro and real_access(p, mode))
     path = numba_cpu.cache_dir()
     assert path != ro and real_access(path, os.W_OK)
+
+
+@pytest.mark.parametrize("etas", [(0.5, 1.2), (0.5, 0.5), (1.5, 0.5), (-0.5, 1.2), (0.0, 1.2)])
+def test_rprop_matches_torch_for_any_etas(etas):
+    """Rprop's kernels take a shorter form of torch's sign -> eta chain for the etas torch accepts
+    (0 < eta- < 1 < eta+), and torch's chain for any others a user sets after construction."""
+    gen = torch.Generator().manual_seed(0)
+    ours = [torch.randn(200, generator=gen, dtype=torch.float64, requires_grad=True)]
+    theirs = [ours[0].detach().clone().requires_grad_()]
+    opt = fuseopt.Rprop(ours, lr=0.01)
+    ref = torch.optim.Rprop(theirs, lr=0.01, foreach=False)
+    opt.param_groups[0]["etas"] = ref.param_groups[0]["etas"] = etas
+    for _ in range(6):
+        g = torch.randn(200, generator=gen, dtype=torch.float64)
+        g[:40] = 0.0  # products of zero: neither grow nor shrink
+        ours[0].grad, theirs[0].grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+    assert torch.equal(ours[0], theirs[0])
+    for name in ("prev", "step_size"):
+        assert torch.equal(opt.state[ours[0]][name], ref.state[theirs[0]][name])

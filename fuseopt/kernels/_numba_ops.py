@@ -110,6 +110,21 @@ def store_bf16(typingctx, x):
 
 
 @intrinsic
+def store_bf16_exact(typingctx, x):
+    """The bfloat16 bits of ``x``, a value bfloat16 holds exactly (a loaded operand, a select among
+    such): its upper half, no rounding; NaN becomes 0xFFFF as in :func:`store_bf16`."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        upper = builder.lshr(builder.bitcast(args[0], _I32), _I32(16))
+        nan = builder.fcmp_unordered("uno", args[0], args[0])
+        return builder.trunc(builder.select(nan, _I32(0xFFFF), upper), _I16)
+
+    return types.uint16(x), codegen
+
+
+@intrinsic
 def load_f16(typingctx, bits):
     """The float32 value of IEEE half ``bits`` (exact; one instruction with F16C)."""
     if bits != types.uint16:

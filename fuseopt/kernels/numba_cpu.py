@@ -66,6 +66,21 @@ def _expr(op: str, a: list[str], T: str) -> str:
     raise ValueError(f"numba backend: unknown op {op!r}")
 
 
+def _exact(graph: Graph, dtype: torch.dtype) -> set[int]:
+    """Nodes whose value a tensor of ``dtype`` holds exactly: a loaded operand, a constant it can
+    represent, a sign change or select among such. Storing them needs no rounding."""
+    exact: set[int] = set()
+    for i, (op, args) in enumerate(graph.nodes):
+        if (
+            op == "input"
+            or (op == "const" and float(torch.tensor(args[0], dtype=dtype)) == args[0])
+            or (op in ("neg", "abs") and args[0] in exact)
+            or (op == "where" and args[1] in exact and args[2] in exact)
+        ):
+            exact.add(i)
+    return exact
+
+
 def source(graph: Graph, operands: tuple[str, ...], dtype: torch.dtype) -> str:
     """Python source of the kernel for ``graph`` on tensors of ``dtype`` (a key of ``DTYPES``)."""
     storage, compute = DTYPES[dtype]
@@ -91,8 +106,12 @@ def source(graph: Graph, operands: tuple[str, ...], dtype: torch.dtype) -> str:
             hoisted.append(f"    v{i} = {T}({args[0]!r})")
         else:
             body.append(f"            v{i} = {_expr(op, [f'v{x}' for x in args], T)}")
+    # bfloat16's rounding costs more vector instructions than most update rules: skip it where
+    # the value is already a bfloat16 (Rprop's ``prev`` is the grad or 0)
+    exact = _exact(graph, dtype) if storage == "bf16" else set()
     for name, node in graph.outputs.items():
-        body.append(f"            a{operands.index(name)}[j] = {store.format(f'v{node}')}")
+        put = "store_bf16_exact({})" if node in exact else store
+        body.append(f"            a{operands.index(name)}[j] = {put.format(f'v{node}')}")
     loop = [
         "        t = chunks[c, 0]",
         "        lo = chunks[c, 1]",
@@ -114,6 +133,7 @@ def source(graph: Graph, operands: tuple[str, ...], dtype: torch.dtype) -> str:
                 if pointer == "uint16"
                 else []
             ),
+            *(["from fuseopt.kernels._numba_ops import store_bf16_exact"] if exact else []),
             f"from fuseopt.kernels._numba_ops import ptr_{pointer} as PTR",
             "",
             "",
@@ -215,15 +235,15 @@ def bump_steps(steps: list[torch.Tensor]) -> list[float] | None:
         s.dtype == dtype and s.is_cpu for s in steps
     ):
         return None
-    return bump_at(np.array([s.data_ptr() for s in steps], dtype=np.int64), dtype)
+    return bump_at(np.array([s.data_ptr() for s in steps], dtype=np.int64), dtype).tolist()
 
 
-def bump_at(ptrs: np.ndarray, dtype: torch.dtype) -> list[float]:
+def bump_at(ptrs: np.ndarray, dtype: torch.dtype) -> np.ndarray:
     """Add 1 to the float32 or float64 scalars at addresses ``ptrs``; return the new values."""
     from fuseopt.kernels import _numba_ops
 
     bump = _numba_ops.bump_steps32 if dtype == torch.float32 else _numba_ops.bump_steps64
-    return bump(ptrs).tolist()
+    return bump(ptrs)
 
 
 def table(params: list, grads: list, states: dict[str, list]) -> tuple:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fuseopt.kernels import foreach, numba_cpu, reference
+from fuseopt.kernels.trace import trace
 from fuseopt.rule import Flags, Rule
 
 N = 1 << 20
@@ -52,6 +53,10 @@ OPS = {
         ops.gt(a, 0), s.v, ops.where(ops.lt(b, 0), b, ops.where(ops.eq(ops.sign(a), 0), 1, c))
     ),
     "rdiv": lambda ops, s, a, b, c: s.v / c,
+    # operands, their negation and a constant: a value bfloat16 holds, stored without rounding
+    "where_exact": lambda ops, s, a, b, c: ops.where(
+        ops.lt(b, 0), -a, ops.where(ops.gt(a, 0), 0, ops.abs(c))
+    ),
 }
 SCALARS = dict(v=0.37, w_small=0.1, w_large=0.9)
 
@@ -100,6 +105,15 @@ def test_16bit_op_is_float32_op_rounded_once(op, dtype):
         torch.testing.assert_close(got[ok], expected[ok], rtol=torch.finfo(dtype).eps, atol=0)
     else:
         assert torch.equal(got[ok], expected[ok]), (got - expected)[ok].abs().max()
+
+
+def test_exact_values_skip_the_bfloat16_rounding():
+    """The kernel of ``where_exact`` stores its result unrounded (the test above checks its bits);
+    any op that computes a new value is rounded."""
+    operands = ("param", "grad", "buf")
+    for op, exact in (("where_exact", True), ("clamp", False), ("rsub_neg", False)):
+        src = numba_cpu.source(trace(OneOp(op), Flags(), operands), operands, torch.bfloat16)
+        assert ("= store_bf16_exact(" in src) is exact, op
 
 
 def test_reference_is_torch():
