@@ -135,6 +135,8 @@ class Optimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        # new groups and state (load_state_dict): the dispatcher's pointer plans are stale
+        self.__dict__.pop("_steady_plans", None)
         for name in _HOOK_DICTS:
             if name not in self.__dict__:
                 setattr(self, name, OrderedDict())
