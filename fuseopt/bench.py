@@ -97,6 +97,8 @@ QUICK_WORKLOADS = ("many-small", "resnet18")
 QUICK_STEPS = 3
 DEFAULT_STEPS = 10
 WARMUP_STEPS = 2
+# bytes a step moves above which each round of timed steps gets its own bandwidth pass
+CALIBRATE_EACH_ROUND_ABOVE = 64 << 20
 
 
 # ------------------------------------------------------------------------------------ workloads
@@ -170,14 +172,16 @@ def _time_pair(
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
     calibration: _Calibration | None = None,
+    calibrate_each_round: bool = False,
 ) -> dict[str, list[float] | Exception]:
     """Seconds per step of ``steps`` timed steps for each library, after the warm-up steps.
 
     Both libraries' optimizers live at once and their steps alternate, so that a slow spell of a
     shared machine (memory bandwidth here drifts by tens of percent) hits both alike. A library
     whose optimizer cannot be built or stepped gets the exception instead of times. With
-    ``calibration``, a bandwidth pass runs just before and just after the timed steps:
-    ``"calibration"`` holds the GB/s the machine gave then.
+    ``calibration``, a bandwidth pass runs just before and just after the timed steps, or before
+    each round of steps with ``calibrate_each_round``: ``"calibration"`` holds the GB/s the
+    machine gave then.
     """
     opts: dict[str, Any] = {}
     results: dict[str, list[float] | Exception] = {}
@@ -201,6 +205,8 @@ def _time_pair(
         # evicts the caches, and small workloads would then be timed cold.
         gbps = [calibration()] if calibration is not None else []
         for _ in range(steps):
+            if calibrate_each_round and calibration is not None:
+                gbps.append(calibration())
             for library, opt in opts.items():
                 sync()
                 start = time.perf_counter()
@@ -262,8 +268,14 @@ def run(
         for algo_name in algos:
             algorithm = ALGORITHMS[algo_name]
             group = []
+            moved = numel * algorithm.bytes_per_element * dtype.itemsize // 4
+            # Bandwidth drifts within seconds here: a step far larger than the caches is paired
+            # with a pass of its own; a smaller one would then be timed cold, so it is not.
+            each_round = moved > CALIBRATE_EACH_ROUND_ABOVE
             for impl in impl_names:
-                timed = _time_pair(algorithm, impl, shapes, steps, dtype, device, calibration)
+                timed = _time_pair(
+                    algorithm, impl, shapes, steps, dtype, device, calibration, each_round
+                )
                 for library in LIBRARIES:
                     row: dict[str, Any] = dict(
                         workload=workload,
@@ -289,7 +301,6 @@ def run(
                     else:
                         row["times_ms"] = [t * 1e3 for t in times]
                         row["ms"] = statistics.median(row["times_ms"])
-                        moved = numel * algorithm.bytes_per_element * dtype.itemsize // 4
                         row["gbps"] = moved / (row["ms"] * 1e6)
                     group.append(row)
                     result = f"{row['ms']:.3f} ms/step" if row["error"] is None else "n/a"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import statistics
 import subprocess
 import sys
 from importlib import resources
@@ -57,6 +58,24 @@ def test_subsets_of_algorithms_and_impls():
         ("SGD", "torch", "fused"),
         ("SGD", "fuseopt", "fused"),
     ]
+
+
+@pytest.mark.parametrize("above, passes", [(1 << 40, 2), (0, 2 + 3)])
+def test_large_steps_get_a_bandwidth_pass_each_round(monkeypatch, above, passes):
+    """A step larger than the caches is paired with its own bandwidth pass each round (the
+    bandwidth drifts within seconds); a small one only gets passes before and after its steps."""
+    calls = []
+    real = bench._Calibration.__call__
+
+    def counted(self):
+        calls.append(real(self))
+        return calls[-1]
+
+    monkeypatch.setattr(bench._Calibration, "__call__", counted)
+    monkeypatch.setattr(bench, "CALIBRATE_EACH_ROUND_ABOVE", above)
+    rows = bench.run(TINY, algorithms=["sgd"], impls=["fused"], steps=3, progress=False)
+    assert len(calls) == 1 + passes  # the first call is the constructor's (it compiles)
+    assert rows[0]["bandwidth_gbps"] == pytest.approx(statistics.median(calls[1:]))
 
 
 def test_an_implementation_that_fails_is_reported_not_fatal(monkeypatch):
