@@ -201,8 +201,8 @@ def _time_pair(
                 opts[library] = opt
                 results[library] = []
         sync = _synchronizer(device)
-        # Calibrate just before and after the timed steps, not between them: a calibration pass
-        # evicts the caches, and small workloads would then be timed cold.
+        # Calibrate just before and after the timed steps; between rounds only for steps larger
+        # than the caches (a calibration pass evicts them: small workloads would be timed cold).
         gbps = [calibration()] if calibration is not None else []
         for _ in range(steps):
             if calibrate_each_round and calibration is not None:
