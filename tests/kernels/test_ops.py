@@ -8,6 +8,10 @@ sqrt, which is not, in float32 and float64 alike.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -136,14 +140,20 @@ def test_numba_follows_torch_thread_count():
         torch.set_num_threads(before)
 
 
+def _in_a_new_process(code: str) -> list[str]:
+    """What ``code`` prints, run by a new Python in the repository (once-per-process effects)."""
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.split()
+
+
 def test_first_kernel_keeps_torch_thread_count():
     """Starting numba's OpenMP layer resets the OpenMP thread count, which torch shares and reports:
     the first fused step must leave torch's count as the user set it. A fresh process, since the
     layer starts once per process."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     code = (
         "import torch, fuseopt\n"
         "torch.set_num_threads(1)\n"
@@ -153,21 +163,12 @@ def test_first_kernel_keeps_torch_thread_count():
         "import numba\n"
         "print(torch.get_num_threads(), numba.get_num_threads())\n"
     )
-    root = Path(__file__).resolve().parents[2]
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["1", "1"]
+    assert _in_a_new_process(code) == ["1", "1"]
 
 
 def test_first_step_skips_scipy_linalg_and_numba_blas_still_works():
     """numba's first compile imports ``scipy.linalg`` just to set a flag (a quarter of a second);
     fuseopt's first step must not pay for it, and numba's ``np.dot`` must still reach BLAS."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     pytest.importorskip("scipy")
     code = (
         "import sys, torch, fuseopt, numba, numpy as np\n"
@@ -178,12 +179,7 @@ def test_first_step_skips_scipy_linalg_and_numba_blas_still_works():
         "a = np.arange(6.0).reshape(2, 3)\n"
         "print(numba.njit(lambda x: np.dot(x, x.T))(a).tolist() == (a @ a.T).tolist())\n"
     )
-    root = Path(__file__).resolve().parents[2]
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["False", "True"]
+    assert _in_a_new_process(code) == ["False", "True"]
 
 
 def test_chunks_cover_every_element_once():
