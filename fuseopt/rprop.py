@@ -38,9 +38,9 @@ class RpropRule(Rule):
         if f.maximize:
             grad = -grad
         if f.plain_etas:
-            # torch's chain below, in fewer selects: with 0 < eta- < 1 < eta+ no replaced value
-            # matches a later test (16-bit kernels are compute-bound; this one most)
-            # (step_size * 1 is step_size: every branch rounds as torch's one multiply)
+            # torch's chain below, in fewer selects (16-bit kernels are compute-bound, this one
+            # most): with 0 < eta- < 1 < eta+ no replaced value matches a later test, and
+            # step_size * 1 is step_size, so every branch rounds as torch's one multiply
             product = grad * prev
             turned = ops.lt(product, 0)
             grown = ops.where(turned, step_size * s.etaminus, step_size)

@@ -17,9 +17,9 @@ from numba.extending import intrinsic
 def _lazy_blas_probe() -> None:
     """Load numba's ``arraymath`` without importing SciPy.
 
-    At its first compile numba imports ``arraymath``, which imports ``scipy.linalg`` (0.2-0.3 s,
-    half of a new process's first step) only to set a "BLAS is available" flag. Here the flag comes
-    from whether SciPy is installed; numba's real check still runs when a kernel uses BLAS.
+    At its first compile numba imports ``arraymath``, which imports ``scipy.linalg`` (0.1-0.3 s of
+    a new process's first step) only to set a "BLAS is available" flag. Here the flag comes from
+    whether SciPy is installed; numba's real check still runs when a kernel uses BLAS.
     """
     if "scipy.linalg" in sys.modules or "numba.np.arraymath" in sys.modules:
         return  # already paid for, or numba has already looked
