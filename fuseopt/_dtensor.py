@@ -37,13 +37,14 @@ def any_dtensor(tensors) -> bool:
 
 def fused_backend(p: torch.Tensor, g: torch.Tensor, state: dict, names: list[str]) -> str:
     """The backend for DTensor ``p``: ``"numba"`` where the grad and the state are sharded like
-    ``p`` and every local shard is contiguous (the kernel walks shards as flat arrays), else
-    ``"foreach"`` (torch ops through DTensor's dispatch, which redistributes what it must)."""
+    ``p``, of its dtype, and every local shard is contiguous (the kernel walks shards as flat
+    arrays), else ``"foreach"`` (torch ops through DTensor's dispatch, which redistributes what it
+    must)."""
     tensors = [g, *(state[n] for n in names if n in state)]
     for t in tensors:
         if not is_dtensor(t) or t.device_mesh != p.device_mesh or t.placements != p.placements:
             return "foreach"
-        if t.shape != p.shape or not t.to_local().is_contiguous():
+        if t.shape != p.shape or t.dtype != p.dtype or not t.to_local().is_contiguous():
             return "foreach"
     return "numba" if p.to_local().is_contiguous() else "foreach"
 

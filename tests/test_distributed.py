@@ -106,6 +106,22 @@ def test_dtensor_backends_in_process(one_rank_mesh, monkeypatch):
             torch.testing.assert_close(p.full_tensor(), plain.detach(), **TOL)
 
 
+def test_dtensor_state_of_another_dtype_never_reaches_the_kernel(one_rank_mesh):
+    """A state DTensor placed like its param but of another dtype (a wrong checkpoint) would be
+    read as the param's dtype by the flat kernel: it goes through DTensor's own ops instead."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from fuseopt import _dtensor
+
+    value = torch.randn(6, 2, dtype=torch.float64)
+    p = torch.nn.Parameter(distribute_tensor(value, one_rank_mesh, [Shard(0)]))
+    g = distribute_tensor(torch.ones_like(value), one_rank_mesh, [Shard(0)])
+    state = {"exp_avg": distribute_tensor(torch.zeros_like(value), one_rank_mesh, [Shard(0)])}
+    assert _dtensor.fused_backend(p, g, state, ["exp_avg"]) == "numba"
+    state["exp_avg"] = distribute_tensor(torch.zeros(6, 2), one_rank_mesh, [Shard(0)])  # float32
+    assert _dtensor.fused_backend(p, g, state, ["exp_avg"]) == "foreach"
+
+
 def test_ddp_equals_single_process_training(tmp_path):
     spawn(ddp_worker, 2, str(tmp_path))
     ranks = load_results(str(tmp_path), 2)
