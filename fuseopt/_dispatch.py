@@ -322,23 +322,13 @@ def _steady_step(opt, group: dict, names: list[str]) -> bool:
             (keeps_state and not state)
             or g.is_sparse
             or p.dtype != dtype
-            or g.dtype != dtype
             or not p.is_cpu
-            or not (p.is_contiguous() and g.is_contiguous())
+            or any(n not in state for n in names)
+            or not _contiguous(p, g, state, names)  # and grad and state like the param
         ):
             return False
-        numel = p.numel()
         for n in names:
-            t = state.get(n)
-            if (
-                t is None
-                or not t.is_contiguous()
-                or t.dtype != dtype
-                or t.numel() != numel
-                or not t.is_cpu
-            ):
-                return False
-            states[n].append(t)
+            states[n].append(state[n])
         params.append(p)
         grads.append(g)
         if rule.has_step:
@@ -377,10 +367,9 @@ def _run_by_step(rule, group, values, params, grads, states) -> None:
     for value in sorted(set(values)):
         pick = [i for i, v in enumerate(values) if v == value]
         batch = {n: [ts[i] for i in pick] for n, ts in states.items()}
-        tables = numba_cpu.table([params[i] for i in pick], [grads[i] for i in pick], batch)
-        _run_steady(
-            rule, group, value, tables, [grads[i] for i in pick], params[0].dtype, list(batch)
-        )
+        picked = [grads[i] for i in pick]
+        tables = numba_cpu.table([params[i] for i in pick], picked, batch)
+        _run_steady(rule, group, value, tables, picked, params[0].dtype, list(batch))
 
 
 def amp_scaling(opt) -> bool:

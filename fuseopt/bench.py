@@ -3,8 +3,9 @@
 ``python -m fuseopt.bench`` (or ``fuseopt bench``) times every algorithm of :data:`ALGORITHMS` in
 every implementation of :data:`IMPLEMENTATIONS` (for-loop, foreach, fused), for fuseopt and for
 torch.optim, on the parameter shapes of real models (``workloads.json``: gpt2-small, resnet18,
-many-small), in float32 (or ``--dtype``). It prints ms/step, each fuseopt implementation's time relative to torch's
-best implementation, and the effective memory bandwidth of the fastest fuseopt implementation.
+many-small), in float32 (or ``--dtype``). It prints ms/step, each fuseopt implementation's time
+relative to torch's best implementation, and the effective memory bandwidth of the fastest fuseopt
+implementation.
 
 Method: for each (workload, algorithm, implementation), torch's and fuseopt's optimizers are built
 on fresh params (zeros) with small random grads; two warm-up steps each (the first compiles numba

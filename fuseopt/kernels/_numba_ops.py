@@ -92,6 +92,13 @@ def load_bf16(typingctx, bits):
     return types.float32(bits), codegen
 
 
+def _bf16_bits(builder, x, upper):
+    """The 16 bits a bfloat16 store writes for float32 ``x`` whose result is ``upper`` (an i32):
+    0xFFFF for NaN, as ATen's vectorised conversion, else ``upper``."""
+    nan = builder.fcmp_unordered("uno", x, x)
+    return builder.trunc(builder.select(nan, _I32(0xFFFF), upper), _I16)
+
+
 @intrinsic
 def store_bf16(typingctx, x):
     """``x`` rounded to bfloat16 bits, to nearest even; NaN becomes 0xFFFF (as ATen's vectorised
@@ -103,8 +110,7 @@ def store_bf16(typingctx, x):
         bits = builder.bitcast(args[0], _I32)
         odd = builder.and_(builder.lshr(bits, _I32(16)), _I32(1))  # ties go to the even neighbour
         rounded = builder.lshr(builder.add(bits, builder.add(odd, _I32(0x7FFF))), _I32(16))
-        nan = builder.fcmp_unordered("uno", args[0], args[0])
-        return builder.trunc(builder.select(nan, _I32(0xFFFF), rounded), _I16)
+        return _bf16_bits(builder, args[0], rounded)
 
     return types.uint16(x), codegen
 
@@ -118,8 +124,7 @@ def store_bf16_exact(typingctx, x):
 
     def codegen(context, builder, signature, args):
         upper = builder.lshr(builder.bitcast(args[0], _I32), _I32(16))
-        nan = builder.fcmp_unordered("uno", args[0], args[0])
-        return builder.trunc(builder.select(nan, _I32(0xFFFF), upper), _I16)
+        return _bf16_bits(builder, args[0], upper)
 
     return types.uint16(x), codegen
 

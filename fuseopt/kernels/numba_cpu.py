@@ -196,13 +196,15 @@ def kernel(rule, flags, operands: tuple[str, ...], dtype: torch.dtype):
 
 # -------------------------------------------------------------------------------------- launch
 @lru_cache(maxsize=256)
-def _chunks(numels: tuple[int, ...]) -> np.ndarray:
+def chunk_table(numels: tuple[int, ...], chunk: int = CHUNK) -> np.ndarray:
+    """``(tensor, start, stop)`` rows of at most ``chunk`` elements covering every tensor once,
+    in order (the work items of a launch; also the Triton backend's)."""
     sizes = np.asarray(numels, dtype=np.int64)
-    counts = -(-sizes // CHUNK)
+    counts = -(-sizes // chunk)
     tensor = np.repeat(np.arange(len(sizes), dtype=np.int64), counts)
     first = np.repeat(np.cumsum(counts) - counts, counts)
-    start = (np.arange(len(tensor), dtype=np.int64) - first) * CHUNK
-    stop = np.minimum(start + CHUNK, sizes[tensor])
+    start = (np.arange(len(tensor), dtype=np.int64) - first) * chunk
+    stop = np.minimum(start + chunk, sizes[tensor])
     return np.ascontiguousarray(np.stack([tensor, start, stop], axis=1))
 
 
@@ -253,7 +255,7 @@ def table(params: list, grads: list, states: dict[str, list]) -> tuple:
     lists = [params, grads, *states.values()]
     ptrs = np.array([[t.data_ptr() for t in lst] for lst in lists], dtype=np.int64)
     numels = tuple(p.numel() for p in params)
-    return ptrs, _chunks(numels), sum(numels) < SERIAL_BELOW
+    return ptrs, chunk_table(numels), sum(numels) < SERIAL_BELOW
 
 
 def launch(rule, flags, scalars: dict, operands: tuple, dtype: torch.dtype, tables: tuple) -> None:

@@ -25,9 +25,10 @@ import importlib.util
 import os
 from functools import cache, lru_cache
 
+import numpy as np
 import torch
 
-from fuseopt.kernels.numba_cpu import import_source
+from fuseopt.kernels.numba_cpu import chunk_table, import_source
 from fuseopt.kernels.trace import Graph, trace
 
 BLOCK = 1024  # elements per vector step of a program
@@ -222,8 +223,10 @@ def kernel(rule, flags, operands: tuple[str, ...], dtype: torch.dtype, table: bo
 def _chunks(numels: tuple[int, ...], device: torch.device, chunk: int) -> torch.Tensor:
     """``(tensor, start, stop)`` rows covering every tensor, on ``device`` (cached: a captured
     CUDA graph keeps reading the same table)."""
-    rows = [(t, lo, min(lo + chunk, n)) for t, n in enumerate(numels) for lo in range(0, n, chunk)]
-    return torch.tensor(rows or [(0, 0, 0)], dtype=torch.int64).to(device)
+    rows = chunk_table(numels, chunk)
+    if not len(rows):  # only empty tensors: one program that does nothing (a grid cannot be 0)
+        rows = np.zeros((1, 3), dtype=np.int64)
+    return torch.tensor(rows, dtype=torch.int64).to(device)
 
 
 @lru_cache(maxsize=256)

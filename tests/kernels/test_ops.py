@@ -184,7 +184,7 @@ def test_first_step_skips_scipy_linalg_and_numba_blas_still_works():
 
 def test_chunks_cover_every_element_once():
     numels = (0, 1, numba_cpu.CHUNK, numba_cpu.CHUNK + 1, 3 * numba_cpu.CHUNK - 5)
-    chunks = numba_cpu._chunks(numels)
+    chunks = numba_cpu.chunk_table(numels)
     for t, n in enumerate(numels):
         mine = chunks[chunks[:, 0] == t]
         covered = sum(int(stop - start) for _, start, stop in mine)
