@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import weakref
 from collections import defaultdict
-from itertools import chain, compress, repeat
+from itertools import chain, compress, islice, repeat
 from operator import attrgetter, is_, is_not, itemgetter
 
 import numpy as np
@@ -197,17 +197,24 @@ class _Plan:
     Rebuilding the table costs about 2 us of Python per param, which dominates a step over many small
     tensors. Each step still checks, in C-level passes over the group (``map``, no Python per
     param), that the same params have grads; that each param keeps its address, numel and
-    contiguity; that the state tensors are the same objects (weak references: the plan keeps
-    nothing alive) at the same addresses; and that every grad is a dense, contiguous CPU tensor of
-    the param's dtype and numel. Anything else makes :func:`_steady_step` check afresh.
+    contiguity; that the state tensors are the same objects at the same addresses; and that every
+    grad is a dense, contiguous CPU tensor of the param's dtype and numel. Anything else makes
+    :func:`_steady_step` check afresh.
+
+    Identity is checked by ``id``: the plan holds weak references whose callbacks mark it dead
+    when a param or state tensor is freed, before its ``id`` can be reused. So it keeps nothing
+    alive, and a step creates no weak references.
     """
 
     __slots__ = (
-        "param_refs",
+        "dead",
+        "refs",
+        "ids",
         "mask",
         "names",
         "state_of",
-        "refs",
+        "at",
+        "state_ids",
         "ptrs",
         "numels",
         "dtype",
@@ -215,29 +222,48 @@ class _Plan:
         "steps",
     )
 
-    def __init__(self, group_params, mask, params, states: dict, steps: list, tables: tuple):
-        self.param_refs = list(map(weakref.ref, group_params))
+    def __init__(self, opt, group_params, mask, params, states: dict, steps: list, tables: tuple):
         self.mask = mask  # which params have grads; None when all do
         names = [*states, "step"] if steps else list(states)
         tensors = [*states.values(), steps] if steps else list(states.values())
         # state tensors param by param, as itemgetter(*names) gives them from the state dicts
         self.names = names
-        self.state_of = itemgetter(*names) if len(names) > 1 else None
-        by_param = list(chain.from_iterable(zip(*tensors)))
-        self.refs = list(map(weakref.ref, by_param))
+        self.state_of = itemgetter(*names) if names else None
+        if len(names) > 1:
+            by_param = list(chain.from_iterable(zip(*tensors)))
+        else:
+            by_param = list(tensors[0]) if names else []
+        self.dead: list = []  # a callback appends here: a param or state tensor was freed
+        self.refs = [weakref.ref(t, self.dead.append) for t in chain(group_params, by_param)]
+        self.ids = list(map(id, group_params))
+        self.state_ids = list(map(id, by_param))
+        # where these params' states start in opt.state, if they sit there in order (see match)
+        keys = list(opt.state)
+        at = next((i for i, k in enumerate(keys) if k is params[0]), None) if names else None
+        in_order = at is not None and all(map(is_, keys[at : at + len(params)], params))
+        self.at = at if in_order and len(keys) >= at + len(params) else None
         self.ptrs = list(map(_DATA_PTR, chain(params, by_param)))
         self.numels = list(map(_NUMEL, params))
         self.dtype = params[0].dtype
         self.tables = tables  # numba_cpu.table(); the grad row is refilled every step
         self.steps = (np.array(list(map(_DATA_PTR, steps))), steps[0].dtype) if steps else None
 
+    def _state_dicts(self, opt, params: list) -> list:
+        """``opt.state[p]`` for each param (None where it has none). ``opt.state.get`` hashes each
+        param through ``Tensor.__hash__``, a Python function: while the params sit in
+        ``opt.state`` in order, reading its entries there takes no Python call per param."""
+        if self.at is not None:
+            stop = self.at + len(params)
+            keys = list(islice(opt.state, self.at, stop))
+            if len(keys) == len(params) and all(map(is_, keys, params)):
+                return list(islice(opt.state.values(), self.at, stop))
+        return list(map(opt.state.get, params))
+
     def match(self, opt, group: dict):
-        """``(params, grads, state tensors by name)`` of this step if the plan still holds, else
-        None."""
+        """``(params, grads, grad data pointers, state tensors by name)`` of this step if the plan
+        still holds, else None."""
         gps = group["params"]
-        if len(gps) != len(self.param_refs) or not all(
-            map(is_, map(weakref.ref, gps), self.param_refs)
-        ):
+        if self.dead or list(map(id, gps)) != self.ids:
             return None
         grads = list(map(_GRAD, gps))
         mask = list(map(is_not, grads, repeat(None)))
@@ -252,28 +278,28 @@ class _Plan:
         tensors = []  # state tensors param by param
         if self.names:  # torch's SGD without momentum keeps no state
             try:
-                states = map(opt.state.get, params)  # None: TypeError below
-                if self.state_of is None:
-                    tensors = list(map(itemgetter(self.names[0]), states))
-                else:
-                    tensors = list(chain.from_iterable(map(self.state_of, states)))
-                if not all(map(is_, map(weakref.ref, tensors), self.refs)):
-                    return None
+                states = self._state_dicts(opt, params)  # None: TypeError below
+                tensors = list(map(self.state_of, states))
+                if len(self.names) > 1:
+                    tensors = list(chain.from_iterable(tensors))
             except (KeyError, TypeError):  # a state or one of its tensors is gone
+                return None
+            if list(map(id, tensors)) != self.state_ids:
                 return None
         if (
             list(map(_DATA_PTR, chain(params, tensors))) != self.ptrs
             or list(map(_NUMEL, params)) != self.numels
-            or list(map(_NUMEL, grads)) != self.numels
             or not all(map(_IS_CONTIGUOUS, params))
-            or not all(map(_IS_CONTIGUOUS, grads))
             or not all(map(is_, map(_LAYOUT, grads), repeat(torch.strided)))
+            or list(map(_NUMEL, grads)) != self.numels
+            or not all(map(_IS_CONTIGUOUS, grads))
             or not all(map(is_, map(_DTYPE, grads), repeat(self.dtype)))
             or not all(map(_IS_CPU, grads))
         ):
             return None
         k = len(self.names)
-        return params, grads, {n: tensors[i::k] for i, n in enumerate(self.names)}
+        by_name = {n: tensors[i::k] for i, n in enumerate(self.names)}
+        return params, grads, list(map(_DATA_PTR, grads)), by_name
 
 
 def _steady_step(opt, group: dict, names: list[str]) -> bool:
@@ -292,13 +318,13 @@ def _steady_step(opt, group: dict, names: list[str]) -> bool:
     if plan is not None and found is None:
         del plans[id(group)]  # stale: checking it again next step would only cost time
     if found is not None and _backend(group, found[0][0], False) == "numba":
-        params, grads, states = found
+        params, grads, grad_ptrs, states = found
         if plan.steps is None:
-            return _run_steady(rule, group, None, plan.tables, grads, plan.dtype, names)
+            return _run_steady(rule, group, None, plan.tables, grad_ptrs, plan.dtype, names)
         values = numba_cpu.bump_at(*plan.steps)
         if values.min() == values.max():
             step = float(values[0])
-            return _run_steady(rule, group, step, plan.tables, grads, plan.dtype, names)
+            return _run_steady(rule, group, step, plan.tables, grad_ptrs, plan.dtype, names)
         _run_by_step(rule, group, values.tolist(), params, grads, {n: states[n] for n in names})
         return True
 
@@ -346,15 +372,15 @@ def _steady_step(opt, group: dict, names: list[str]) -> bool:
     tables = numba_cpu.table(params, grads, states)
     gps = group["params"]
     mask = None if len(params) == len(gps) else [p.grad is not None for p in gps]
-    plans[id(group)] = _Plan(gps, mask, params, states, steps, tables)
+    plans[id(group)] = _Plan(opt, gps, mask, params, states, steps, tables)
     step = values[0] if values else None
-    return _run_steady(rule, group, step, tables, grads, dtype, names)
+    return _run_steady(rule, group, step, tables, tables[0][1], dtype, names)
 
 
-def _run_steady(rule, group, step, tables, grads, dtype, names) -> bool:
-    """One launch over ``tables`` (:func:`numba_cpu.table`) with this step's grad pointers."""
+def _run_steady(rule, group, step, tables, grad_ptrs, dtype, names) -> bool:
+    """One launch over ``tables`` (:func:`numba_cpu.table`) with this step's ``grad_ptrs``."""
     ptrs = tables[0].copy()  # the plan's table stays as it is, should two threads step at once
-    ptrs[1] = list(map(_DATA_PTR, grads))
+    ptrs[1] = grad_ptrs
     flags = Flags(rule.flags(group, False, step, {}))
     operands = ("param", "grad", *names)
     scalars = rule.scalars(group, step, {})
@@ -369,7 +395,7 @@ def _run_by_step(rule, group, values, params, grads, states) -> None:
         batch = {n: [ts[i] for i in pick] for n, ts in states.items()}
         picked = [grads[i] for i in pick]
         tables = numba_cpu.table([params[i] for i in pick], picked, batch)
-        _run_steady(rule, group, value, tables, picked, params[0].dtype, list(batch))
+        _run_steady(rule, group, value, tables, tables[0][1], params[0].dtype, list(batch))
 
 
 def amp_scaling(opt) -> bool:

@@ -123,6 +123,19 @@ def _swap_state_tensor(opt, params, ours):
     )
 
 
+_kept = []
+
+
+def _swap_state_tensor_keep_old(opt, params, ours):
+    _kept.append(opt.state[params[1]]["exp_avg"])  # alive: no weak-reference callback fires
+    return _swap_state_tensor(opt, params, ours)
+
+
+def _reorder_state(opt, params, ours):
+    opt.state[params[0]] = opt.state.pop(params[0])  # same tensors; opt.state no longer in order
+    return lambda ref, theirs: None
+
+
 def _swap_state_data(opt, params, ours):
     t = opt.state[params[1]]["exp_avg_sq"]
     t.data = t.data.clone() * 2.0  # same tensor object, new storage: the old one is freed
@@ -154,6 +167,9 @@ def _rewind_one_step(opt, params, ours):
     "change, hits",
     [
         (_swap_state_tensor, [True, False, True, True]),
+        (_swap_state_tensor_keep_old, [True, False, True, True]),
+        # the plan reads the states by lookup from then on
+        (_reorder_state, [True, True, True, True]),
         (_swap_state_data, [True, False, True, True]),
         (_swap_param_data, [True, False, True, True]),
         # new groups: no plan at step 3, a new one from step 4
