@@ -8,6 +8,7 @@ patch ``step``) and overrides every public method.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import sys
@@ -50,6 +51,14 @@ _REQUIRED_MARKERS = (
     required,
     getattr(sys.modules[torch.optim.Optimizer.__module__], "required", required),
 )
+
+
+def _profiled(name: str):
+    """torch's profiler range ``name`` while a profiler runs, else nothing: entering a
+    ``record_function`` costs ~6 us, ~40 us with cold caches, on every step."""
+    if torch.autograd._profiler_enabled():
+        return torch.autograd.profiler.record_function(name)
+    return contextlib.nullcontext()
 
 
 def _add_hook(hooks: OrderedDict, hook: Callable, prepend: bool = False) -> RemovableHandle:
@@ -266,9 +275,7 @@ class Optimizer(torch.optim.Optimizer):
                 optimizers skip params whose grad is None (default: True)
         """
         dense: defaultdict[tuple, list[torch.Tensor]] = defaultdict(list)
-        with torch.autograd.profiler.record_function(
-            f"Optimizer.zero_grad#{self.__class__.__name__}.zero_grad"
-        ):
+        with _profiled(f"Optimizer.zero_grad#{self.__class__.__name__}.zero_grad"):
             for group in self.param_groups:
                 for p in group["params"]:
                     if p.grad is None:
@@ -335,9 +342,7 @@ class Optimizer(torch.optim.Optimizer):
         @functools.wraps(func)
         def hooked_step(*args: Any, **kwargs: Any) -> Any:
             opt = args[0]
-            with torch.autograd.profiler.record_function(
-                f"Optimizer.step#{opt.__class__.__name__}.step"
-            ):
+            with _profiled(f"Optimizer.step#{opt.__class__.__name__}.step"):
                 for hook in chain(
                     _global_optimizer_pre_hooks.values(), opt._optimizer_step_pre_hooks.values()
                 ):

@@ -242,6 +242,28 @@ def test_step_runs_hooks_once_per_call():
     assert calls == ["pre", "post"] * 3
 
 
+def test_profiler_sees_step_and_zero_grad_ranges_like_torch(monkeypatch):
+    """Under a profiler, step and zero_grad open torch's named ranges, with torch's scope; without
+    one they open none (that costs ~6 us a step)."""
+
+    def ranges(lib):
+        params = make_params()
+        opt = lib.Adam(params, lr=0.1)
+        set_grads(params, 0)
+        opt.step()  # the first step: state made outside the profiled one
+        with torch.profiler.profile() as prof:
+            opt.step()
+            opt.zero_grad()
+        return sorted((e.name, e.scope) for e in prof.events() if e.name.startswith("Optimizer."))
+
+    ours = ranges(fuseopt)
+    assert ours == ranges(torch.optim)
+    assert [name for name, _ in ours] == [
+        "Optimizer.step#Adam.step",
+        "Optimizer.zero_grad#Adam.zero_grad",
+    ]
+
+
 def test_custom_subclass_step_runs_hooks_like_torch():
     """A user optimizer overriding ``step`` gets the step hooks, as in torch.optim."""
 
