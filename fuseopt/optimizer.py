@@ -53,12 +53,31 @@ _REQUIRED_MARKERS = (
 )
 
 
-def _profiled(name: str):
-    """torch's profiler range ``name`` while a profiler runs, else nothing: entering a
-    ``record_function`` costs ~6 us, ~40 us with cold caches, on every step."""
+_NO_RANGE = contextlib.nullcontext()
+
+
+def _profiled(opt: Optimizer, method: str):
+    """torch's profiler range ``Optimizer.<method>#<class>.<method>`` while a profiler runs, else
+    nothing: entering a ``record_function`` costs ~6 us, ~40 us with cold caches, every step."""
     if torch.autograd._profiler_enabled():
-        return torch.autograd.profiler.record_function(name)
-    return contextlib.nullcontext()
+        name = opt.__class__.__name__
+        return torch.autograd.profiler.record_function(f"Optimizer.{method}#{name}.{method}")
+    return _NO_RANGE
+
+
+def _run_pre_hooks(opt: Optimizer, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The global then the instance step pre-hooks; each may return new ``(args, kwargs)``."""
+    for hook in chain(_global_optimizer_pre_hooks.values(), opt._optimizer_step_pre_hooks.values()):
+        result = hook(opt, args, kwargs)
+        if result is None:
+            continue
+        if not (isinstance(result, tuple) and len(result) == 2):
+            raise RuntimeError(
+                f"{opt.__class__.__name__}.step pre-hook must return None or a tuple "
+                f"of (new_args, new_kwargs), but got {result}."
+            )
+        args, kwargs = result
+    return args, kwargs
 
 
 def _add_hook(hooks: OrderedDict, hook: Callable, prepend: bool = False) -> RemovableHandle:
@@ -275,7 +294,7 @@ class Optimizer(torch.optim.Optimizer):
                 optimizers skip params whose grad is None (default: True)
         """
         dense: defaultdict[tuple, list[torch.Tensor]] = defaultdict(list)
-        with _profiled(f"Optimizer.zero_grad#{self.__class__.__name__}.zero_grad"):
+        with _profiled(self, "zero_grad"):
             for group in self.param_groups:
                 for p in group["params"]:
                     if p.grad is None:
@@ -342,25 +361,18 @@ class Optimizer(torch.optim.Optimizer):
         @functools.wraps(func)
         def hooked_step(*args: Any, **kwargs: Any) -> Any:
             opt = args[0]
-            with _profiled(f"Optimizer.step#{opt.__class__.__name__}.step"):
-                for hook in chain(
-                    _global_optimizer_pre_hooks.values(), opt._optimizer_step_pre_hooks.values()
-                ):
-                    result = hook(opt, args, kwargs)
-                    if result is None:
-                        continue
-                    if not (isinstance(result, tuple) and len(result) == 2):
-                        raise RuntimeError(
-                            f"{opt.__class__.__name__}.step pre-hook must return None or a tuple "
-                            f"of (new_args, new_kwargs), but got {result}."
-                        )
-                    args, kwargs = result
+            with _profiled(opt, "step"):
+                # (the checks spare the usual step, without hooks, two chains: ~10 us cold)
+                if _global_optimizer_pre_hooks or opt._optimizer_step_pre_hooks:
+                    args, kwargs = _run_pre_hooks(opt, args, kwargs)
                 out = func(*args, **kwargs)
                 opt._optimizer_step_code()
-                for hook in chain(
-                    opt._optimizer_step_post_hooks.values(), _global_optimizer_post_hooks.values()
-                ):
-                    hook(opt, args, kwargs)
+                if opt._optimizer_step_post_hooks or _global_optimizer_post_hooks:
+                    for hook in chain(
+                        opt._optimizer_step_post_hooks.values(),
+                        _global_optimizer_post_hooks.values(),
+                    ):
+                        hook(opt, args, kwargs)
             return out
 
         hooked_step.hooked = True  # type: ignore[attr-defined]  # torch's "already wrapped" mark
