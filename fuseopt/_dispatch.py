@@ -229,19 +229,14 @@ class _Plan:
         # state tensors param by param, as itemgetter(*names) gives them from the state dicts
         self.names = names
         self.state_of = itemgetter(*names) if names else None
-        if len(names) > 1:
-            by_param = list(chain.from_iterable(zip(*tensors)))
-        else:
-            by_param = list(tensors[0]) if names else []
+        by_param = list(chain.from_iterable(zip(*tensors)))
         self.dead: list = []  # a callback appends here: a param or state tensor was freed
         self.refs = [weakref.ref(t, self.dead.append) for t in chain(group_params, by_param)]
         self.ids = list(map(id, group_params))
         self.state_ids = list(map(id, by_param))
-        # where these params' states start in opt.state, if they sit there in order (see match)
-        keys = list(opt.state)
-        at = next((i for i, k in enumerate(keys) if k is params[0]), None) if names else None
-        in_order = at is not None and all(map(is_, keys[at : at + len(params)], params))
-        self.at = at if in_order and len(keys) >= at + len(params) else None
+        # where these params' states start in opt.state (_state_dicts checks the order each step)
+        first = params[0]
+        self.at = next((i for i, k in enumerate(opt.state) if k is first), None) if names else None
         self.ptrs = list(map(_DATA_PTR, chain(params, by_param)))
         self.numels = list(map(_NUMEL, params))
         self.dtype = params[0].dtype

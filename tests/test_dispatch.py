@@ -123,11 +123,9 @@ def _swap_state_tensor(opt, params, ours):
     )
 
 
-_kept = []
-
-
 def _swap_state_tensor_keep_old(opt, params, ours):
-    _kept.append(opt.state[params[1]]["exp_avg"])  # alive: no weak-reference callback fires
+    # kept alive (as long as the param): no weak-reference callback fires
+    params[1].old_exp_avg = opt.state[params[1]]["exp_avg"]
     return _swap_state_tensor(opt, params, ours)
 
 
