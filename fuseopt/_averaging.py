@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from fuseopt.kernels import foreach, numba_cpu
+from fuseopt import kernels
+from fuseopt.kernels import numba_cpu
 from fuseopt.rule import Flags, Rule
 
 
@@ -22,23 +23,48 @@ class EMARule(Rule):
 _EMA = EMARule()
 
 
-def _apply(rule, averages: list[torch.Tensor], params: list[torch.Tensor], scalars: dict) -> None:
-    kernel = [
-        (a, p)
-        for a, p in zip(averages, params)
-        if a.device.type == "cpu"
+def _fusable(a: torch.Tensor, p: torch.Tensor) -> bool:
+    """Whether the pair may take the kernel; :func:`fuseopt._plan.kernel_launch` then checks
+    everything the kernel assumes of them."""
+    return (
+        a.device.type == "cpu"
+        and a.layout == torch.strided
         and numba_cpu.supports(a.dtype)
         and a.dtype == p.dtype
+        and a.shape == p.shape
         and a.is_contiguous()
         and p.is_contiguous()
-    ]
-    rest = [(a, p) for a, p in zip(averages, params) if not any(a is k for k, _ in kernel)]
-    if kernel and numba_cpu.available():
-        numba_cpu.run(rule, Flags(), scalars, [a for a, _ in kernel], [p for _, p in kernel], {})
-    else:
-        rest = kernel + rest
+        and not (a.is_neg() or p.is_neg())
+    )
+
+
+def _apply(rule, averages: list[torch.Tensor], params: list[torch.Tensor], scalars: dict) -> None:
+    # every check before any tensor changes (torch's foreach ops refuse these too)
+    if len(averages) != len(params):
+        raise RuntimeError(
+            f"weight averaging: {len(averages)} averaged tensors but {len(params)} current ones"
+        )
+    for i, (a, p) in enumerate(zip(averages, params)):
+        if a.shape != p.shape:
+            raise RuntimeError(
+                f"weight averaging, tensor {i}: the average has shape {tuple(a.shape)}, the "
+                f"current value {tuple(p.shape)}"
+            )
+    kernel = [(a, p) for a, p in zip(averages, params) if _fusable(a, p)]
+    if not (kernel and numba_cpu.available()):
+        kernel = []
+    if kernel and len({a.dtype for a, _ in kernel}) > 1:  # one launch per dtype
+        kernel = [(a, p) for a, p in kernel if a.dtype == kernel[0][0].dtype]
+    chosen = {id(a) for a, _ in kernel}
+    rest = [(a, p) for a, p in zip(averages, params) if id(a) not in chosen]
+    if kernel:
+        avgs, cur = [a for a, _ in kernel], [p for _, p in kernel]
+        try:
+            kernels.run("numba", rule, Flags(), scalars, avgs, cur, {})
+        except ValueError:  # tensors that alias, a storage too small: torch's ops decide
+            rest = kernel + rest
     if rest:
-        foreach.run(rule, Flags(), scalars, [a for a, _ in rest], [p for _, p in rest], {})
+        kernels.run("foreach", rule, Flags(), scalars, [a for a, _ in rest], [p for _, p in rest], {})
 
 
 @torch.no_grad()

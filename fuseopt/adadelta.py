@@ -15,6 +15,8 @@ __all__ = ["Adadelta"]
 class AdadeltaRule(Rule):
     """Adadelta's elementwise update."""
 
+    reads_step = False  # torch counts its steps and reads none
+
     state = (Zeros("square_avg"), Zeros("acc_delta"))
 
     def flags(self, g, first, step, sv):

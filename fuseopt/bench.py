@@ -331,17 +331,22 @@ class _Calibration:
     pass: the bandwidth an elementwise optimizer step could have had at that moment."""
 
     def __init__(self, device: str = "cpu", numel: int = 1 << 24) -> None:
+        from fuseopt._plan import kernel_launch
         from fuseopt.kernels import numba_cpu, triton_gpu
 
-        self.backend = triton_gpu if torch.device(device).type == "cuda" else numba_cpu
+        cuda = torch.device(device).type == "cuda"
+        self.backend = triton_gpu if cuda else numba_cpu
         self.a, self.b = torch.ones(numel, device=device), torch.ones(numel, device=device)
         self.sync, self.rule = _synchronizer(device), _ReadModifyWrite()
+        self.launch = kernel_launch(
+            self.rule, Flags(), {}, [self.a], [self.b], {}, "triton" if cuda else "numba"
+        )
         self()  # the first pass compiles (or loads) the kernel
 
     def __call__(self) -> float:
         self.sync()
         start = time.perf_counter()
-        self.backend.run(self.rule, Flags(), {}, [self.a], [self.b], {})
+        self.backend.run(self.launch)
         self.sync()
         return 12 * self.a.numel() / (time.perf_counter() - start) / 1e9
 
@@ -513,6 +518,22 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _check_device(device: str) -> None:
+    """Raise a ValueError naming --device unless ``device`` is the CPU or a CUDA device here."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {device!r}: this torch sees no CUDA device")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"--device {device!r}: CUDA devices here are cuda:0..cuda:{count - 1}")
+
+
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Command-line entry point: run the benchmark, print the table, optionally write JSON."""
     parser = build_parser(prog)
@@ -528,6 +549,10 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
             raise ValueError(f"--steps must be at least 1, got {steps}")
         if args.threads is not None and args.threads < 1:
             raise ValueError(f"--threads must be at least 1, got {args.threads}")
+        cpus = os.cpu_count() or 1
+        if args.threads is not None and args.threads > cpus:  # 100000 threads crash torch
+            raise ValueError(f"--threads must be at most {cpus} (the CPUs), got {args.threads}")
+        _check_device(args.device)
         if args.json:
             check_output(args.json, "--json")
     except ValueError as e:

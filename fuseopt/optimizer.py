@@ -162,17 +162,24 @@ class Optimizer(torch.optim.Optimizer):
         return {"defaults": self.defaults, "state": self.state, "param_groups": self.param_groups}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        if self.rule is not None and self.rule.has_step:
+            for p_state in state["state"].values():
+                if p_state and "step" not in p_state:
+                    raise KeyError("step")  # as torch, before anything changes
         self.__dict__.update(state)
-        # new groups and state (load_state_dict): the dispatcher's pointer plans are stale
-        self.__dict__.pop("_steady_plans", None)
+        # new groups and state (load_state_dict): the plans kept between steps are stale
+        self.__dict__.pop("_plan_caches", None)
         for name in _HOOK_DICTS:
             if name not in self.__dict__:
                 setattr(self, name, OrderedDict())
         self.defaults.setdefault("differentiable", False)
-        # Groups saved by an older version lack newer options: back-fill them from the signature.
+        # Groups saved by an older version lack newer flags: back-fill them from the signature,
+        # as torch does (flags only: a group without a hyperparameter, from another algorithm's
+        # checkpoint, fails at the step with torch's KeyError)
         for key, value in self._signature_defaults().items():
-            for group in self.param_groups:
-                group.setdefault(key, value)
+            if value is None or isinstance(value, bool):
+                for group in self.param_groups:
+                    group.setdefault(key, value)
         self._tensor_steps()
         self._after_setstate()
 
@@ -336,15 +343,16 @@ class Optimizer(torch.optim.Optimizer):
         """The algorithm's step, without hooks: evaluate the closure, then apply the rule per group."""
         if self.rule is None:
             raise NotImplementedError(f"{self.__class__.__name__} does not define a step")
-        from fuseopt._dispatch import apply_rule  # the dispatcher imports this module
+        from fuseopt._plan import plan_step  # the plan imports this module's users
 
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        # every group is checked before any changes: a step that fails changes nothing
+        for group, plan in plan_step(self):
             with torch.set_grad_enabled(bool(group.get("differentiable", False))):
-                apply_rule(self, group)
+                plan.run()
         return loss
 
     @staticmethod

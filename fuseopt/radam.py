@@ -14,7 +14,7 @@ __all__ = ["RAdam"]
 
 def _rho(g, step):
     """(rho_inf, rho_t): the length of the approximated simple moving average."""
-    b2 = g["betas"][1]
+    _, b2 = g["betas"]  # (unpacked: torch's ValueError for malformed betas)
     rho_inf = 2 / (1 - b2) - 1
     return rho_inf, rho_inf - 2 * step * (b2**step) / (1 - b2**step)
 

@@ -15,6 +15,8 @@ __all__ = ["RMSprop"]
 class RMSpropRule(Rule):
     """RMSprop's elementwise update."""
 
+    reads_step = False  # torch counts its steps and reads none
+
     state = (
         Zeros("square_avg"),
         Zeros("momentum_buffer", when=lambda g: g["momentum"] > 0),

@@ -22,7 +22,9 @@ def _f32(*values: float) -> tuple[float, ...]:
 class RpropRule(Rule):
     """Rprop's elementwise update: step sizes grow while the gradient keeps its sign."""
 
-    state = (Zeros("prev"), Fill("step_size", key="lr"))
+    reads_step = False  # torch counts its steps and reads none
+
+    state = (Zeros("prev"), Fill("step_size", key="lr", like_grad=True))
 
     def flags(self, g, first, step, sv):
         etaminus, etaplus = g["etas"]

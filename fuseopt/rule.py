@@ -38,9 +38,11 @@ class Zeros(StateSpec):
 
 @dataclass(frozen=True)
 class Fill(StateSpec):
-    """State initialised to the group option ``key`` like the param (e.g. Adagrad's ``sum``)."""
+    """State initialised to the group option ``key`` like the param (e.g. Adagrad's ``sum``), or
+    like the first grad with ``like_grad`` (torch's Rprop: its dtype where a grad's differs)."""
 
     key: str = ""
+    like_grad: bool = False
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,9 @@ class Rule:
     #: whether ``flags`` reads the step count (RAdam): then capturable params with tensor steps
     #: cannot share one launch (their flags could differ) and each runs alone
     flags_read_step: bool = False
+    #: whether ``flags``/``scalars`` read the step count at all (torch's Adadelta, RMSprop and
+    #: Rprop only count steps: a malformed ``step`` tensor is bumped, never read)
+    reads_step: bool = True
 
     def flags(self, group: dict, first: bool, step: Any, sv: dict) -> dict:
         """Static choices for a batch.

@@ -148,9 +148,9 @@ def fsdp_worker(rank: int, world: int, out: str) -> None:
     launches = []  # the fused kernel's launches: the numels of the tensors each one walked
     run = numba_cpu.run
 
-    def counting_run(rule, flags, scalars, params, grads, states):
-        launches.append(tuple(t.numel() for t in params))
-        return run(rule, flags, scalars, params, grads, states)
+    def counting_run(launch):
+        launches.append(tuple(launch.numels))
+        return run(launch)
 
     numba_cpu.run = counting_run
 

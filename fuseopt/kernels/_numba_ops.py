@@ -203,22 +203,103 @@ def sqrt(a):
 
 
 @numba.njit(cache=True, nogil=True)
-def bump_steps32(ptrs):
-    """Add 1 to float32 scalars at ``ptrs`` (the ``step`` tensors); return the new values."""
+def read_steps32(ptrs):
+    """The float32 scalars at ``ptrs`` (the ``step`` tensors), as float64."""
     out = np.empty(len(ptrs))
     for i in range(len(ptrs)):
-        x = numba.carray(ptr_float32(ptrs[i]), 1)
-        x[0] += np.float32(1.0)
-        out[i] = x[0]
+        out[i] = numba.carray(ptr_float32(ptrs[i]), 1)[0]
     return out
 
 
 @numba.njit(cache=True, nogil=True)
-def bump_steps64(ptrs):
-    """Add 1 to float64 scalars at ``ptrs`` (the ``step`` tensors); return the new values."""
+def read_steps64(ptrs):
+    """The float64 scalars at ``ptrs`` (the ``step`` tensors)."""
     out = np.empty(len(ptrs))
+    for i in range(len(ptrs)):
+        out[i] = numba.carray(ptr_float64(ptrs[i]), 1)[0]
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def bump_steps32(ptrs):
+    """Add 1 to the float32 scalars at ``ptrs`` (the ``step`` tensors)."""
+    for i in range(len(ptrs)):
+        x = numba.carray(ptr_float32(ptrs[i]), 1)
+        x[0] += np.float32(1.0)
+
+
+@numba.njit(cache=True, nogil=True)
+def bump_steps64(ptrs):
+    """Add 1 to the float64 scalars at ``ptrs`` (the ``step`` tensors)."""
     for i in range(len(ptrs)):
         x = numba.carray(ptr_float64(ptrs[i]), 1)
         x[0] += 1.0
-        out[i] = x[0]
-    return out
+
+
+# ------------------------------------------------------------------------- tensor facts, in bulk
+ptr_int64 = _pointer_cast(types.int64)
+# columns of a facts row (fuseopt._facts.COLUMNS): data address, dtype (c10::ScalarType), on the
+# CPU, strided, contiguous, storage bytes, storage offset, dim, then up to MAXDIM sizes
+MAXDIM = 8
+NFACTS = 8 + MAXDIM
+
+
+@intrinsic
+def call_getter(typingctx, fn, handle, out):
+    """Call the C function at address ``fn`` as ``int32 fn(handle, out)`` (pointers passed as
+    64-bit integers): one ``aoti_torch_get_*`` getter of torch's C shim."""
+    if not all(isinstance(x, types.Integer) for x in (fn, handle, out)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+        fnty = ir.FunctionType(ir.IntType(32), [i64, i64])
+        a = [builder.sext(x, i64) if x.type.width < 64 else x for x in args]
+        return builder.call(builder.inttoptr(a[0], fnty.as_pointer()), a[1:])
+
+    return types.int32(fn, handle, out), codegen
+
+
+@numba.njit(cache=True)
+def read_facts(getters, impls, out):
+    """One row of facts per tensor, read through torch's C shim (``getters``: the addresses of
+    aoti_torch_get_data_ptr, get_dtype, get_device_type, get_layout, is_contiguous,
+    get_storage_size, get_storage_offset, get_dim, get_sizes). ``impls`` holds each tensor's
+    TensorImpl address: the address of ``impls[i]`` is then an ``at::Tensor*`` (an at::Tensor is
+    one pointer to its TensorImpl), the handle the shim takes; the caller keeps the tensors
+    alive. A getter that fails (a tensor with no storage) leaves its row with dim -1."""
+    slot = np.zeros(1, np.int64)
+    s = slot.ctypes.data
+    base = impls.ctypes.data
+    for i in range(impls.shape[0]):
+        h = base + 8 * i
+        row = out[i]
+        row[:] = 0
+        failed = False
+        for k in range(8):
+            slot[0] = 0
+            if call_getter(getters[k], h, s) != 0:
+                failed = True
+                break
+            v = slot[0]
+            if k == 1:
+                v = v & 0xFFFFFFFF  # an int32 written in the low half
+            elif k == 2 or k == 3:  # CPU and strided are 0 in c10's enums
+                v = 1 if (v & 0xFFFFFFFF) == 0 else 0
+            elif k == 4:
+                v = v & 0xFF  # a bool
+            row[k] = v
+        if failed:
+            row[7] = -1
+            continue
+        dim = row[7]
+        if dim > MAXDIM:
+            continue
+        slot[0] = 0
+        if call_getter(getters[8], h, s) != 0:
+            row[7] = -1
+            continue
+        if dim > 0:
+            sizes = numba.carray(ptr_int64(slot[0]), dim)
+            for d in range(dim):
+                row[8 + d] = sizes[d]

@@ -132,11 +132,14 @@ def _each(x, n: int) -> list:
     return x if isinstance(x, list) else [x] * n
 
 
-def run(rule, flags, scalars: dict, params: list, grads: list, states: dict[str, list]) -> None:
-    """Apply ``rule`` to all tensors at once, writing params and state in place."""
-    state = {k: TensorList(v) for k, v in states.items()}
-    p = TensorList(params)
-    out = rule.update(ForeachOps, flags, SimpleNamespace(**scalars), p, TensorList(grads), **state)
+def run(launch) -> None:
+    """Apply the rule of ``launch`` (a :class:`fuseopt._plan.Launch`) to all its tensors at once,
+    writing params and states in place."""
+    names = launch.operands[2:]
+    state = {n: TensorList(ts) for n, ts in zip(names, launch.tensors[2:])}
+    p = TensorList(launch.tensors[0])
+    s = SimpleNamespace(**launch.scalars)
+    out = launch.rule.update(ForeachOps, launch.flags, s, p, TensorList(launch.tensors[1]), **state)
     targets, values = [], []
     for name, value in out.items():
         target = p if name == "param" else state.get(name)

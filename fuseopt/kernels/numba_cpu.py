@@ -2,9 +2,16 @@
 
 One launch covers every tensor of a batch: the kernel gets a table of data pointers (operand x
 tensor), a table of chunks ``(tensor, start, stop)`` that it walks with ``prange``, and the host
-scalars as a float64 array read at run time. Generated sources are written to a cache directory
-and compiled with ``cache=True``, so a new process loads the machine code instead of compiling.
-Set ``FUSEOPT_CACHE_DIR`` to choose that directory.
+scalars as a float64 array read at run time. The tables come from a
+:class:`fuseopt._plan.Launch`, whose tensors the plan checked (what a kernel may assume is listed
+there); nothing here reads a tensor. Generated sources are written to a cache directory and
+compiled with ``cache=True``, so a new process loads the machine code instead of compiling. Set
+``FUSEOPT_CACHE_DIR`` to choose that directory.
+
+A process forked after a parallel launch (``multiprocessing``'s default on Linux) cannot use
+numba's OpenMP pool again (GNU OpenMP is not fork-safe: numba stops the child). There, launches
+run the same kernel compiled without ``parallel``, its chunks spread over a few Python threads
+(the kernels release the GIL); the parent keeps its pool.
 """
 
 from __future__ import annotations
@@ -81,8 +88,11 @@ def _exact(graph: Graph, dtype: torch.dtype) -> set[int]:
     return exact
 
 
-def source(graph: Graph, operands: tuple[str, ...], dtype: torch.dtype) -> str:
-    """Python source of the kernel for ``graph`` on tensors of ``dtype`` (a key of ``DTYPES``)."""
+def source(
+    graph: Graph, operands: tuple[str, ...], dtype: torch.dtype, parallel: bool = True
+) -> str:
+    """Python source of the kernel for ``graph`` on tensors of ``dtype`` (a key of ``DTYPES``);
+    ``parallel=False``: the same loop on the calling thread (``prange`` is then ``range``)."""
     storage, compute = DTYPES[dtype]
     T = f"np.{compute}"
     if storage in ("bf16", "f16"):
@@ -137,7 +147,7 @@ def source(graph: Graph, operands: tuple[str, ...], dtype: torch.dtype) -> str:
             f"from fuseopt.kernels._numba_ops import ptr_{pointer} as PTR",
             "",
             "",
-            '@numba.njit(parallel=True, cache=True, nogil=True, error_model="numpy")',
+            f'@numba.njit(parallel={parallel}, cache=True, nogil=True, error_model="numpy")',
             "def kernel(ptrs, chunks, scal):",
             f"    SIZE = {dtype.itemsize}",
             *hoisted,
@@ -185,13 +195,20 @@ def import_source(src: str, prefix: str):
 
 
 @cache
-def kernel(rule, flags, operands: tuple[str, ...], dtype: torch.dtype):
+def kernel(rule, flags, operands: tuple[str, ...], dtype: torch.dtype, parallel: bool = True):
     """The compiled kernel for ``rule`` with ``flags`` on ``operands`` of ``dtype``, and the names
-    of the scalars it takes, in order."""
+    of the scalars it takes, in order. Its machine code is built here (numba's first call would
+    build it otherwise): a plan asks for it before the step changes anything."""
+    from numba import types as nt  # (imported here: ``import fuseopt`` stays light)
+
     graph = trace(rule, flags, operands)
-    return import_source(source(graph, operands, dtype), "fuseopt_kernel_").kernel, tuple(
-        graph.scalars
-    )
+    fn = import_source(source(graph, operands, dtype, parallel), "fuseopt_kernel_").kernel
+    signature = (nt.int64[:, ::1], nt.int64[:, ::1], nt.float64[::1])
+    wanted = torch.get_num_threads()
+    fn.compile(signature)
+    if torch.get_num_threads() != wanted:  # numba's OpenMP layer may start here: see _launch
+        torch.set_num_threads(wanted)
+    return fn, tuple(graph.scalars)
 
 
 # -------------------------------------------------------------------------------------- launch
@@ -212,6 +229,17 @@ def chunk_table(numels: tuple[int, ...], chunk: int = CHUNK) -> np.ndarray:
 # torch matmuls and steps (resnet18, Adam, 2 cores), OpenMP kept pace with torch's fused step while
 # workqueue was ~30% slower. workqueue cannot run two kernels at once: launches are serialised.
 _launch_lock = threading.Lock()
+_forked = False  # set in a child forked from this process (os.register_at_fork below)
+_child_pool = None
+
+
+def _after_fork_in_child() -> None:
+    global _forked, _child_pool, _launch_lock
+    _forked, _child_pool = True, None
+    _launch_lock = threading.Lock()  # another thread may have held it at the fork
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _launch(fn, *args, serial: bool = False) -> None:
@@ -230,44 +258,57 @@ def _launch(fn, *args, serial: bool = False) -> None:
         torch.set_num_threads(wanted)
 
 
-def bump_steps(steps: list[torch.Tensor]) -> list[float] | None:
-    """Add 1 to CPU float ``step`` tensors in one call; None where they do not qualify."""
-    dtype = steps[0].dtype
-    if dtype not in (torch.float32, torch.float64) or not all(
-        s.dtype == dtype and s.is_cpu for s in steps
-    ):
-        return None
-    return bump_at(np.array([s.data_ptr() for s in steps], dtype=np.int64), dtype).tolist()
+def _launch_in_child(fn, ptrs, chunks, scal, serial: bool) -> None:
+    """A launch in a forked child: ``fn`` is the serial kernel; its chunks are split over
+    torch's thread count of Python threads (each call releases the GIL)."""
+    global _child_pool
+    n = 1 if serial else min(torch.get_num_threads(), len(chunks))
+    if n <= 1:
+        fn(ptrs, chunks, scal)
+        return
+    if _child_pool is None or _child_pool._max_workers < n - 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _child_pool = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="fuseopt")
+    parts = [np.ascontiguousarray(chunks[k::n]) for k in range(n)]
+    done = [_child_pool.submit(fn, ptrs, part, scal) for part in parts[1:]]
+    fn(ptrs, parts[0], scal)
+    for future in done:
+        future.result()
 
 
-def bump_at(ptrs: np.ndarray, dtype: torch.dtype) -> np.ndarray:
-    """Add 1 to the float32 or float64 scalars at addresses ``ptrs``; return the new values."""
+def read_at(ptrs: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """The float32 or float64 scalars at addresses ``ptrs`` (``step`` tensors the plan checked),
+    as float64."""
+    from fuseopt.kernels import _numba_ops
+
+    read = _numba_ops.read_steps32 if dtype == torch.float32 else _numba_ops.read_steps64
+    return read(ptrs)
+
+
+def bumped(values: np.ndarray, dtype: torch.dtype) -> list[float]:
+    """``values + 1`` computed in ``dtype`` (what :func:`bump_at` will store), as floats."""
+    kind = np.float32 if dtype == torch.float32 else np.float64
+    return (values.astype(kind) + kind(1)).astype(np.float64).tolist()
+
+
+def bump_at(ptrs: np.ndarray, dtype: torch.dtype) -> None:
+    """Add 1 to the float32 or float64 scalars at addresses ``ptrs`` (checked ``step`` tensors)."""
     from fuseopt.kernels import _numba_ops
 
     bump = _numba_ops.bump_steps32 if dtype == torch.float32 else _numba_ops.bump_steps64
-    return bump(ptrs)
+    bump(ptrs)
 
 
-def table(params: list, grads: list, states: dict[str, list]) -> tuple:
-    """What a launch over these tensors needs besides the scalars: the pointer table (param, grad,
-    then the states, one row each), the chunk table, and whether the step is small enough to run
-    on one thread."""
-    lists = [params, grads, *states.values()]
-    ptrs = np.array([[t.data_ptr() for t in lst] for lst in lists], dtype=np.int64)
-    numels = tuple(p.numel() for p in params)
-    return ptrs, chunk_table(numels), sum(numels) < SERIAL_BELOW
-
-
-def launch(rule, flags, scalars: dict, operands: tuple, dtype: torch.dtype, tables: tuple) -> None:
-    """Run the kernel of ``rule`` on ``operands`` of ``dtype`` over :func:`table`'s ``tables``."""
-    fn, names = kernel(rule, flags, operands, dtype)
-    scal = np.array([float(scalars[name]) for name in names], dtype=np.float64)
-    ptrs, chunks, serial = tables
+def run(launch) -> None:
+    """Run ``launch`` (a :class:`fuseopt._plan.Launch` the plan checked) in one kernel call."""
+    fn, names = kernel(launch.rule, launch.flags, launch.operands, launch.dtype, not _forked)
+    scal = np.array([float(launch.scalars[name]) for name in names], dtype=np.float64)
+    chunks = chunk_table(launch.numels)
+    serial = sum(launch.numels) < SERIAL_BELOW
+    table = launch.address_table()
     with _launch_lock:
-        _launch(fn, ptrs, chunks, scal, serial=serial)
-
-
-def run(rule, flags, scalars: dict, params: list, grads: list, states: dict[str, list]) -> None:
-    """Apply ``rule`` to all tensors in one kernel launch (tensors must be dense, like the param)."""
-    operands = ("param", "grad", *states)
-    launch(rule, flags, scalars, operands, params[0].dtype, table(params, grads, states))
+        if _forked:
+            _launch_in_child(fn, table, chunks, scal, serial)
+        else:
+            _launch(fn, table, chunks, scal, serial=serial)

@@ -12,12 +12,33 @@ from types import SimpleNamespace
 import torch
 
 
+def _grad_valued(x) -> bool:
+    """A tensor coefficient that autograd tracks (``differentiable=True``, a tensor ``lr`` that
+    requires grad): ATen's ``alpha``/``value`` take numbers only."""
+    return isinstance(x, torch.Tensor) and x.requires_grad
+
+
+def _add(a, b, alpha=1):
+    """``a + alpha * b``."""
+    return a + alpha * b if _grad_valued(alpha) else torch.add(a, b, alpha=alpha)
+
+
+def _addcmul(a, b, c, value=1):
+    """``a + value * b * c``."""
+    return a + value * b * c if _grad_valued(value) else torch.addcmul(a, b, c, value=value)
+
+
+def _addcdiv(a, b, c, value=1):
+    """``a + value * b / c``."""
+    return a + value * b / c if _grad_valued(value) else torch.addcdiv(a, b, c, value=value)
+
+
 class TorchOps:
     """The ops vocabulary on tensors (see :mod:`fuseopt.kernels.trace` for the traced meaning)."""
 
-    add = staticmethod(torch.add)  # a + alpha * b
-    addcmul = staticmethod(torch.addcmul)  # a + value * b * c
-    addcdiv = staticmethod(torch.addcdiv)  # a + value * b / c
+    add = staticmethod(_add)  # a + alpha * b
+    addcmul = staticmethod(_addcmul)  # a + value * b * c
+    addcdiv = staticmethod(_addcdiv)  # a + value * b / c
     lerp = staticmethod(torch.lerp)  # a + w * (b - a)
     sqrt = staticmethod(torch.sqrt)
     maximum = staticmethod(torch.maximum)
@@ -31,20 +52,160 @@ class TorchOps:
     where = staticmethod(torch.where)
 
 
-def run(rule, flags, scalars: dict, params: list, grads: list, states: dict[str, list]) -> None:
-    """Apply ``rule`` to each tensor in turn, writing params and state in place."""
-    s = SimpleNamespace(**scalars)
+class _InPlace:
+    """A value of a param whose tensors differ in dtype (a state the user cast to bfloat16, a
+    float64 grad set through ``.data``), on the for-loop path.
+
+    torch's for-loop updates a param's states in place, so each op on a state (or on a value
+    computed from one) stores its result in the state's dtype. It updates the param in place too
+    (``param.add_``, ``param.mul_``: the ops and the scalar products here), but takes a param
+    minus a tensor out of place (ASGD's ``param.sub(ax)``), and every op on the grad out of place
+    (promoted). ``kind`` says which of the three a value comes from; a result whose first tensor
+    operand is a state's or the param's is rounded to that operand's dtype.
+    """
+
+    __slots__ = ("t", "kind")
+
+    def __init__(self, t: torch.Tensor, kind: str) -> None:
+        self.t, self.kind = t, kind
+
+    def keep(self, out):
+        """``out`` as the result of an op whose first tensor operand is this value."""
+        if self.kind != "grad" and isinstance(out, torch.Tensor) and out.dtype != self.t.dtype:
+            if not torch.can_cast(out.dtype, self.t.dtype):  # torch's in-place op refuses too
+                raise RuntimeError(
+                    f"result type {out.dtype} can't be cast to the desired output type "
+                    f"{self.t.dtype}"
+                )
+            out = out.to(self.t.dtype)
+        return _InPlace(out, self.kind)
+
+    def _binary(self, out, other):
+        if self.kind == "param" and isinstance(other, _InPlace):
+            return _InPlace(out, "grad")  # a temporary: torch's param.sub(x) is out of place
+        return self.keep(out)
+
+    def __neg__(self):
+        return self.keep(-self.t)
+
+    def __add__(self, o):
+        return self._binary(self.t + _raw(o), o)
+
+    def __radd__(self, o):
+        return self.keep(_raw(o) + self.t)
+
+    def __sub__(self, o):
+        return self._binary(self.t - _raw(o), o)
+
+    def __rsub__(self, o):
+        return self.keep(_raw(o) - self.t)
+
+    def __mul__(self, o):
+        return self._binary(self.t * _raw(o), o)
+
+    def __rmul__(self, o):
+        return self.keep(_raw(o) * self.t)
+
+    def __truediv__(self, o):
+        return self._binary(self.t / _raw(o), o)
+
+    def __rtruediv__(self, o):
+        return self.keep(_raw(o) / self.t)
+
+
+def _raw(x):
+    return x.t if isinstance(x, _InPlace) else x
+
+
+def _in_place(fn, mask: bool = False):
+    """``fn`` of :class:`TorchOps` on :class:`_InPlace` values; masks are plain tensors."""
+
+    def op(*args, **kwargs):
+        out = fn(*map(_raw, args), **{k: _raw(v) for k, v in kwargs.items()})
+        if mask:
+            return out
+        first = next((a for a in args if isinstance(a, _InPlace)), None)
+        return first.keep(out) if first is not None else out
+
+    return staticmethod(op)
+
+
+class InPlaceOps:
+    """The ops vocabulary on :class:`_InPlace` values (torch's in-place rounding)."""
+
+    add, addcmul, addcdiv = _in_place(_add), _in_place(_addcmul), _in_place(_addcdiv)
+    lerp, sqrt = _in_place(torch.lerp), _in_place(torch.sqrt)
+    maximum, minimum = _in_place(torch.maximum), _in_place(torch.minimum)
+    abs, sign, clamp = _in_place(torch.abs), _in_place(torch.sign), _in_place(torch.clamp)
+    gt, lt, eq = _in_place(torch.gt, True), _in_place(torch.lt, True), _in_place(torch.eq, True)
+    # torch.where's result: that of the value operands (the first one that is a tensor)
+    where = staticmethod(
+        lambda c, a, b: next(
+            (x for x in (a, b) if isinstance(x, _InPlace)), _InPlace(torch.empty(0), "grad")
+        ).keep(torch.where(_raw(c), _raw(a), _raw(b)))
+    )
+
+
+def update(rule, flags, s, p, g, state: dict, odd: bool) -> dict:
+    """``rule.update`` on one param's tensors (states missing on a first step are None)."""
+    if not odd:
+        return rule.update(TorchOps, flags, s, p, g, **state)
+    wrapped = {k: None if v is None else _InPlace(v, "state") for k, v in state.items()}
+    out = rule.update(InPlaceOps, flags, s, _InPlace(p, "param"), _InPlace(g, "grad"), **wrapped)
+    return {k: _raw(v) for k, v in out.items()}
+
+
+def check(launch) -> None:
+    """Run the rule of ``launch``'s odd params (tensors of several dtypes) on meta tensors, which
+    hold no data: torch's dtype and shape errors, raised before the step changes anything."""
+    s = SimpleNamespace(**launch.scalars)
+    names = launch.operands[2:]
+
+    def meta(t):
+        if t is None:
+            return None
+        if t.is_complex():
+            t = torch.view_as_real(t)
+        return torch.empty_like(t, device="meta")
+
+    for i, odd in enumerate(launch.odd):
+        if odd:
+            state = {n: meta(launch.tensors[2 + k][i]) for k, n in enumerate(names)}
+            p, g = meta(launch.tensors[0][i]), meta(launch.tensors[1][i])
+            with torch.no_grad():
+                update(launch.rule, launch.flags, s, p, g, state, True)
+
+
+def run(launch) -> None:
+    """Apply the rule of ``launch`` (a :class:`fuseopt._plan.Launch`) to each param in turn,
+    writing params and states in place; a state a first update creates goes in its state dict."""
+    rule, flags = launch.rule, launch.flags
+    s = SimpleNamespace(**launch.scalars)
+    names = launch.operands[2:]
     differentiable = torch.is_grad_enabled()
-    for i, (p, g) in enumerate(zip(params, grads)):
-        state = {k: v[i] for k, v in states.items()}
+    for i, (p, g) in enumerate(zip(launch.tensors[0], launch.tensors[1])):
+        home = launch.states[i] if launch.states is not None else None
+        if home is not None:  # read now: an earlier round may have made a first value
+            state = {n: home.get(n) for n in names}
+        else:
+            state = {n: launch.tensors[2 + k][i] for k, n in enumerate(names)}
+        complex_ = p.is_complex()
+        if complex_:  # as torch: complex math is real math on the (re, im) view
+            p, g = torch.view_as_real(p), torch.view_as_real(g)
+            state = {n: None if t is None else torch.view_as_real(t) for n, t in state.items()}
+        odd = bool(launch.odd and launch.odd[i])
         if differentiable:
             # autograd may save the inputs for backward: the write-back below must not touch them
-            out = rule.update(
-                TorchOps, flags, s, p.clone(), g, **{k: v.clone() for k, v in state.items()}
-            )
+            inputs = {k: None if v is None else v.clone() for k, v in state.items()}
+            out = update(rule, flags, s, p.clone(), g, inputs, odd)
         else:
-            out = rule.update(TorchOps, flags, s, p, g, **state)
+            out = update(rule, flags, s, p, g, state, odd)
         for name, value in out.items():
+            if value is None:
+                continue
             target = p if name == "param" else state.get(name)
-            if value is not None and value is not target:
+            if target is None:  # a first value: torch's first buffer is a detached clone
+                first = torch.clone(value).detach()
+                home[name] = torch.view_as_complex(first) if complex_ else first
+            elif value is not target:
                 target.copy_(value)

@@ -249,37 +249,30 @@ def _scalar_table(values: list, n: int, device: torch.device) -> tuple[torch.Ten
     return (torch.stack(cols) if cols else torch.zeros(1, dtype=torch.float64, device=device)), 0
 
 
-def run(
-    rule,
-    flags,
-    scalars: dict,
-    params: list,
-    grads: list,
-    states: dict[str, list],
-    grad_scale: torch.Tensor | None = None,
-    found_inf: torch.Tensor | None = None,
-) -> None:
-    """Apply ``rule`` to all tensors in one launch (tensors must be dense, like the param).
+def run(launch) -> None:
+    """Run ``launch`` (a :class:`fuseopt._plan.Launch` the plan checked) in one kernel call.
 
     A scalar given as a 1-D tensor holds one value per tensor (``capturable`` steps stacked).
-    ``grad_scale``/``found_inf``: GradScaler's 0-dim tensors, as torch's fused kernels take them.
+    ``launch.grad_scale``/``found_inf``: GradScaler's 0-dim tensors, as torch's fused kernels
+    take them.
     """
-    operands = ("param", "grad", *states)
-    dtype, device = params[0].dtype, params[0].device
+    rule, flags, scalars = launch.rule, launch.flags, launch.scalars
+    operands, dtype = launch.operands, launch.dtype
+    device = launch.tensors[0][0].device
+    grad_scale, found_inf = launch.grad_scale, launch.found_inf
     values = list(scalars.values())
     table = dtype == torch.float64 or any(torch.is_tensor(v) for v in values)
     fn, names = kernel(rule, flags, operands, dtype, table)
-    lists = [params, grads, *states.values()]
-    ptrs = _pointers(tuple(t.data_ptr() for lst in lists for t in lst), device)
+    ptrs = _pointers(tuple(launch.address_table().ravel().tolist()), device)
     block, chunk = (INTERPRET_BLOCK, INTERPRET_CHUNK) if _interpreting() else (BLOCK, CHUNK)
-    chunks = _chunks(tuple(p.numel() for p in params), device, chunk)
+    chunks = _chunks(launch.numels, device, chunk)
     if table:
-        scal, stride = _scalar_table([scalars[n] for n in names], len(params), device)
+        scal, stride = _scalar_table([scalars[n] for n in names], len(launch.numels), device)
         scalar_args = (scal, stride)
     else:
         scalar_args = tuple(float(scalars[n]) for n in names)
     fn[(chunks.shape[0],)](
-        ptrs, chunks, len(params), *scalar_args,
+        ptrs, chunks, len(launch.numels), *scalar_args,
         ptrs if grad_scale is None else grad_scale.to(device),
         ptrs if found_inf is None else found_inf.to(device),
         SCALE=grad_scale is not None, INF=found_inf is not None, BLOCK=block, CHUNK=chunk,

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fuseopt.kernels import foreach, numba_cpu, reference
+from fuseopt import kernels
+from fuseopt.kernels import numba_cpu, reference
 from fuseopt.kernels.trace import trace
 from fuseopt.rule import Flags, Rule
 
@@ -78,11 +79,9 @@ def _inputs(dtype):
 def test_op_matches_reference(op, backend, dtype):
     a, b, c = _inputs(dtype)
     expected = a.clone()
-    reference.run(OneOp(op), Flags(), SCALARS, [expected], [b], {"buf": [c]})
+    kernels.run("reference", OneOp(op), Flags(), SCALARS, [expected], [b], {"buf": [c]})
     got = a.clone()
-    {"foreach": foreach, "numba": numba_cpu}[backend].run(
-        OneOp(op), Flags(), SCALARS, [got], [b], {"buf": [c]}
-    )
+    kernels.run(backend, OneOp(op), Flags(), SCALARS, [got], [b], {"buf": [c]})
     if op == "sqrt" and backend == "numba":
         # torch's vectorised sqrt (Sleef) is not correctly rounded: allow 1 ulp
         torch.testing.assert_close(got, expected, rtol=torch.finfo(dtype).eps, atol=0)
@@ -99,10 +98,10 @@ def test_16bit_op_is_float32_op_rounded_once(op, dtype):
     nearest even once: the float32 reference result converted by torch, bit for bit."""
     a, b, c = (t.to(dtype) for t in _inputs(torch.float32))
     expected = a.float()
-    reference.run(OneOp(op), Flags(), SCALARS, [expected], [b.float()], {"buf": [c.float()]})
+    kernels.run("reference", OneOp(op), Flags(), SCALARS, [expected], [b.float()], {"buf": [c.float()]})
     expected = expected.to(dtype)
     got = a.clone()
-    numba_cpu.run(OneOp(op), Flags(), SCALARS, [got], [b], {"buf": [c]})
+    kernels.run("numba", OneOp(op), Flags(), SCALARS, [got], [b], {"buf": [c]})
     assert got.dtype == dtype and torch.equal(got.isnan(), expected.isnan())
     ok = ~got.isnan()
     if op == "sqrt":  # torch's float32 sqrt may be 1 ulp off, and then round the other way
@@ -121,9 +120,19 @@ def test_exact_values_skip_the_bfloat16_rounding():
 
 
 def test_reference_is_torch():
-    """The reference vocabulary is the ATen ops themselves (bitwise with torch.optim's for-loop)."""
+    """The reference vocabulary is the ATen ops themselves (bitwise with torch.optim's for-loop);
+    a coefficient that autograd tracks (differentiable, a tensor lr) is multiplied in instead,
+    since ATen's ``alpha``/``value`` take numbers only."""
     assert reference.TorchOps.lerp is torch.lerp
-    assert reference.TorchOps.addcdiv is torch.addcdiv
+    a, b, c = (torch.randn(5, dtype=torch.float64) for _ in range(3))
+    c = c.abs() + 1
+    assert torch.equal(reference.TorchOps.addcdiv(a, b, c, value=0.3), torch.addcdiv(a, b, c, value=0.3))
+    assert torch.equal(reference.TorchOps.add(a, b, alpha=0.3), torch.add(a, b, alpha=0.3))
+    lr = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    out = reference.TorchOps.addcdiv(a, b, c, value=lr)
+    torch.testing.assert_close(out, torch.addcdiv(a, b, c, value=0.3))
+    out.sum().backward()
+    torch.testing.assert_close(lr.grad, (b / c).sum())
 
 
 def test_numba_follows_torch_thread_count():
@@ -134,7 +143,7 @@ def test_numba_follows_torch_thread_count():
     try:
         torch.set_num_threads(1)
         a, b, c = _inputs(torch.float32)
-        numba_cpu.run(OneOp("add_alpha"), Flags(), SCALARS, [a], [b], {"buf": [c]})
+        kernels.run("numba", OneOp("add_alpha"), Flags(), SCALARS, [a], [b], {"buf": [c]})
         assert numba.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)

@@ -61,7 +61,7 @@ def test_float32_parity(algo, kwargs, launches):
     ref = _run(algo.theirs, ref_params, grads, **kwargs, foreach=False)
     _compare(opt, ref, params, ref_params, False, torch.float32)
     assert len(launches) == STEPS
-    assert all(len(call[3]) == len(params) for call in launches)  # the transposed one too
+    assert all(len(call[0].numels) == len(params) for call in launches)  # transposed too
 
 
 def test_default_is_triton_and_float64(launches):
@@ -150,7 +150,7 @@ def test_capturable(algo, launches):
     per_step = len(params) if algo.name == "RAdam" else 1
     assert len(launches) == STEPS * per_step
     if algo.name in ("Adam", "AdamW", "Adamax", "NAdam", "RAdam"):  # bias corrections
-        assert any(torch.is_tensor(v) for v in launches[-1][2].values())
+        assert any(torch.is_tensor(v) for v in launches[-1][0].scalars.values())
 
 
 @pytest.mark.parametrize("name", ["Adam", "AdamW", "Adamax", "Adadelta", "RMSprop", "Rprop"])
@@ -317,9 +317,9 @@ def test_kernel_compiles_for_sm90(algo, launches, monkeypatch):
     desc, kwargs = algo.configs()[-1]
     params, _, grads = _problem(torch.float32, steps=2)
     _run(algo.ours, params, grads, **kwargs, fused=True)
-    rule, flags, scalars, _, _, states = launches[-1][:6]
+    launch = launches[-1][0]
+    rule, flags, operands = launch.rule, launch.flags, launch.operands
     dtype, table = _COMPILED[ALGORITHMS.index(algo) % len(_COMPILED)]
-    operands = ("param", "grad", *states)
     graph = triton_gpu.trace(rule, flags, operands)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     fn = triton_gpu.import_source(

@@ -1,0 +1,617 @@
+"""The step plan: what one ``optimizer.step()`` will do, all of it checked before anything changes.
+
+:func:`plan_step` reads the optimizer (groups, grads, state, options) and raises on anything that
+cannot step; it changes nothing. :meth:`GroupPlan.run` then attaches the state it prepared,
+advances the step counters and scalar states, and makes one call per batch to a backend of
+:mod:`fuseopt.kernels`. A step that fails leaves params, state and counters as they were.
+
+**What a fused kernel may assume.** The kernels read and write raw addresses, so this module is
+the one place that establishes, at every step and before any address is read:
+
+- K1 *operands*: the launch's operands are ``param``, ``grad`` and the states that the group's
+  options call for now, and each of those states exists;
+- K2 *kind*: every tensor is strided, on the launch's device, of the launch's dtype (complex
+  params: their real views), without the negative or conjugate bit;
+- K3 *layout*: every grad and state has its param's shape and strides, and the param is dense
+  (no gaps, no overlap): the kernel walks the three as flat arrays of the same length;
+- K4 *bounds*: every tensor's storage holds each byte its shape, strides and offset address;
+- K5 *no aliasing*: no memory that a launch writes (params, states) is reached through another
+  tensor of the launch (grads are only read: they may share memory among themselves);
+- K6 *counters*: a ``step`` that the host bumps through its address is a CPU float32/float64
+  tensor of one element, with K2 and K4.
+
+A step checked in full establishes K2-K5 per param (:func:`~fuseopt._facts.entry_check`, with
+its grad and state) and K6 per counter (:func:`~fuseopt._facts.standard_step`); a group seen
+before is re-checked by :mod:`fuseopt._plan_cache`, which reads every fact of every tensor again
+(:mod:`fuseopt._facts`). A param that fails K2, K3 or K5 within itself takes the for-loop
+implementation (torch's ops decide: its numbers, or its error), a grad merely laid out otherwise
+is copied into its param's layout, and a tensor that fails K4 is an error on every path. Params
+whose memory overlaps run in successive rounds, one after the other, as torch's for-loop steps
+them.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from itertools import chain
+
+import numpy as np
+import torch
+
+from fuseopt import _dtensor, kernels
+from fuseopt._dispatch import CAPTURABLE_DEVICES, KERNELS, backend_for, new_state
+from fuseopt._facts import (
+    STEP_DTYPES,
+    broadcasts,
+    entry_check,
+    overlap,
+    self_overlapping,
+    span,
+    standard_step,
+    storage_problem,
+)  # fmt: skip
+from fuseopt.kernels import numba_cpu
+from fuseopt.rule import FirstValue, Flags, ScalarState
+
+
+# --------------------------------------------------------------------------------- the entries
+class Entry:
+    """One param of a group with a grad, as this step will step it."""
+
+    __slots__ = (
+        "param", "grad", "state", "new", "backend", "kind", "views", "odd", "round",
+        "first", "step", "step_value", "sv",
+    )  # fmt: skip
+
+    def __init__(self, param, grad, state, new, backend, kind):
+        self.param, self.grad, self.state, self.new = param, grad, state, new
+        self.backend, self.kind = backend, kind
+        self.views = None  # (param, grad, {name: state}) as a kernel walks them
+        self.odd = False  # for-loop with in-place rounding: its tensors differ in dtype
+        self.round = 0
+        self.first = False
+        self.step = None  # the step tensor
+        self.step_value = None  # its value once bumped (a float, or a tensor on the device)
+        self.sv = ()
+
+
+def _step_tensor(state: dict, read: bool) -> torch.Tensor:
+    """torch's errors for a ``step`` that a checkpoint or a user made unusable (one that is
+    never ``read`` may hold any number of elements: torch only adds 1 to it)."""
+    step = state["step"]  # KeyError, as torch
+    if not torch.is_tensor(step):
+        raise RuntimeError(
+            "API has changed, `state_steps` argument must contain a list of singleton tensors"
+        )
+    if read and step.numel() != 1:
+        raise RuntimeError(f"a Tensor with {step.numel()} elements cannot be converted to Scalar")
+    return step
+
+
+def _check_state(rule, specs, names, state: dict, p: torch.Tensor, where: str) -> None:
+    """Errors for a state that lacks a key the options call for, or holds a tensor that cannot
+    be another shape than its param's (torch fails on it mid-step)."""
+    for spec in specs:
+        if isinstance(spec, FirstValue) and spec.name not in state:
+            continue
+        t = state[spec.name]  # KeyError naming the key, as torch
+        if isinstance(spec, ScalarState):
+            continue
+        if not torch.is_tensor(t):
+            raise RuntimeError(f"{where}: state {spec.name!r} is a {type(t).__name__}, not a Tensor")
+        if self_overlapping(t):
+            raise RuntimeError(
+                f"{where}: state {spec.name!r}: unsupported operation: more than one element of "
+                "the written-to tensor refers to a single memory location"
+            )
+        if t.shape != p.shape:
+            raise RuntimeError(
+                f"{where}: state {spec.name!r} has shape {tuple(t.shape)}, but the param has "
+                f"shape {tuple(p.shape)}"
+            )
+        if t.device != p.device:
+            raise RuntimeError(
+                f"{where}: state {spec.name!r} is on {t.device}, but the param is on {p.device}"
+            )
+        problem = storage_problem(t)
+        if problem:
+            raise RuntimeError(f"{where}: state {spec.name!r}: {problem}")
+    if rule.has_step:
+        _step_tensor(state, rule.reads_step)
+
+
+def _views(entry: Entry, names: list[str]):
+    """(param, grad, states) as the kernel walks them: local shards, real views."""
+    p, g, state = entry.param, entry.grad, entry.state
+    tensors = {n: state[n] for n in names if n in state}
+    if _dtensor.is_dtensor(p):
+        p, g, tensors = _dtensor.local_shards(p, g, tensors, list(tensors))
+    if p.is_complex():  # as torch: complex math is real math on the (re, im) view
+        p, g = torch.view_as_real(p), torch.view_as_real(g)
+        tensors = {n: torch.view_as_real(t) for n, t in tensors.items()}
+    return p, g, tensors
+
+
+def _collect(opt, group: dict, rule, specs, names) -> tuple[list[Entry], dict]:
+    """Every check of every param, grad and state of ``group`` that does not depend on the other
+    params: the entries, and the new states made for params without one (not yet in
+    ``opt.state``)."""
+    capturable = bool(group.get("capturable"))
+    keeps_state = rule.has_step or bool(specs)  # torch's SGD without momentum keeps none
+    backends: dict[tuple, str] = {}
+    entries: list[Entry] = []
+    pending: dict[int, tuple] = {}  # id(param) -> (param, its new state): one if listed twice
+    for i, p in enumerate(group["params"]):
+        g = p.grad
+        if g is None:
+            continue
+        sparse = g.is_sparse
+        if sparse:
+            if not rule.sparse_ok:
+                raise RuntimeError(rule.sparse_error)
+            rule.check_sparse(group, p, g)
+        kind = (p.device, p.dtype, sparse)
+        backend = backends.get(kind) or backends.setdefault(kind, backend_for(group, p, sparse))
+        where = f"param {i} of the group"
+        for what, t in (("param", p), ("grad", g)):
+            problem = storage_problem(t)
+            if problem:
+                raise RuntimeError(f"{where}: the {what}: {problem}")
+        if self_overlapping(p):
+            raise RuntimeError(
+                f"{where}: unsupported operation: more than one element of the written-to "
+                "param refers to a single memory location"
+            )
+        if not sparse and g.shape != p.shape and not broadcasts(g.shape, p.shape):
+            raise RuntimeError(  # (torch broadcasts a grad that fits its param)
+                f"{where}: the grad has shape {tuple(g.shape)}, the param {tuple(p.shape)}"
+            )
+        state = opt.state.get(p) if keeps_state else {}
+        new = keeps_state and not state
+        if new:
+            state = pending.get(id(p), (None, None))[1]
+            if state is None:
+                state = new_state(rule, group, p, specs, g)
+                pending[id(p)] = (p, state)
+        elif keeps_state:
+            _check_state(rule, specs, names, state, p, where)
+        if capturable:
+            step = state.get("step")
+            # (Triton on CPU is its interpreter, which runs the capturable kernels for the tests)
+            if (p.device.type not in CAPTURABLE_DEVICES and backend != "triton") or (
+                step is not None and step.device != p.device
+            ):
+                raise AssertionError(
+                    "If capturable=True, params and state_steps must be on supported devices: "
+                    f"{CAPTURABLE_DEVICES}."
+                )
+        entry = Entry(p, g, state, new, backend, kind)
+        if rule.has_step:
+            entry.step = state["step"]
+        _route(entry, group, names, where)
+        entries.append(entry)
+    return entries, pending
+
+
+def _route(entry: Entry, group: dict, names: list[str], where: str) -> None:
+    """Settle ``entry``'s backend from its tensors: a kernel takes it only where K2, K3, K5 and
+    K6 hold; the for-loop otherwise (foreach: torch's error where torch's foreach has one)."""
+    p, g, state = entry.param, entry.grad, entry.state
+    if entry.kind[2]:  # sparse: the rule's own per-tensor code
+        return
+    tensors = [state[n] for n in names if n in state]
+    odd = any(t.dtype != p.dtype or t.device != p.device for t in (g, *tensors))
+    step = entry.step
+    if entry.backend == "foreach":
+        if step is not None and not step.is_floating_point():
+            raise RuntimeError(  # torch's foreach groups the steps with the params, as floats
+                f"{where}: foreach=True needs a floating-point step, not {step.dtype}"
+            )
+        if any(t.is_neg() or t.is_conj() for t in (p, *tensors)):
+            raise RuntimeError(  # torch's foreach ops refuse to write through such a view
+                f"{where}: foreach=True cannot write a param or state with the negative or "
+                "conjugate bit set; materialize it (resolve_neg, resolve_conj)"
+            )
+        for t in (g, *tensors):
+            mixed = {p.dtype, torch.bfloat16} | ({*STEP_DTYPES} if t.is_cpu else set())
+            if t.dtype not in mixed:  # torch's foreach groups tensors with these rules
+                raise RuntimeError(
+                    f"{where}: Tensors of the same index must be on the same device and the "
+                    "same dtype except `step` tensors that can be CPU and float32/64, and "
+                    "optimizer states that can be bfloat16 for mixed-precision training"
+                )
+        if odd or g.shape != p.shape:
+            # torch's foreach steps these one by one (its in-place ops rounding each result, a
+            # grad broadcast): its for-loop's math
+            entry.backend = "reference"
+    entry.odd = odd
+    if entry.backend not in KERNELS:
+        return
+    if _dtensor.is_dtensor(p):  # FSDP2: the kernel runs on shards sharded alike
+        entry.backend = _dtensor.fused_backend(p, g, state, names)
+        if entry.backend != "numba":
+            return
+    if entry.odd or (entry.step is not None and not _steady_step_tensor(entry, group)):
+        entry.backend = "reference"
+        return
+    kp, kg, kstates = _views(entry, names)
+    problem, kg = entry_check(kp, kg, kstates)
+    if problem is not None:
+        entry.backend = "reference"
+        return
+    entry.views = (kp, kg, kstates)
+
+
+def _steady_step_tensor(entry: Entry, group: dict) -> bool:
+    """Whether a kernel entry's ``step`` is one its backend can take: K6 on the host, or a
+    device tensor the Triton kernels read (fused, capturable)."""
+    step = entry.step
+    if entry.backend == "triton" and not step.is_cpu:
+        return step.dtype in STEP_DTYPES
+    return standard_step(step)
+
+
+# ---------------------------------------------------------------------------------- the rounds
+def _rounds(entries: list[Entry]) -> int:
+    """K5 between params: give each entry a round, after every earlier entry whose memory
+    overlaps its own (a param listed twice, views of one storage that overlap, a state shared
+    by two params). Returns the number of rounds (1 when nothing overlaps, as usual)."""
+    spans = []  # (start, stop, entry index, written)
+    for i, e in enumerate(entries):
+        for t, written in chain(
+            ((e.param, True), (e.grad, False)),
+            ((t, True) for t in e.state.values() if torch.is_tensor(t) and t.dim() > 0),
+        ):
+            s = span(t._local_tensor if _dtensor.is_dtensor(t) else t)
+            if s is not None:
+                spans.append((s[0], s[1], i, written))
+    if len(spans) < 2:
+        return 1
+    spans.sort()
+    starts = np.fromiter((s[0] for s in spans), np.int64, len(spans))
+    stops = np.maximum.accumulate(np.fromiter((s[1] for s in spans), np.int64, len(spans)))
+    if not (starts[1:] < stops[:-1]).any():
+        return 1  # no two ranges overlap
+    after: dict[int, set[int]] = defaultdict(set)  # entry -> earlier entries it must follow
+    for k, (start, _, i, written) in enumerate(spans):
+        j = k - 1
+        while j >= 0 and stops[j] > start:  # every earlier range that may reach this one
+            s0, s1, i2, written2 = spans[j]
+            if s1 > start and i2 != i and (written or written2):
+                after[max(i, i2)].add(min(i, i2))
+            j -= 1
+    for i, e in enumerate(entries):
+        e.round = 1 + max((entries[j].round for j in after[i]), default=-1)
+    return 1 + max(e.round for e in entries)
+
+
+# ----------------------------------------------------------------------------------- launches
+class Launch:
+    """One backend call: ``rule`` over a batch of tensors, with everything the backend reads.
+
+    ``tensors`` holds one list per operand (``operands``: param, grad, then states) in batch
+    order; for a kernel, what the kernel walks, checked here (K1-K5). ``states`` holds the
+    params' state dicts for the for-loop, which reads them when it runs (a
+    :class:`~fuseopt.rule.FirstValue` it creates there), and ``odd`` whether each param's
+    tensors differ in dtype (the for-loop then rounds as torch's in-place ops do).
+    :meth:`address_table` reads a kernel's data addresses, one row per operand.
+    """
+
+    __slots__ = (
+        "backend", "rule", "flags", "scalars", "operands", "tensors", "states", "odd", "entries",
+        "numels", "dtype", "table", "grad_scale", "found_inf",
+    )  # fmt: skip
+
+    def __init__(self, backend, rule, flags, scalars, operands, tensors):
+        self.backend, self.rule, self.flags, self.scalars = backend, rule, flags, scalars
+        self.operands, self.tensors = operands, tensors
+        self.states = self.odd = self.table = None
+        self.entries: list[Entry] = []
+        self.numels = tuple(map(torch.Tensor.numel, tensors[0]))
+        self.dtype = tensors[0][0].dtype if tensors[0] else None
+        self.grad_scale = self.found_inf = None
+
+    def address_table(self) -> np.ndarray:
+        """The data addresses of a kernel launch's tensors (``operands`` x tensors), read now,
+        after the checks and after the states it creates exist."""
+        if self.table is None:
+            self.table = np.array(
+                [list(map(torch.Tensor.data_ptr, ts)) for ts in self.tensors], dtype=np.int64
+            ).reshape(len(self.tensors), len(self.numels))
+        return self.table
+
+
+def kernel_launch(
+    rule, flags, scalars, params: list, grads: list, states: dict[str, list], backend="numba"
+) -> Launch:
+    """A :class:`Launch` of a fused kernel over plain lists of tensors (weight averaging, the
+    kernels' tests), after K2-K5; ``ValueError`` naming the tensor where they do not hold."""
+    n = len(params)
+    if len(grads) != n or any(len(ts) != n for ts in states.values()):
+        raise ValueError(
+            f"kernel launch: {n} params, {len(grads)} grads, "
+            f"{[len(ts) for ts in states.values()]} states: one of each per param"
+        )
+    if any(p.dtype != params[0].dtype or p.device != params[0].device for p in params):
+        raise ValueError("kernel launch: params of several dtypes or devices")
+    fixed = []
+    for i, (p, g) in enumerate(zip(params, grads)):
+        tensors = {name: ts[i] for name, ts in states.items()}
+        for t in (p, g, *tensors.values()):
+            if t.shape != p.shape:
+                raise ValueError(f"kernel launch, tensor {i}: shape {tuple(t.shape)}, "
+                                 f"its param's is {tuple(p.shape)}")
+            if storage_problem(t):
+                raise ValueError(f"kernel launch, tensor {i}: {storage_problem(t)}")
+        problem, g = entry_check(p, g, tensors)
+        if problem is not None:
+            raise ValueError(f"kernel launch, tensor {i}: {problem}")
+        fixed.append(g)
+    written = sorted(s for s in map(span, chain(params, *states.values())) if s is not None)
+    read = [s for s in map(span, fixed) if s is not None]
+    if any(a[1] > b[0] for a, b in zip(written, written[1:])) or any(
+        overlap(g, w) for g in read for w in written
+    ):
+        raise ValueError("kernel launch: it would write memory that another of its tensors reads")
+    launch = Launch(backend, rule, flags, scalars, ("param", "grad", *states), [params, fixed])
+    launch.tensors.extend(states.values())
+    return launch
+
+
+# -------------------------------------------------------------------------------------- plans
+class GroupPlan:
+    """What :func:`plan_group` prepared for one group; :meth:`run` carries it out."""
+
+    __slots__ = ("opt", "group", "rule", "attach", "rounds", "after", "found_inf", "steps")
+
+    def __init__(self, opt, group, rule):
+        self.opt, self.group, self.rule = opt, group, rule
+        self.attach: list = []  # (param, new state) for params without state
+        # per round: (new states' tensors to attach, step bumps, launches)
+        self.rounds: list[tuple[list, list, list[Launch]]] = []
+        self.after: list = []  # (scalar-state tensors, their new values), after the launches
+        self.found_inf = None
+        self.steps: list = []  # the step tensors (GradScaler's correction)
+
+    def run(self) -> None:
+        """Carry the step out: nothing here depends on the contents of the group any more."""
+        for p, new in self.attach:  # the very dicts the launches write first values into
+            self.opt.state[p] = new
+        for made, bumps, launches in self.rounds:
+            for state, name, tensor in made:
+                state[name] = tensor
+            for bump in bumps:
+                bump()
+            for launch in launches:
+                if launch.backend == "sparse":
+                    for p, g, state, step in launch.states:
+                        self.rule.sparse_update(self.group, p, g, state, step)
+                else:
+                    kernels.get(launch.backend).run(launch)
+        if self.found_inf is not None and self.steps:
+            # as torch's fused optimizers: a skipped step does not count
+            found = self.found_inf
+            torch._foreach_sub_(self.steps, [found.to(s.device) for s in self.steps])
+        for targets, values in self.after:
+            torch._foreach_copy_(targets, values)
+
+
+def _amp(opt, entries: list[Entry]) -> tuple:
+    """GradScaler's ``grad_scale`` and ``found_inf`` (attributes it sets on the optimizer around
+    ``step``): only the Triton kernels take them, as in torch only the fused kernels do."""
+    grad_scale, found_inf = getattr(opt, "grad_scale", None), getattr(opt, "found_inf", None)
+    if (grad_scale is not None or found_inf is not None) and any(
+        e.backend != "triton" for e in entries
+    ):
+        raise AssertionError("Expected grad_scale and found_inf to be None")
+    return grad_scale, found_inf
+
+
+def nan_safe(value):
+    """A dict key for a step value: every NaN is the same key (NaN != NaN)."""
+    return ("nan",) if isinstance(value, float) and value != value else value
+
+
+def plan_group(opt, group: dict) -> GroupPlan | None:
+    """Check everything one step of ``group`` needs and prepare it, changing nothing; None when
+    no param of the group has a grad."""
+    rule = opt.rule
+    all_specs = [s for s in rule.state if s.wanted(group)]
+    scalar_names = [s.name for s in all_specs if isinstance(s, ScalarState)]
+    specs = [s for s in all_specs if not isinstance(s, ScalarState)]  # what kernels see
+    names = [s.name for s in specs]  # K1: the operands after param and grad
+    firsts = [s.name for s in specs if isinstance(s, FirstValue)]
+    grad_scale, found_inf = getattr(opt, "grad_scale", None), getattr(opt, "found_inf", None)
+    amp = grad_scale is not None or found_inf is not None
+    cacheable = not (scalar_names or amp or group.get("capturable"))
+    if cacheable:
+        from fuseopt._plan_cache import PlanCache  # (it imports this module)
+
+        plan = PlanCache.plan(opt, group, names)
+        if plan is not None:
+            return plan
+    entries, pending = _collect(opt, group, rule, all_specs, names)
+    if not entries:
+        return None
+    if group.get("differentiable") and rule.has_step and any(e.step.requires_grad for e in entries):
+        raise RuntimeError("`requires_grad` is not supported for `step` in differentiable mode")
+    grad_scale, found_inf = _amp(opt, entries)
+    if found_inf is not None and scalar_names and found_inf.item():
+        return None  # host scalar state (NAdam's mu_product) must not advance: one host read
+    plan = GroupPlan(opt, group, rule)
+    plan.attach = list(pending.values())
+    n_rounds = _rounds(entries)
+    # capturable and differentiable compute host scalars from the step tensors, as torch does;
+    # fused=True on the GPU too (the Triton kernels read them there: no host read of the steps)
+    on_tensors = bool(group.get("capturable") or group.get("differentiable"))
+    if rule.has_step and not on_tensors:
+        on_tensors = all(e.backend == "triton" and not e.step.is_cpu for e in entries)
+    if found_inf is not None and rule.has_step:
+        plan.found_inf, plan.steps = found_inf, [e.step for e in entries]
+    scalar_state: dict[int, dict] = {}  # id(state) -> scalar states as they stand after a round
+    steps: dict = {}  # id(step tensor) -> its value after the rounds planned so far
+    for r in range(n_rounds):
+        batch = [e for e in entries if e.round == r] if n_rounds > 1 else entries
+        bumps = _plan_steps(batch, on_tensors, rule.reads_step, steps) if rule.has_step else []
+        if scalar_names:
+            _plan_scalar_states(plan, rule, group, batch, scalar_names, scalar_state)
+        new_firsts: list = []
+        made = defaultdict(dict)  # id(state) -> the FirstValue tensors made in this round
+        for e in batch:
+            # as torch's for-loop, which reads every state before the first update: a param
+            # listed twice is on its first step in both rounds (the later buffer is kept)
+            e.first = bool(firsts) and any(n not in e.state for n in firsts)
+            if e.first and e.backend != "reference":  # (the for-loop clones its first value)
+                like = e.param
+                have = made[id(e.state)]
+                for n in firsts:
+                    if n not in e.state:
+                        have[n] = torch.empty_like(like)  # (preserves a dense layout)
+                        new_firsts.append((e.state, n, have[n]))
+        launches = _launches(rule, group, batch, names, scalar_names, on_tensors, made)
+        for launch in launches:
+            launch.grad_scale, launch.found_inf = grad_scale, found_inf
+        plan.rounds.append((new_firsts, bumps, launches))
+    if cacheable and not pending and n_rounds == 1:
+        PlanCache.remember(opt, group, names, entries, plan)
+    return plan
+
+
+def _plan_steps(batch: list[Entry], on_tensors: bool, read: bool, standing: dict) -> list:
+    """Each entry's step value once bumped (``entry.step_value``; None where the rule reads
+    none), computed without changing the step tensors; returns the bumps that
+    :meth:`GroupPlan.run` makes. A round never holds one step tensor twice (a param listed twice
+    is in two rounds): ``standing`` holds each one's value after the rounds planned so far."""
+    if on_tensors:
+        steps = [e.step for e in batch]
+        new = torch._foreach_add([standing.get(id(s), s) for s in steps], 1)  # out of place
+        for e, v in zip(batch, new):
+            e.step_value = standing[id(e.step)] = v
+        return [lambda: torch._foreach_copy_(steps, new)]
+    bumps = []
+    standard = [standard_step(e.step) for e in batch]
+    for dtype in STEP_DTYPES:
+        same = [e for e, ok in zip(batch, standard) if ok and e.step.dtype == dtype]
+        if not same:
+            continue
+        ptrs = np.fromiter((e.step.data_ptr() for e in same), np.int64, len(same))
+        values = numba_cpu.read_at(ptrs, dtype)
+        for i, e in enumerate(same):
+            values[i] = standing.get(id(e.step), values[i])
+        for e, v in zip(same, numba_cpu.bumped(values, dtype)):
+            e.step_value = standing[id(e.step)] = v
+        bumps.append(lambda ptrs=ptrs, dtype=dtype: numba_cpu.bump_at(ptrs, dtype))
+    others = [e for e, ok in zip(batch, standard) if not ok]
+    if others:  # an integer or 16-bit step, or one elsewhere: torch's own arithmetic
+        targets = [e.step for e in others]
+        new = [standing.get(id(t), t) + 1 for t in targets]
+        for e, v in zip(others, new):
+            e.step_value = v.item() if read else None
+            standing[id(e.step)] = v
+        bumps.append(lambda: [t.copy_(v) for t, v in zip(targets, new)])
+    if not read:
+        for e in batch:
+            e.step_value = None
+    return bumps
+
+
+def _plan_scalar_states(plan, rule, group, batch, scalar_names, standing: dict) -> None:
+    """Scalar states (NAdam's ``mu_product``, ASGD's ``eta`` and ``mu``) as the rule's hooks make
+    them this round, computed on copies: the values its launches read (``entry.sv``), and the
+    copies that :meth:`GroupPlan.run` writes back after the launches."""
+    by_step: dict = defaultdict(list)
+    for e in batch:
+        v = e.step_value
+        by_step[id(e) if torch.is_tensor(v) else nan_safe(v)].append(e)
+    for es in by_step.values():
+        step = es[0].step_value
+        now = {n: [standing.get(id(e.state), e.state)[n] for e in es] for n in scalar_names}
+        before = {n: [t.clone() for t in ts] for n, ts in now.items()}
+        rule.before(group, step, before)
+        values = [torch.stack(before[n]).tolist() for n in scalar_names]
+        for e, sv in zip(es, zip(*values)):
+            e.sv = sv
+        after = {n: [t.clone() for t in ts] for n, ts in before.items()}
+        rule.after(group, step, after)
+        for i, e in enumerate(es):
+            standing[id(e.state)] = {n: after[n][i] for n in scalar_names}
+        for n in scalar_names:
+            plan.after.append(([e.state[n] for e in es], after[n]))
+
+
+def _launches(rule, group, batch, names, scalar_names, on_tensors, made) -> list[Launch]:
+    """The round's launches: entries that share backend, kind, first-step-ness, odd-ness, step and
+    scalar states run as one (usually all of them), each with its flags and scalars."""
+    keyed: dict[tuple, list[Entry]] = {}
+    for e in batch:
+        if on_tensors:
+            key_step = id(e)
+            if e.backend == "triton" and not rule.flags_read_step:
+                key_step = "stacked"  # device steps of a whole batch, one launch
+        else:
+            key_step = nan_safe(e.step_value)
+        key = (e.backend, e.kind, e.first, e.odd, key_step, e.sv)
+        keyed.setdefault(key, []).append(e)
+    launches = []
+    operands = ("param", "grad", *names)
+    for (backend, (_, _, sparse), first, _, key_step, sv), es in keyed.items():
+        sv = dict(zip(scalar_names, sv))
+        step = es[0].step_value
+        if key_step == "stacked" and len(es) > 1:
+            # the rule's scalars, computed on a 1-D tensor of steps, give one value per param
+            step = torch.stack([e.step_value for e in es])
+        flags = Flags(rule.flags(group, first, step, sv))
+        scalars = rule.scalars(group, step, sv)
+        if backend in KERNELS:
+            views = [_with_firsts(e, made[id(e.state)], names) for e in es]
+            tensors = [list(ts) for ts in zip(*views)] if views else [[] for _ in operands]
+            launch = Launch(backend, rule, flags, scalars, operands, tensors)
+            if backend == "numba":
+                numba_cpu.kernel(rule, flags, operands, launch.dtype)  # compiled before any change
+        elif sparse and rule.sparse_update is not None:  # the rule's own per-tensor code
+            launch = Launch("sparse", rule, flags, scalars, (), [[e.param for e in es]])
+            launch.states = [(e.param, e.grad, e.state, e.step_value) for e in es]
+        else:
+            tensors = [[e.param for e in es], [e.grad for e in es]]
+            for n in names:
+                tensors.append([e.state.get(n, made[id(e.state)].get(n)) for e in es])
+            if backend == "foreach" and es[0].param.is_complex():  # real math on (re, im)
+                tensors = [[torch.view_as_real(t) for t in ts] for ts in tensors]
+            launch = Launch(backend, rule, flags, scalars, operands, tensors)
+            launch.states = [e.state for e in es]
+            launch.odd = [e.odd for e in es]
+            if any(launch.odd):  # torch's ops may refuse these dtypes: find out now
+                kernels.get("reference").check(launch)
+        launch.entries = es
+        launches.append(launch)
+    return launches
+
+
+def _with_firsts(e: Entry, made: dict, names: list[str]) -> list:
+    """The kernel operands of ``e`` in operand order: its checked views, and the views of the
+    :class:`~fuseopt.rule.FirstValue` states made for it this step (like the param: K3 holds)."""
+    kp, kg, kstates = e.views
+    out = [kp, kg]
+    for n in names:
+        t = kstates.get(n)
+        if t is None:
+            t = made[n]
+            if _dtensor.is_dtensor(t):
+                t = t.to_local()
+            if t.is_complex():
+                t = torch.view_as_real(t)
+        out.append(t)
+    return out
+
+
+def plan_step(opt) -> list[tuple[dict, GroupPlan]]:
+    """Plans for every group of ``opt`` with grads, all checked before any group steps."""
+    plans = []
+    for group in opt.param_groups:
+        with torch.set_grad_enabled(bool(group.get("differentiable", False))):
+            plan = plan_group(opt, group)
+        if plan is not None:
+            plans.append((group, plan))
+    return plans
+
+

@@ -1,0 +1,210 @@
+"""A group's numba launch from an earlier step, reused while every fact it rests on holds.
+
+Checking a param afresh costs microseconds of Python; over many small tensors that is most of a
+step. So for a group that stepped as one numba launch (one dtype, one round, real contiguous
+tensors, standard steps, no scalar states), :class:`PlanCache` keeps the launch's address table
+and the facts of its tensors (:mod:`fuseopt._facts`: never the tensors, so nothing is kept
+alive), and at every later step re-establishes K1-K6 of :mod:`fuseopt._plan` by reading every
+one of those facts again, in bulk:
+
+- K1: the same operand names; the same params (by id), the same of them with grads, and each
+  one's state holds a tensor under each name (not necessarily the same object: the facts below
+  are what the kernel relies on);
+- K2-K4 and K6 for params, states and steps: every fact (address, dtype, device, layout,
+  contiguity, storage size and offset, shape) as when the launch was checked in full, and no
+  negative bit (real dtypes have no conjugate bit);
+- K2-K4 for this step's grads: the params' dtype, device, layout, contiguity and shape, no
+  negative bit, and inside their storage;
+- K5: this step's grads reach no memory the launch writes (params, states and steps kept their
+  addresses and sizes, so they still do not overlap one another).
+
+Anything else drops the cache, and the step takes the full check.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from itertools import chain, compress, islice, repeat
+from operator import attrgetter, is_, is_not, itemgetter
+
+import numpy as np
+import torch
+
+from fuseopt import _dtensor, _facts
+from fuseopt._plan import Entry, GroupPlan, Launch, nan_safe
+from fuseopt.kernels import numba_cpu
+from fuseopt.rule import Flags
+
+_GRAD = attrgetter("grad")
+_NEG, _NUMEL = torch.Tensor.is_neg, torch.Tensor.numel
+_CONTIGUOUS = torch.Tensor.is_contiguous
+# the columns a grad shares with its param: dtype, CPU, strided, contiguous, dim and sizes
+_LIKE = [1, 2, 3, 4, *range(7, _facts.NFACTS)]
+
+
+class PlanCache:
+    """See the module docstring."""
+
+    __slots__ = (
+        "names", "ids", "mask", "getters", "steps", "at", "facts", "expect", "itemsize",
+        "numels", "starts", "stops", "step_ptrs", "step_dtype", "launch",
+    )  # fmt: skip
+
+    @staticmethod
+    def plan(opt, group: dict, names: list[str]) -> GroupPlan | None:
+        """The plan of this step from the cache of ``group``, if it has one that still holds."""
+        caches = opt.__dict__.get("_plan_caches")
+        cache = caches.get(id(group)) if caches else None
+        if cache is None:
+            return None
+        plan = cache._plan(opt, group, names)
+        if plan is None:
+            del caches[id(group)]  # stale: checking it again next step would only cost time
+        return plan
+
+    @staticmethod
+    def remember(opt, group: dict, names: list[str], entries: list[Entry], plan: GroupPlan):
+        """Keep ``plan``'s launch for ``group``, where the cache can re-check it."""
+        made, _, launches = plan.rounds[0]
+        gps = group["params"]
+        params = [e.param for e in entries]
+        if (
+            made  # a first value made this step: it is not in the state yet
+            or any(launch.backend != "numba" for launch in launches)
+            or len(entries) != len({id(p) for p in gps if p.grad is not None})
+            or any(p.is_complex() or _dtensor.is_dtensor(p) for p in params)
+            or len({p.dtype for p in params}) > 1
+            or not all(map(_CONTIGUOUS, chain.from_iterable(e.views[:2] for e in entries)))
+            or not all(map(_CONTIGUOUS, chain.from_iterable(e.views[2].values() for e in entries)))
+            or (opt.rule.has_step and len({e.step.dtype for e in entries}) > 1)
+            or any(p.dim() > _facts.MAXDIM for p in params)
+        ):
+            return
+        cache = PlanCache()
+        cache.names = names
+        cache.ids = list(map(id, gps))
+        mask = [p.grad is not None for p in gps]
+        cache.mask = None if all(mask) else mask
+        cache.getters = [itemgetter(n) for n in names]
+        has_step = opt.rule.has_step
+        cache.steps = itemgetter("step") if has_step else None
+        first = params[0]
+        keeps = names or has_step
+        cache.at = next((i for i, k in enumerate(opt.state) if k is first), None) if keeps else None
+        tensors = cache._tensors(params, [e.state for e in entries])
+        cache.facts = _facts.read_python(tensors)  # (the full check's own accessors)
+        cache.expect = cache.facts[: len(params)][:, _LIKE]
+        cache.itemsize = first.element_size()
+        numels = tuple(map(_NUMEL, params))
+        cache.numels = np.array(numels, dtype=np.int64)
+        spans = sorted(s for s in map(_facts.span, tensors) if s is not None)
+        cache.starts = np.array([s[0] for s in spans], dtype=np.int64)
+        cache.stops = np.array([s[1] for s in spans], dtype=np.int64)
+        steps = [e.step for e in entries] if has_step else []
+        cache.step_ptrs = cache.facts[len(tensors) - len(steps) :, 0].copy() if steps else None
+        cache.step_dtype = steps[0].dtype if steps else None
+        n = len(params)
+        table = cache.facts[: (1 + len(names)) * n, 0].reshape(1 + len(names), n)
+        table = np.insert(table, 1, np.zeros(n, dtype=np.int64), axis=0)  # the grads' row
+        cache.launch = (("param", "grad", *names), first.dtype, numels, table)
+        opt.__dict__.setdefault("_plan_caches", {})[id(group)] = cache
+
+    def _tensors(self, params: list, states: list) -> list:
+        """Params, then each state name's tensors (the launch's rows), then the steps."""
+        out = list(params)
+        for getter in self.getters:
+            out.extend(map(getter, states))
+        if self.steps is not None:
+            out.extend(map(self.steps, states))
+        return out
+
+    def _state_dicts(self, opt, params: list) -> list:
+        """``opt.state[p]`` for each param. ``opt.state.get`` hashes each param through
+        ``Tensor.__hash__``, a Python function: while the params sit in ``opt.state`` in order,
+        reading its entries there takes no Python call per param."""
+        if self.at is not None:
+            stop = self.at + len(params)
+            keys = list(islice(opt.state, self.at, stop))
+            if len(keys) == len(params) and all(map(is_, keys, params)):
+                return list(islice(opt.state.values(), self.at, stop))
+        return list(map(opt.state.get, params))
+
+    def _plan(self, opt, group: dict, names: list[str]) -> GroupPlan | None:
+        """Re-establish K1-K6 (see the module docstring); the plan, or None where anything
+        moved."""
+        gps = group["params"]
+        if names != self.names or list(map(id, gps)) != self.ids:
+            return None
+        grads = list(map(_GRAD, gps))
+        mask = list(map(is_not, grads, repeat(None)))
+        if all(mask):
+            if self.mask is not None:
+                return None
+            params = gps
+        else:
+            if mask != self.mask:
+                return None
+            params, grads = list(compress(gps, mask)), list(compress(grads, mask))
+        try:
+            states = self._state_dicts(opt, params) if self.at is not None else None
+            tensors = self._tensors(params, states) if states is not None else list(params)
+            everything = tensors + grads
+            if any(map(_NEG, everything)):
+                return None
+            facts = _facts.read(everything)  # RuntimeError: a tensor without storage
+        except (KeyError, TypeError, RuntimeError):  # (a state gone, a non-tensor)
+            return None
+        kept, g = facts[: len(tensors)], facts[len(tensors) :]
+        if not (np.array_equal(kept, self.facts) and np.array_equal(g[:, _LIKE], self.expect)):
+            return None
+        size = self.numels * self.itemsize
+        if ((g[:, 6] * self.itemsize + size) > g[:, 5]).any():  # K4: inside their storage
+            return None
+        # K5: a grad starting inside, or running into, a range the launch writes
+        grad_ptrs = g[:, 0]
+        some = size > 0
+        if some.any() and len(self.starts):
+            starts, stops = grad_ptrs[some], grad_ptrs[some] + size[some]
+            at = np.searchsorted(self.starts, starts, side="right")
+            inside = (at > 0) & (self.stops[np.maximum(at - 1, 0)] > starts)
+            nxt = self.starts[np.minimum(at, len(self.starts) - 1)]
+            if (inside | ((at < len(self.starts)) & (nxt < stops))).any():
+                return None
+        return self._launches(opt, group, grad_ptrs)
+
+    def _launches(self, opt, group: dict, grad_ptrs: np.ndarray) -> GroupPlan:
+        """The plan: the kept launch with this step's grads, one per step value (usually one)."""
+        rule = opt.rule
+        plan = GroupPlan(opt, group, rule)
+        table = self.launch[3].copy()  # the kept one stays as it is, should two threads step
+        table[1] = grad_ptrs
+        if self.steps is None:
+            plan.rounds.append(([], [], [self._launch(rule, group, None, table, None)]))
+            return plan
+        steps, dtype = self.step_ptrs, self.step_dtype
+        values = numba_cpu.bumped(numba_cpu.read_at(steps, dtype), dtype)
+        if not rule.reads_step or values.count(values[0]) == len(values):  # (NaN: below)
+            launches = [self._launch(rule, group, values[0], table, None)]
+        else:  # params that joined later, a step rewound: a launch per value
+            by_value: dict = defaultdict(list)
+            for i, v in enumerate(values):
+                by_value[nan_safe(v)].append(i)
+            launches = [
+                self._launch(rule, group, values[idx[0]], table, idx) for idx in by_value.values()
+            ]
+        plan.rounds.append(([], [lambda: numba_cpu.bump_at(steps, dtype)], launches))
+        return plan
+
+    def _launch(self, rule, group, step, table, idx) -> Launch:
+        """The kept launch at ``step``, over the tensors ``idx`` (None: all of them)."""
+        operands, dtype, numels, _ = self.launch
+        flags = Flags(rule.flags(group, False, step, {}))
+        launch = Launch("numba", rule, flags, rule.scalars(group, step, {}), operands, [[]])
+        launch.dtype = dtype
+        if idx is None:
+            launch.numels, launch.table = numels, table
+        else:
+            launch.numels = tuple(numels[i] for i in idx)
+            launch.table = np.ascontiguousarray(table[:, idx])
+        numba_cpu.kernel(rule, flags, operands, dtype)  # compiled before anything changes
+        return launch
