@@ -1,0 +1,460 @@
+"""The fault-injection table: what a user, or a bad checkpoint, does to an optimizer between two
+steps, applied alike to torch.optim and to each fuseopt implementation.
+
+Each :class:`Fault` is a mutation (``apply(opt, params)``, run on both sides) and the algorithms
+it applies to. A case is (fault, algorithm, implementation): both optimizers take two steps, the
+fault is applied, and both take a third step (and a fourth if the third succeeded). fuseopt's
+outcome must be torch's: the same exception type, or the same params and state within the
+parity tolerance. When fuseopt raises, nothing may have changed: params, every state tensor and
+the step counters are as before that step. Where fuseopt deliberately differs from torch, the
+fault says so and why (``expect``).
+
+The cases run in child processes (``python tests/faults.py CASE...``, one JSON line per case),
+so a crash is a failed case, not a dead test run: ``test_faults.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+import fuseopt
+from fuseopt._plan import storage_problem
+
+# The implementations, and which of torch's each is compared with: torch's fused where it has one
+# (else its for-loop), torch's CPU default (the for-loop) for fuseopt's default.
+IMPLS = {
+    "forloop": (dict(foreach=False), dict(foreach=False)),
+    "foreach": (dict(foreach=True), dict(foreach=True)),
+    "fused": (dict(fused=True), dict(fused=True)),
+    "default": ({}, dict(foreach=False)),
+}
+TORCH_FUSED = {"SGD", "Adam", "AdamW", "Adagrad"}
+# Each algorithm with options that give it every kind of state it can keep.
+BASE = {
+    "SGD": dict(lr=0.1, momentum=0.9),
+    "Adam": dict(lr=0.1),
+    "AdamW": dict(lr=0.1, amsgrad=True),
+    "Adadelta": dict(lr=0.5),
+    "Adagrad": dict(lr=0.1),
+    "Adamax": dict(lr=0.1),
+    "ASGD": dict(lr=0.1, t0=1),
+    "NAdam": dict(lr=0.1),
+    "RAdam": dict(lr=0.1),
+    "RMSprop": dict(lr=0.01, momentum=0.5, centered=True),
+    "Rprop": dict(lr=0.01),
+}
+WITH_STEP = [name for name in BASE if name != "SGD"]
+SHAPES = [(4, 3), (5,), (3, 3), (4, 3)]
+TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+def _tensor_keys(opt, p) -> list[str]:
+    """The state keys of ``p`` that hold tensors shaped like it (not ``step``, scalars)."""
+    return [k for k, v in opt.state[p].items() if torch.is_tensor(v) and v.shape == p.shape]
+
+
+def _each_state(fn: Callable) -> Callable:
+    """A mutation of each tensor state of the first param."""
+
+    def apply(opt, params):
+        for k in _tensor_keys(opt, params[0]):
+            fn(opt.state[params[0]], k)
+
+    return apply
+
+
+def _set_step(value) -> Callable:
+    def apply(opt, params):
+        opt.state[params[0]]["step"] = value() if callable(value) else value
+
+    return apply
+
+
+def _set_group(**options) -> Callable:
+    def apply(opt, params):
+        for group in opt.param_groups:
+            group.update(options)
+
+    return apply
+
+
+def _repoint_same_address(make) -> Callable:
+    """Free a state's storage, then give the tensor a new one (``make``, often at the address
+    just freed: what fooled a cache that checked addresses only)."""
+
+    def fn(state, k):
+        t = state[k]
+        shape = t.shape
+        t.set_(torch.empty(0))
+        t.set_(make(shape))
+
+    return _each_state(fn)
+
+
+def _data_same_address(make) -> Callable:
+    def fn(state, k):
+        t = state[k]
+        shape = t.shape
+        t.data = torch.empty(0)
+        t.data = make(shape)
+
+    return _each_state(fn)
+
+
+def _load_other(donor_name: str, donor_kwargs: dict) -> Callable:
+    """Load another algorithm's state dict (a wrong checkpoint) into the optimizer."""
+
+    def apply(opt, params):
+        lib = fuseopt if isinstance(opt, fuseopt.Optimizer) else torch.optim
+        twins = [p.detach().clone().requires_grad_() for p in params]
+        donor = getattr(lib, donor_name)(twins, **donor_kwargs)
+        for t in twins:
+            t.grad = torch.ones_like(t)
+        donor.step()
+        opt.load_state_dict(donor.state_dict())
+
+    return apply
+
+
+def _grad(fn: Callable) -> Callable:
+    def apply(opt, params):
+        fn(params[0])
+
+    return apply
+
+
+def _overlap_params(opt, params):
+    # the second param becomes a view of the first one's storage (its first 5 elements)
+    params[1].data = params[0].data.view(-1)[:5]
+
+
+def _share_state(opt, params):
+    # the last param (same shape as the first) steps the first one's state tensors
+    for k in _tensor_keys(opt, params[0]):
+        opt.state[params[3]][k] = opt.state[params[0]][k]
+
+
+@dataclass
+class Fault:
+    """A mutation between steps, the algorithms (with options) it applies to, and when (before the
+    third step's grads are set, or after). ``expect``: what fuseopt does instead of torch's
+    outcome ("error": raise; "forloop": torch's for-loop numbers or error; "runs": step where
+    torch raises), by "algorithm/implementation", algorithm or implementation, with ``why``."""
+
+    name: str
+    apply: Callable
+    algorithms: dict[str, dict] = field(default_factory=lambda: dict(BASE))
+    after_grads: bool = False
+    expect: dict[str, str] = field(default_factory=dict)
+    why: str = ""
+
+
+_FOREACH_FUSED_ORDER = (
+    "torch's foreach and fused steps of a tensor listed twice depend on their internal op order "
+    "(they differ from its for-loop and from each other); every fuseopt implementation steps it "
+    "twice, one update after the other, as torch's for-loop"
+)
+_LOOP = "fuseopt's fused kernel hands params it cannot take to torch's for-loop math"
+_UNSAFE = (
+    "torch's fused kernels walk a state or grad of another shape as if it had the param's "
+    "(past its end, or scrambled); fuseopt raises, as torch's for-loop does"
+)
+_LAYOUT = "torch's fused kernels walk a tensor with gaps, or transposed, as if laid out like its param"
+_UNSAFE_GRAD = (
+    "torch's fused kernels read a grad of another shape past its end; fuseopt broadcasts it, "
+    "as torch's for-loop does"
+)
+
+FAULTS = [
+    Fault("momentum_warmup", _set_group(momentum=0.9),
+          {"SGD": dict(lr=0.1), "RMSprop": dict(lr=0.01)}),
+    Fault("amsgrad_on", _set_group(amsgrad=True), {"Adam": dict(lr=0.1), "AdamW": dict(lr=0.1)}),
+    Fault("centered_on", _set_group(centered=True), {"RMSprop": dict(lr=0.01)}),
+    Fault("betas_malformed", _set_group(betas=(0.9,)),
+          {n: BASE[n] for n in ("Adam", "AdamW", "Adamax", "NAdam", "RAdam")}),
+    Fault("state_key_missing", _each_state(lambda s, k: s.pop(k)),
+          expect={"SGD/fused": "forloop"},
+          why="torch's fused SGD fails (TypeError) on a momentum buffer missing from a "
+          "checkpoint; its for-loop, as fuseopt, starts a new one"),
+    Fault("state_other_size", _each_state(lambda s, k: s.__setitem__(k, torch.zeros(5))),
+          expect={"fused": "error"}, why=_UNSAFE),
+    Fault("state_broadcastable_shape",
+          _each_state(lambda s, k: s.__setitem__(k, s[k].unsqueeze(0).clone())),
+          expect={"fused": "error", "ASGD": "error", "Rprop": "error"},
+          why="a state of another shape is an error on every fuseopt path; torch's for-loop "
+          "happens to run ASGD with one (no update reads ax), and fails Rprop with an IndexError"),
+    Fault("state_bfloat16", _each_state(lambda s, k: s.__setitem__(k, s[k].bfloat16())),
+          expect={"fused": "forloop", "foreach": "forloop"},
+          why="fuseopt hands params with cast states to torch's for-loop math (its foreach "
+          "rounds some of their mixed-dtype ops otherwise)"),
+    Fault("state_float16", _each_state(lambda s, k: s.__setitem__(k, s[k].half())),
+          expect={"fused": "forloop"}, why=_LOOP),
+    Fault("state_float64", _each_state(lambda s, k: s.__setitem__(k, s[k].double())),
+          expect={"fused": "forloop"}, why=_LOOP),
+    Fault("state_meta", _each_state(lambda s, k: s.__setitem__(k, s[k].to("meta"))),
+          expect={i: "error" for i in IMPLS},
+          why="torch's for-loop skips or garbles the update of a param whose state is on the "
+          "meta device (it holds no data) without an error (SGD, ASGD)"),
+    Fault("state_set_bigger_same_address",
+          _repoint_same_address(lambda shape: torch.zeros(shape.numel() + 7)),
+          expect={"fused": "error"}, why=_UNSAFE),
+    Fault("state_set_smaller_same_address",
+          _repoint_same_address(lambda shape: torch.zeros(shape.numel() - 2)),
+          expect={"fused": "error"}, why=_UNSAFE),
+    Fault("state_data_smaller_same_address",
+          _data_same_address(lambda shape: torch.zeros(shape.numel() - 1)),
+          expect={"fused": "error"}, why=_UNSAFE),
+    Fault("state_data_int32_same_address",
+          _data_same_address(lambda shape: torch.zeros(shape, dtype=torch.int32)),
+          expect={"fused": "forloop"}, why=_LOOP),
+    Fault("state_t_", _each_state(lambda s, k: s[k].t_()),
+          expect={"fused": "error"}, why=_UNSAFE),
+    Fault("state_t_square",
+          lambda opt, ps: [opt.state[ps[2]][k].t_() for k in _tensor_keys(opt, ps[2])],
+          expect={"fused": "forloop"}, why=_LAYOUT),
+    Fault("state_resize_", _each_state(lambda s, k: s[k].resize_(s[k].numel() + 5)),
+          expect={"fused": "error"}, why=_UNSAFE),
+    Fault("state_resize_0", _each_state(lambda s, k: s[k].resize_(0)),
+          expect={"fused": "error"}, why=_UNSAFE),
+    Fault("state_as_strided_repeats", _each_state(lambda s, k: s[k].as_strided_(s[k].shape, (0, 1))),
+          expect={"fused": "error"},
+          why="torch's fused kernels write a tensor whose elements repeat; its for-loop refuses"),
+    Fault("state_with_gaps",
+          _each_state(lambda s, k: s.__setitem__(k, torch.zeros(2 * s[k].numel())[::2].view(s[k].shape).copy_(s[k]))),
+          expect={"fused": "forloop"}, why=_LAYOUT),
+    Fault("state_storage_shrunk", _each_state(lambda s, k: s[k].untyped_storage().resize_(8)),
+          expect={i: "error" for i in IMPLS},
+          why="torch reads and writes past the storage (heap corruption, or garbage)"),
+    Fault("state_shared_by_two_params", _share_state,
+          expect={"foreach": "forloop", "fused": "forloop"}, why=_FOREACH_FUSED_ORDER),
+    Fault("param_listed_twice", lambda opt, ps: opt.param_groups[0]["params"].append(ps[0]),
+          expect={"foreach": "forloop", "fused": "forloop"}, why=_FOREACH_FUSED_ORDER),
+    Fault("params_overlap", _overlap_params, expect={"foreach": "forloop"},
+          why="torch's foreach applies each op to every param before the next op, so params "
+          "that share memory see each other's half-made updates; fuseopt steps them one after "
+          "the other, as torch's for-loop and fused do"),
+    Fault("param_view_float16",
+          lambda opt, ps: setattr(ps[0], "data", ps[0].data.view(torch.float16)),
+          expect={"fused": "error"}, why=_UNSAFE),
+    Fault("param_reshaped", lambda opt, ps: setattr(ps[0], "data", ps[0].data.view(3, 4)),
+          expect={"fused": "error"}, why=_UNSAFE),
+    Fault("param_neg_view", lambda opt, ps: setattr(ps[0], "data", torch._neg_view(-ps[0].data)),
+          expect={"fused": "forloop"}, why=_LOOP),
+    Fault("grad_other_shape", _grad(lambda p: setattr(p.grad, "data", torch.ones(5))),
+          after_grads=True,
+          expect={"fused": "error"}, why=_UNSAFE),
+    Fault("grad_broadcasts", _grad(lambda p: setattr(p.grad, "data", torch.full((3,), 0.5))),
+          after_grads=True,
+          expect={"fused": "forloop", "Rprop/forloop": "runs", "Rprop/default": "runs",
+                  "Rprop/fused": "runs"},
+          why=_UNSAFE_GRAD + "; torch's Rprop raises an IndexError (a boolean mask of another "
+          "shape), fuseopt broadcasts as for every other algorithm"),
+    Fault("grad_neg_view", _grad(lambda p: setattr(p, "grad", torch._neg_view(-p.grad))),
+          after_grads=True, expect={"fused": "forloop"}, why=_LOOP),
+    Fault("grad_float64", _grad(lambda p: setattr(p.grad, "data", p.grad.double())),
+          after_grads=True, expect={"fused": "forloop"}, why=_LOOP),
+    Fault("grad_with_gaps",
+          _grad(lambda p: setattr(p, "grad", torch.zeros(2 * p.numel())[::2].view(p.shape).copy_(p.grad))),
+          after_grads=True, expect={"fused": "forloop"}, why=_LAYOUT),
+    Fault("step_empty", _set_step(lambda: torch.tensor([])), {n: BASE[n] for n in WITH_STEP}),
+    Fault("step_two_elements", _set_step(lambda: torch.tensor([3.0, 3.0])),
+          {n: BASE[n] for n in WITH_STEP}),
+    Fault("step_nan", _set_step(lambda: torch.tensor(float("nan"))), {n: BASE[n] for n in WITH_STEP}),
+    Fault("step_python_number", _set_step(3), {n: BASE[n] for n in WITH_STEP},
+          expect={"ASGD": "error"},
+          why="torch's ASGD steps with a number for its step and never counts it; fuseopt raises "
+          "torch's 'API has changed' error, as torch does for every other algorithm"),
+    Fault("step_int64", _set_step(lambda: torch.tensor(2)), {n: BASE[n] for n in WITH_STEP},
+          expect={"fused": "forloop"}, why=_LOOP),
+    Fault("load_adam_into_sgd", _load_other("Adam", dict(lr=0.1)), {"SGD": BASE["SGD"]}),
+    Fault("load_sgd_into_adam", _load_other("SGD", dict(lr=0.1, momentum=0.9)),
+          {"Adam": BASE["Adam"], "AdamW": BASE["AdamW"]}),
+]
+BY_NAME = {f.name: f for f in FAULTS}
+
+
+def cases() -> list[str]:
+    """Every case id: ``fault/algorithm/implementation``."""
+    return [
+        f"{f.name}/{algo}/{impl}"
+        for f in FAULTS
+        for algo in f.algorithms
+        for impl in IMPLS
+    ]
+
+
+# ------------------------------------------------------------------------------ running a case
+def _params() -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(s, generator=gen).requires_grad_() for s in SHAPES]
+
+
+def _set_grads(params, step: int) -> None:
+    gen = torch.Generator().manual_seed(100 + step)
+    for p in params:
+        p.grad = (torch.randn(p.shape, generator=gen) * 0.5).to(p.dtype)
+
+
+def _copy(v):
+    if not torch.is_tensor(v):
+        return v
+    if storage_problem(v) is not None:  # reading it would go past its storage
+        return "(unreadable)"
+    return v.detach().clone()
+
+
+def _snapshot(opt, params) -> list:
+    """Copies of params and every state value (steps included), in a fixed order."""
+    out = [p.detach().clone() for p in params]
+    for p in params:
+        for k, v in sorted(opt.state.get(p, {}).items()):
+            out.append((k, _copy(v)))
+    return out
+
+
+def _unchanged(a: list, b: list) -> bool:
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if isinstance(x, tuple):
+            (kx, x), (ky, y) = x, y
+            if kx != ky:
+                return False
+        if torch.is_tensor(x):
+            if x.device.type == "meta" or y.device.type == "meta":
+                continue
+            if x.shape != y.shape or x.dtype != y.dtype or not torch.equal(
+                x.nan_to_num(0.123), y.nan_to_num(0.123)
+            ):
+                return False
+        elif x != y and x == x:
+            return False
+    return True
+
+
+def _step(opt) -> str | None:
+    """Step; the exception's type name, or None."""
+    try:
+        opt.step()
+    except Exception as e:  # the type is the outcome compared
+        return type(e).__name__
+    return None
+
+
+def _close(ours_opt, theirs_opt, ours, theirs) -> str | None:
+    """Where fuseopt's params and state differ from torch's, or None."""
+    for i, (p, q) in enumerate(zip(ours, theirs)):
+        try:
+            torch.testing.assert_close(p.detach(), q.detach(), equal_nan=True, **TOL)
+        except AssertionError as e:
+            return f"param {i}: {str(e)[:300]}"
+        mine, yours = ours_opt.state.get(p, {}), theirs_opt.state.get(q, {})
+        for k, v in yours.items():
+            w = mine.get(k)
+            if torch.is_tensor(v) and v.device.type != "meta":
+                try:
+                    torch.testing.assert_close(w, v, equal_nan=True, check_dtype=True, **TOL)
+                except (AssertionError, TypeError) as e:
+                    return f"state {k!r} of param {i}: {str(e)[:300]}"
+    return None
+
+
+def _mutate(fault, ours_opt, ours, theirs_opt, theirs) -> str | None:
+    """Apply the fault to both; None, or the outcome where applying it raises (a checkpoint
+    that does not load): "both raise ..." when the types agree and fuseopt changed nothing."""
+    before = _snapshot(ours_opt, ours)
+    try:
+        fault.apply(theirs_opt, theirs)
+        yours = None
+    except Exception as e:  # the type is the outcome compared
+        yours = type(e).__name__
+    try:
+        fault.apply(ours_opt, ours)
+        mine = None
+    except Exception as e:
+        mine = type(e).__name__
+    if mine is None and yours is None:
+        return None
+    if mine != yours:
+        return f"applying the fault: fuseopt {mine}, torch {yours}"
+    if not _unchanged(before, _snapshot(ours_opt, ours)):
+        return f"applying the fault raised {mine} after changing the state"
+    return f"both raise {mine} when the fault is applied"
+
+
+def run_case(case: str) -> dict:
+    """One case: ``{"case", "ok", "detail"}``."""
+    fault_name, algo, impl = case.split("/")
+    fault = BY_NAME[fault_name]
+    kwargs = fault.algorithms[algo]
+    expect = next(
+        (fault.expect[k] for k in (f"{algo}/{impl}", algo, impl) if k in fault.expect), None
+    )
+    ours_flags, torch_flags = IMPLS[impl]
+    if expect == "forloop" or (impl == "fused" and algo not in TORCH_FUSED):
+        torch_flags = dict(foreach=False)
+    ours, theirs = _params(), _params()
+    ours_opt = getattr(fuseopt, algo)(ours, **kwargs, **ours_flags)
+    theirs_opt = getattr(torch.optim, algo)(theirs, **kwargs, **torch_flags)
+    for step in range(2):
+        _set_grads(ours, step)
+        _set_grads(theirs, step)
+        ours_opt.step()
+        theirs_opt.step()
+    for step in (2, 3):
+        if step == 2 and not fault.after_grads:
+            failed = _mutate(fault, ours_opt, ours, theirs_opt, theirs)
+            if failed:
+                return dict(case=case, ok=failed.startswith("both"), detail=failed)
+        _set_grads(ours, step)
+        _set_grads(theirs, step)
+        if step == 2 and fault.after_grads:
+            fault.apply(ours_opt, ours)
+            fault.apply(theirs_opt, theirs)
+        before = _snapshot(ours_opt, ours)
+        mine = _step(ours_opt)
+        yours = "(not compared)" if expect == "error" else _step(theirs_opt)
+        if expect == "error":
+            if mine is None:
+                return dict(case=case, ok=False, detail=f"expected an error ({fault.why})")
+        elif expect == "runs":
+            if mine is not None or yours is None:
+                return dict(case=case, ok=False, detail=f"fuseopt: {mine}, torch: {yours}")
+            return dict(case=case, ok=True, detail=f"fuseopt steps, torch raises {yours}")
+        elif mine != yours:
+            return dict(case=case, ok=False, detail=f"fuseopt: {mine}, torch: {yours}")
+        if mine is not None:
+            if not _unchanged(before, _snapshot(ours_opt, ours)):
+                return dict(case=case, ok=False, detail=f"{mine} after changing the state")
+            return dict(case=case, ok=True, detail=f"both raise {mine}")
+        differs = _close(ours_opt, theirs_opt, ours, theirs)
+        if differs:
+            return dict(case=case, ok=False, detail=f"step {step + 1}: {differs}")
+    return dict(case=case, ok=True, detail="same numbers")
+
+
+def main(argv: list[str]) -> None:
+    """Run the cases named in ``argv``; print one JSON line per case as it ends."""
+    warnings.simplefilter("ignore")
+    abort_in = os.environ.get("FUSEOPT_FAULTS_ABORT_IN")  # the runner's own test
+    for case in argv:
+        print("START " + case, flush=True)
+        if case == abort_in:
+            os.abort()
+        try:
+            result = run_case(case)
+        except Exception:  # a bug in the harness or an unexpected exception: a failed case
+            result = dict(case=case, ok=False, detail=traceback.format_exc()[-2000:])
+        print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
