@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import os
 import platform
 import sys
 import time
@@ -421,6 +422,11 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
             if getattr(args, option) < 1:
                 flag = "--" + option.replace("_", "-")
                 raise ValueError(f"{flag} must be at least 1, got {getattr(args, option)}")
+        cpus = os.cpu_count() or 1
+        if args.threads > cpus:  # torch starts them all: 100000 threads crash the process
+            raise ValueError(f"--threads must be at most {cpus} (the CPUs), got {args.threads}")
+        if not -(2**63) <= args.seed < 2**64:  # what torch.manual_seed takes
+            raise ValueError(f"--seed must be an integer in [-2**63, 2**64 - 1], got {args.seed}")
         if not args.no_plot:
             check_image_format(check_output(args.output, "-o/--output"), "-o/--output")
     except ValueError as e:

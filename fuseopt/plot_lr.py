@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import math
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,7 +20,16 @@ import fuseopt
 from fuseopt import lr_scheduler
 from fuseopt._console import MISSING_EXTRA, check_image_format, check_output, write_plot
 
-__all__ = ["build_scheduler", "main", "parse_value", "schedulers", "sparkline"]
+__all__ = [
+    "RANGES",
+    "Range",
+    "build_scheduler",
+    "check_ranges",
+    "main",
+    "parse_value",
+    "schedulers",
+    "sparkline",
+]
 
 # Schedulers whose arguments a command line cannot spell, and why.
 NOT_FROM_CLI = {
@@ -34,7 +44,85 @@ NOT_FROM_CLI = {
 # the plot always starts at step 0, the scheduled key is the lr, and a scale_fn is a function.
 NOT_OPTIONS = {"self", "optimizer", "last_epoch", "key", "scale_fn"}
 DEFAULT_STEPS = 100
+MAX_STEPS = 1_000_000  # a plot of more steps takes minutes to compute, and shows nothing more
 SPARK_WIDTH = 60
+
+
+class Range:
+    """The values an option accepts: an interval, each end closed, open or unbounded (None).
+
+    Args:
+        lo, hi (float, optional): the ends. lo_open, hi_open (bool): whether they are excluded.
+    """
+
+    def __init__(
+        self,
+        lo: float | None = None,
+        hi: float | None = None,
+        lo_open: bool = False,
+        hi_open: bool = False,
+    ) -> None:
+        self.lo, self.hi, self.lo_open, self.hi_open = lo, hi, lo_open, hi_open
+
+    def __contains__(self, value: float) -> bool:
+        lo_ok = self.lo is None or (value > self.lo if self.lo_open else value >= self.lo)
+        hi_ok = self.hi is None or (value < self.hi if self.hi_open else value <= self.hi)
+        return lo_ok and hi_ok
+
+    def describe(self, kind: str) -> str:
+        """``kind`` ("an integer", "a number") with the interval, e.g. "a number in (0, 1]"."""
+        if self.lo is not None and self.hi is not None:
+            left, right = "(" if self.lo_open else "[", ")" if self.hi_open else "]"
+            return f"{kind} in {left}{self.lo:g}, {self.hi:g}{right}"
+        if self.lo is not None:
+            return f"{kind} {'>' if self.lo_open else '>='} {self.lo:g}"
+        if self.hi is not None:
+            return f"{kind} {'<' if self.hi_open else '<='} {self.hi:g}"
+        return kind
+
+
+_AT_LEAST_0, _AT_LEAST_1 = Range(0), Range(1)
+_POSITIVE, _UNIT = Range(0, lo_open=True), Range(0, 1)
+# Each scheduler's options with a fixed accepted range (a list option: each of its values). Most
+# are the schedulers' own checks; the others are values the scheduler (as torch's) takes but then
+# divides by zero with (StepLR's step_size 0, CosineAnnealingLR's T_max 0, ConstantLR's factor 0,
+# PolynomialLR's negative power, CyclicLR's step_size_up 0, OneCycleLR's div factors 0), or
+# negative lengths and periods, which mean nothing and leave no length to plot. Ranges that depend
+# on other options (WSDLR's warmup_steps <= total_steps, ...) are the scheduler's checks.
+RANGES: dict[str, dict[str, Range]] = {
+    "StepLR": {"step_size": _AT_LEAST_1},
+    "MultiStepLR": {"milestones": _AT_LEAST_0},
+    "ConstantLR": {"factor": Range(0, 1, lo_open=True), "total_iters": _AT_LEAST_0},
+    "LinearLR": {
+        "start_factor": Range(0, 1, lo_open=True),
+        "end_factor": _UNIT,
+        "total_iters": _AT_LEAST_0,
+    },
+    "PolynomialLR": {"total_iters": _AT_LEAST_0, "power": _AT_LEAST_0},
+    "CosineAnnealingLR": {"T_max": _AT_LEAST_1},
+    "CosineAnnealingWarmRestarts": {"T_0": _AT_LEAST_1, "T_mult": _AT_LEAST_1},
+    "CyclicLR": {"step_size_up": _AT_LEAST_1, "step_size_down": _AT_LEAST_0},
+    "OneCycleLR": {
+        "total_steps": _AT_LEAST_1,
+        "epochs": _AT_LEAST_1,
+        "steps_per_epoch": _AT_LEAST_1,
+        "pct_start": _UNIT,
+        "div_factor": _POSITIVE,
+        "final_div_factor": _POSITIVE,
+    },
+    "WSDLR": {
+        "total_steps": _AT_LEAST_1,
+        "warmup_steps": _AT_LEAST_0,
+        "eta_min": _AT_LEAST_0,
+        "warmup_start_factor": _UNIT,
+    },
+    "WarmupCosineLR": {
+        "total_steps": _AT_LEAST_1,
+        "warmup_steps": _AT_LEAST_0,
+        "eta_min": _AT_LEAST_0,
+        "warmup_start_factor": _UNIT,
+    },
+}
 
 
 def schedulers() -> dict[str, type]:
@@ -75,25 +163,26 @@ def parse_value(text: str, annotation: str, option: str) -> Any:
             return False
         raise ValueError(f"{option}: expected true or false, got {text!r}")
     is_list = ann.startswith(("list", "Iterable", "Sequence")) or "|list" in ann
-    number = "int" in ann or "float" in ann
 
     def one(item: str) -> Any:
-        if number:
+        if "int" in ann:
             try:
                 return int(item)
             except ValueError:
                 pass
-            if "float" in ann:
-                try:
-                    value = float(item)
-                except ValueError:
-                    pass
-                else:
-                    if math.isfinite(value):
-                        return value
+        if "float" in ann:
+            # after int only where an int is allowed: "1" is 1.0 for a float-only argument
+            # (torch's OneCycleLR rejects an int pct_start)
+            try:
+                value = float(item)
+            except ValueError:
+                pass
+            else:
+                if math.isfinite(value):
+                    return value
         if "str" in ann:
             return item
-        kind = "a number" if "float" in ann else "an integer"
+        kind = _kind(ann)
         raise ValueError(f"{option}: expected {kind}{' or a comma list' * is_list}, got {item!r}")
 
     if is_list and ("," in text or ann.startswith(("list", "Iterable", "Sequence"))):
@@ -101,10 +190,42 @@ def parse_value(text: str, annotation: str, option: str) -> Any:
     return one(text)
 
 
+def _kind(annotation: str) -> str:
+    return "a number" if "float" in annotation else "an integer"
+
+
+def check_ranges(cls: type, kwargs: dict[str, Any]) -> None:
+    """Check the options with a fixed range (:data:`RANGES`) before the scheduler is built.
+
+    Raises:
+        ValueError: naming the option and its accepted range.
+    """
+    options = _options(cls)
+    for name, accepted in RANGES.get(cls.__name__, {}).items():
+        value = kwargs.get(name)
+        values = value if isinstance(value, list) else [value]
+        for item in values:
+            if (
+                isinstance(item, (int, float))
+                and not isinstance(item, bool)
+                and item not in accepted
+            ):
+                what = accepted.describe(_kind(str(options[name].annotation).replace(" ", "")))
+                each = "each value of " if isinstance(value, list) else ""
+                raise ValueError(f"{cls.__name__}: {each}{_flag(name)} must be {what}, got {item}")
+
+
+def _with_flags(message: str, cls: type) -> str:
+    """A scheduler's error message with its argument names written as options (T_0 -> --T-0)."""
+    for name in sorted(_options(cls), key=len, reverse=True):
+        message = re.sub(rf"(?<![\w-]){re.escape(name)}(?!\w)", _flag(name), message)
+    return message
+
+
 def _default_steps(cls: type, kwargs: dict[str, Any]) -> int:
     """Enough steps to see the whole schedule: to its end, or a few of its periods."""
-    if cls is lr_scheduler.OneCycleLR and kwargs.get("total_steps"):
-        return kwargs["total_steps"]  # OneCycleLR refuses to step past total_steps - 1
+    if cls is lr_scheduler.OneCycleLR:
+        return _one_cycle_total(kwargs) or DEFAULT_STEPS  # it refuses to step past its end
     for key in ("total_steps", "T_max", "total_iters"):
         if isinstance(kwargs.get(key), int):
             return kwargs[key] + 1  # the last value, reached at that epoch, included
@@ -118,6 +239,15 @@ def _default_steps(cls: type, kwargs: dict[str, Any]) -> int:
         up = kwargs.get("step_size_up") or 2000
         return 2 * (up + (kwargs.get("step_size_down") or up))
     return DEFAULT_STEPS
+
+
+def _one_cycle_total(kwargs: dict[str, Any]) -> int | None:
+    """OneCycleLR's length: total_steps, or epochs * steps_per_epoch."""
+    if kwargs.get("total_steps") is not None:
+        return kwargs["total_steps"]
+    if kwargs.get("epochs") is not None and kwargs.get("steps_per_epoch") is not None:
+        return kwargs["epochs"] * kwargs["steps_per_epoch"]
+    return None
 
 
 def build_scheduler(
@@ -212,7 +342,11 @@ def build_parser(prog: str | None = None, cls: type | None = None) -> argparse.A
         "as 1,2,3; true/false; none). `fuseopt plot-lr SCHEDULER -h` lists them.",
     )
     parser.add_argument("scheduler", metavar="SCHEDULER", help=f"one of: {names}")
-    parser.add_argument("--steps", type=int, help="optimizer steps plotted (default: to the end)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        help=f"optimizer steps plotted, 1 to {MAX_STEPS} (default: to the end of the schedule)",
+    )
     parser.add_argument(
         "-o", "--output", default="lr.png", help="picture written (default: lr.png)"
     )
@@ -228,6 +362,10 @@ def build_parser(prog: str | None = None, cls: type | None = None) -> argparse.A
         for name, p in _options(cls).items():
             required = p.default is inspect.Parameter.empty
             default = "required" if required else f"default: {p.default!r}"
+            accepted = RANGES.get(cls.__name__, {}).get(name)
+            if accepted is not None:
+                kind = _kind(str(p.annotation).replace(" ", ""))
+                default += f"; {accepted.describe(kind)}"
             # torch's T_max is --T-max; --t-max is accepted too
             aliases = dict.fromkeys([_flag(name), _flag(name).lower()])
             group.add_argument(
@@ -268,12 +406,24 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
             for n, p in options.items()
             if getattr(args, f"opt_{n}") is not None
         }
-        if args.steps is not None and args.steps < 1:
-            raise ValueError(f"--steps must be at least 1, got {args.steps}")
+        check_ranges(cls, kwargs)
+        if args.steps is not None and not 1 <= args.steps <= MAX_STEPS:
+            raise ValueError(f"--steps must be an integer in [1, {MAX_STEPS}], got {args.steps}")
         if not (math.isfinite(args.lr) and args.lr > 0):
             raise ValueError(f"--lr must be a positive number, got {args.lr}")
         cls, kwargs, factory = build_scheduler(cls.__name__, kwargs, args.steps)
         steps = args.steps if args.steps is not None else _default_steps(cls, kwargs)
+        if steps > MAX_STEPS:  # the default: to the end of a very long schedule
+            raise ValueError(
+                f"the whole schedule is {steps} steps, over the {MAX_STEPS} that can be "
+                "plotted: pass --steps N to plot its start"
+            )
+        total = _one_cycle_total(kwargs) if cls is lr_scheduler.OneCycleLR else None
+        if total is not None and steps > total:
+            raise ValueError(
+                f"--steps must be at most OneCycleLR's total steps ({total}), which it cannot "
+                f"step past; got {steps}"
+            )
         if not args.no_plot:
             check_image_format(check_output(args.output, "-o/--output"), "-o/--output")
     except ValueError as e:
@@ -284,14 +434,25 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     def optimizer(params: list[Any]) -> Any:
         return fuseopt.SGD(params, lr=args.lr, momentum=0.9)
 
+    shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    given = " ".join(f"{_flag(k)} {v}" for k, v in kwargs.items() if k in options)
     try:
         curves = {"lr": lr_scheduler.preview(factory, steps, optimizer_factory=optimizer)}
         momentum = lr_scheduler.preview(factory, steps, "momentum", optimizer_factory=optimizer)
     except (ValueError, TypeError) as e:  # the scheduler's own checks of its arguments
-        parser.error(f"{cls.__name__}: {e}")
+        parser.error(f"{cls.__name__}: {_with_flags(str(e), cls)}")
+    except ArithmeticError as e:  # a division by zero RANGES does not foresee: no traceback
+        why = "its values overflow a float" if isinstance(e, OverflowError) else str(e)
+        parser.error(f"{cls.__name__} cannot be computed with {given}: {why}")
     if len(set(momentum)) > 1:  # cycled (OneCycleLR, CyclicLR): worth its own panel
         curves["momentum"] = momentum
-    shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    for label, values in curves.items():
+        bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+        if bad is not None:  # e.g. --gamma 1e308: the lr overflows (no sparkline, no plot)
+            parser.error(
+                f"{cls.__name__}: the {label} overflows to {values[bad]} at step {bad} with "
+                f"{given}: use smaller values"
+            )
     title = f"{cls.__name__}({shown}), {steps} steps"
     print(title)
     for label, values in curves.items():

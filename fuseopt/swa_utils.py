@@ -85,6 +85,109 @@ def _decay_schedule(
     return lambda n: ema_warmup_decay(int(n), decay, warmup_power, warmup_gamma)
 
 
+def _broadcasts_to(src: Tensor, dst: Tensor) -> bool:
+    """Whether ``src`` broadcasts to ``dst``'s shape (what an in-place op on ``dst`` accepts)."""
+    if src.shape == dst.shape:
+        return True
+    try:
+        return torch.broadcast_shapes(src.shape, dst.shape) == dst.shape
+    except RuntimeError:
+        return False
+
+
+def _shape_error(what: str, src: Tensor, dst_what: str, dst: Tensor) -> RuntimeError:
+    return RuntimeError(
+        f"{what} has shape {tuple(src.shape)}, which does not broadcast to the shape "
+        f"{tuple(dst.shape)} of {dst_what}"
+    )
+
+
+def _check_lists(
+    avg_name: str,
+    averaged: ParamList,
+    current: ParamList,
+    lerp: bool,
+    length_error: type[Exception] = RuntimeError,
+) -> bool:
+    """Raise, before any tensor is written, what torch's multi-tensor update would raise.
+
+    The fused kernel walks each pair as two buffers of the averaged tensor's length and type, so a
+    shorter, differently typed or off-device ``current`` tensor is read out of bounds (garbage or
+    a crash) where torch raises; hence every pair is checked first, and all of them before any is
+    updated (torch's own errors can come after some tensors are updated). The exception types are
+    torch's: ``length_error`` for lists of different lengths; RuntimeError for shapes that do not
+    broadcast, other devices or dtypes; NotImplementedError for an integer tensor on lerp's path.
+
+    Returns whether the lists can go to the fused kernel as they are (one device and dtype, equal
+    shapes); if not, they are valid for torch's foreach ops.
+    """
+    if len(averaged) != len(current):
+        raise length_error(
+            f"{avg_name} and current_param_list must have the same length, "
+            f"got {len(averaged)} and {len(current)}"
+        )
+    first = averaged[0]
+    # The common case in one comparison of lists (per-tensor checks cost ~1 us a tensor, which a
+    # fused EMA of many small tensors would feel): equal shapes, dtypes and devices pair by pair.
+    keys = [(a.shape, a.dtype, a.device) for a in averaged]
+    if keys == [(c.shape, c.dtype, c.device) for c in current]:
+        if not lerp:
+            return True
+        if all(k[1:] == keys[0][1:] for k in keys):
+            return True  # one dtype (floating point, as the first) and one device: fusable
+    fusable = True
+    for i, (a, c) in enumerate(zip(averaged, current)):
+        if a.shape != c.shape:
+            if not _broadcasts_to(c, a):
+                raise _shape_error(f"current_param_list[{i}]", c, f"{avg_name}[{i}]", a)
+            fusable = False  # a broadcast operand: the kernel walks equal shapes only
+        if not lerp:
+            continue
+        if not (a.is_floating_point() or a.is_complex()):
+            raise NotImplementedError(
+                f"{avg_name}[{i}] has dtype {a.dtype}, but {avg_name}[0] is {first.dtype}: a list "
+                "whose first tensor is floating point or complex is averaged with lerp, which has "
+                "no integer kernel"
+            )
+        if c.device != a.device:
+            raise RuntimeError(
+                f"current_param_list[{i}] is on device {c.device}, but {avg_name}[{i}] is on "
+                f"{a.device}: they must be on the same device"
+            )
+        if c.dtype != a.dtype:
+            raise RuntimeError(
+                f"current_param_list[{i}] has dtype {c.dtype}, but {avg_name}[{i}] has dtype "
+                f"{a.dtype}: lerp needs them equal"
+            )
+        if a.dtype != first.dtype or a.device != first.device:
+            fusable = False  # one kernel call handles a single dtype and device
+    return fusable
+
+
+def _lerp_lists(
+    averaged: ParamList,
+    current: ParamList,
+    weight: float,
+    fusable: bool,
+    fused: Callable[[list[Tensor], list[Tensor]], None],
+) -> None:
+    """``averaged[i].lerp_(current[i], weight)`` for checked lists: ``fused`` where it can run."""
+    if fusable:
+        fused(list(averaged), list(current))
+        return
+    groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
+    broadcast: tuple[list[Tensor], list[Tensor]] = ([], [])
+    for a, c in zip(averaged, current):
+        pair = broadcast if a.shape != c.shape else groups.setdefault((a.device, a.dtype), ([], []))
+        pair[0].append(a)
+        pair[1].append(c)
+    for a_list, c_list in groups.values():
+        fused(a_list, c_list)
+    if broadcast[0]:
+        # torch's foreach lerp broadcasts ``current``; the fused kernel does not.
+        torch._foreach_lerp_(broadcast[0], broadcast[1], weight)
+
+
 def get_ema_multi_avg_fn(
     decay: float = 0.999,
     warmup: bool = False,
@@ -108,21 +211,53 @@ def get_ema_multi_avg_fn(
 
     Returns:
         Callable: ``fn(ema_param_list, current_param_list, num_averaged)`` updating the first list.
+        The lists must have equal lengths and each current tensor must broadcast to its average
+        (and, for floating-point averages, have its dtype and device), as in torch; otherwise it
+        raises before any tensor is updated.
     """
     decay_at = _decay_schedule(decay, warmup, warmup_power, warmup_gamma)
 
+    def check(ema_param_list: ParamList, current_param_list: ParamList) -> bool:
+        lerp = ema_param_list[0].is_floating_point() or ema_param_list[0].is_complex()
+        # Lists of other lengths: torch's foreach lerp raises a RuntimeError, its integer path's
+        # zip(strict=True) a ValueError.
+        error = RuntimeError if lerp else ValueError
+        return _check_lists("ema_param_list", ema_param_list, current_param_list, lerp, error)
+
     @torch.no_grad()
-    def ema_update(ema_list: ParamList, current_list: ParamList, num_averaged: Any) -> None:
+    def update(
+        ema_param_list: ParamList, current_param_list: ParamList, num_averaged: Any, fusable: bool
+    ) -> None:
         d = decay_at(num_averaged)
-        if ema_list[0].is_floating_point() or ema_list[0].is_complex():
-            # One fused pass (numba on CPU float32/float64, foreach elsewhere), ATen's lerp
-            # rounding: bitwise the averages of torch's _foreach_lerp_.
-            _averaging.ema_update(list(ema_list), list(current_list), d)
+        if ema_param_list[0].is_floating_point() or ema_param_list[0].is_complex():
+            # One fused pass (numba on CPU, foreach elsewhere), ATen's lerp rounding: bitwise the
+            # averages of torch's _foreach_lerp_.
+            _lerp_lists(
+                ema_param_list,
+                current_param_list,
+                1 - d,
+                fusable,
+                lambda a, c: _averaging.ema_update(a, c, d),
+            )
         else:
             # lerp has no integer kernels.
-            for p_ema, p_model in zip(ema_list, current_list, strict=True):
+            for p_ema, p_model in zip(ema_param_list, current_param_list, strict=True):
                 p_ema.copy_(p_ema * d + p_model * (1 - d))
 
+    @torch.no_grad()
+    def ema_update(
+        ema_param_list: ParamList, current_param_list: ParamList, num_averaged: Any
+    ) -> None:
+        update(
+            ema_param_list,
+            current_param_list,
+            num_averaged,
+            check(ema_param_list, current_param_list),
+        )
+
+    # AveragedModel checks every (device, dtype) group before it updates any.
+    ema_update._fuseopt_check = check  # type: ignore[attr-defined]
+    ema_update._fuseopt_update = update  # type: ignore[attr-defined]
     return ema_update
 
 
@@ -132,22 +267,55 @@ def get_swa_multi_avg_fn() -> Callable[[ParamList, ParamList, Tensor | int], Non
     After ``n`` models, ``W^{SWA} \leftarrow W^{SWA} + (W^{model} - W^{SWA}) / (n + 1)``.
 
     Returns:
-        Callable: ``fn(averaged_param_list, current_param_list, num_averaged)``.
+        Callable: ``fn(averaged_param_list, current_param_list, num_averaged)``. The lists must
+        have equal lengths and each current tensor must broadcast to its average and have its
+        dtype and device, as in torch; otherwise it raises before any tensor is updated.
     """
 
-    @torch.no_grad()
-    def swa_update(avg_list: ParamList, current_list: ParamList, num_averaged: Any) -> None:
-        if avg_list[0].is_floating_point() or avg_list[0].is_complex():
-            # The weight is computed as torch does (a 0-dim tensor when n is one) so that the
-            # rounding of 1/(n+1) and thus the result are the same.
-            _averaging.swa_update(list(avg_list), list(current_list), num_averaged)
-        else:
-            diffs = torch._foreach_sub(list(current_list), list(avg_list))
-            if isinstance(num_averaged, Tensor):
-                torch._foreach_addcdiv_(list(avg_list), diffs, [num_averaged + 1] * len(avg_list))
-            else:
-                torch._foreach_add_(list(avg_list), diffs, alpha=1.0 / (num_averaged + 1))
+    def check(averaged_param_list: ParamList, current_param_list: ParamList) -> bool:
+        first = averaged_param_list[0]
+        lerp = first.is_floating_point() or first.is_complex()
+        fusable = _check_lists("averaged_param_list", averaged_param_list, current_param_list, lerp)
+        if not lerp:
+            # torch's integer branch always raises a RuntimeError (a float alpha, or an integer
+            # addcdiv, or a float result cast to an integer tensor); say so before any update.
+            raise RuntimeError(
+                f"averaged_param_list[0] has dtype {first.dtype}: the SWA average of integer or "
+                "bool tensors is not supported (torch raises too); average floating-point tensors"
+            )
+        return fusable
 
+    @torch.no_grad()
+    def update(
+        averaged_param_list: ParamList,
+        current_param_list: ParamList,
+        num_averaged: Any,
+        fusable: bool,
+    ) -> None:
+        # The weight is computed as torch does (a 0-dim tensor when n is one) so that the rounding
+        # of 1/(n+1) and thus the result are the same.
+        weight = float(1 / (num_averaged + 1))
+        _lerp_lists(
+            averaged_param_list,
+            current_param_list,
+            weight,
+            fusable,
+            lambda a, c: _averaging.swa_update(a, c, num_averaged),
+        )
+
+    @torch.no_grad()
+    def swa_update(
+        averaged_param_list: ParamList, current_param_list: ParamList, num_averaged: Any
+    ) -> None:
+        update(
+            averaged_param_list,
+            current_param_list,
+            num_averaged,
+            check(averaged_param_list, current_param_list),
+        )
+
+    swa_update._fuseopt_check = check  # type: ignore[attr-defined]
+    swa_update._fuseopt_update = update  # type: ignore[attr-defined]
     return swa_update
 
 
@@ -193,6 +361,10 @@ def get_swa_avg_fn() -> Callable[[Tensor, Tensor, Tensor | int], Tensor]:
 
 
 # ---------------------------------------------------------------------------------- AveragedModel
+# The model dtypes torch's grouping of (averaged, model) pairs accepts beside the average's own.
+_ANY_AVERAGE_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
 def _foreach_devices() -> tuple[str, ...]:
     # The device types torch treats as having foreach kernels for the default SWA average.
     return ("cuda", "xpu", "mtia", torch._C._get_privateuse1_backend_name())
@@ -261,38 +433,132 @@ class AveragedModel(Module):
         # torch averages ``self.parameters()`` (the same tensors as ``self.module``'s).
         return self.parameters() if own else module.parameters()
 
+    def _name(self, module: Module, own: bool, index: int) -> str:
+        """The name of the ``index``-th tensor of :meth:`_tensors` (for error messages only)."""
+        if self.use_buffers:
+            named = itertools.chain(module.named_parameters(), module.named_buffers())
+        else:
+            named = self.named_parameters() if own else module.named_parameters()
+        name = next(itertools.islice(named, index, None))[0]
+        return f"averaged tensor {name!r}" if own else f"model tensor {name!r}"
+
+    def _group_fn(self, device: torch.device) -> Callable[..., None] | None:
+        """The multi-tensor function averaging a group on ``device``; None: tensor by tensor."""
+        if self.multi_avg_fn is not None:
+            return self.multi_avg_fn
+        # torch's default: its foreach SWA where the device has foreach kernels.
+        return get_swa_multi_avg_fn() if device.type in _foreach_devices() else None
+
+    def _check_update(
+        self,
+        model: Module,
+        averaged: list[Tensor],
+        current: list[Tensor],
+        buffers: tuple[list[Tensor], list[Tensor]],
+    ) -> dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor], bool]] | None:
+        """Raise, before anything is written, what torch's update would raise (at any point).
+
+        torch raises some of these only after it has updated part of the average (the buffers
+        are checked last); here nothing changes when it raises. The checks run in torch's order,
+        so the same problem is reported first. Returns the (device, dtype) groups to average, each
+        with whether it can run fused, or None when the update is a copy or goes through
+        ``avg_fn``.
+        """
+        for i, (a, c) in enumerate(zip(averaged, current)):
+            # copy_, lerp_ and avg_fn's result copied back all need ``c`` to broadcast to ``a``.
+            if a.shape != c.shape and not _broadcasts_to(c, a):
+                what = f"update_parameters: {self._name(model, False, i)}"
+                raise _shape_error(what, c, self._name(self.module, True, i), a)
+        groups = None
+        if self.n_averaged.item() != 0 and self.avg_fn is None:
+            groups = self._check_groups(model, averaged, current)
+        if not self.use_buffers:
+            own, theirs = buffers
+            if len(own) != len(theirs):
+                # ValueError, as torch's zip(strict=True) over the buffers.
+                raise ValueError(
+                    f"update_parameters: model has {len(theirs)} buffers but the averaged model "
+                    f"has {len(own)}; with use_buffers=False they are copied one to one"
+                )
+            for i, (b_avg, b_model) in enumerate(zip(own, theirs)):
+                if not _broadcasts_to(b_model, b_avg):
+                    name = next(itertools.islice(model.named_buffers(), i, None))[0]
+                    raise _shape_error(
+                        f"update_parameters: model buffer {name!r}", b_model, "its copy", b_avg
+                    )
+        return groups
+
+    def _check_groups(
+        self, model: Module, averaged: list[Tensor], current: list[Tensor]
+    ) -> dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor], bool]]:
+        groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
+        for i, (a, c) in enumerate(zip(averaged, current)):
+            # torch groups the pairs by the averaged tensor's device and dtype, and accepts a
+            # model tensor of another dtype only if it is float32, float64 or bfloat16.
+            if c.dtype != a.dtype and c.dtype not in _ANY_AVERAGE_DTYPES:
+                raise RuntimeError(
+                    f"update_parameters: {self._name(model, False, i)} has dtype {c.dtype}, but "
+                    f"{self._name(self.module, True, i)} has dtype {a.dtype}; a model tensor must "
+                    "have its average's dtype, or be float32, float64 or bfloat16"
+                )
+            pair = groups.setdefault((a.device, a.dtype), ([], []))
+            pair[0].append(a)
+            pair[1].append(c)
+        checked = {}
+        for (dev, dtype), (a_list, c_list) in groups.items():
+            check = getattr(self._group_fn(dev), "_fuseopt_check", None)
+            # fuseopt's own multi-avg functions check every group before any is updated; the
+            # tensor-by-tensor path promotes (always valid), a user's function is called as
+            # torch calls it.
+            try:
+                fusable = check(a_list, c_list) if check is not None else False
+            except (RuntimeError, ValueError, NotImplementedError) as e:
+                # The indices in the message count within this group: say which group it is.
+                raise type(e)(
+                    f"update_parameters, averaging the {dtype} tensors on {dev}: {e}"
+                ) from None
+            checked[(dev, dtype)] = (a_list, c_list, fusable)
+        return checked
+
     @torch.no_grad()
     def update_parameters(self, model: Module) -> None:
         """Fold ``model``'s current weights into the average (copy them on the first call).
+
+        Every check runs before anything is written: when it raises (a model tensor that does not
+        broadcast to its average, another number of buffers, a dtype torch rejects), neither the
+        average nor ``n_averaged`` changes.
 
         Args:
             model (torch.nn.Module): the model being trained, with the averaged model's layout.
         """
         averaged: list[Tensor] = []
         current: list[Tensor] = []
-        # zip without strict: torch pairs them the same way.
+        # zip without strict: torch pairs them the same way, averaging the common prefix when the
+        # models have different numbers of tensors.
         for p_avg, p_model in zip(self._tensors(self.module, True), self._tensors(model, False)):
             averaged.append(p_avg.detach())
             current.append(p_model.detach().to(p_avg.device))
+        # The unaveraged buffers, listed once (walking the modules costs as much as the checks).
+        buffers = (
+            ([], []) if self.use_buffers else (list(self.module.buffers()), list(model.buffers()))
+        )
+        groups = self._check_update(model, averaged, current, buffers)
         if self.n_averaged.item() == 0:
             for a, c in zip(averaged, current):
                 a.copy_(c)
-        elif self.avg_fn is not None:
+        elif groups is None:
             for a, c in zip(averaged, current):
-                a.copy_(self.avg_fn(a, c, self.n_averaged.to(a.device)))
+                a.copy_(self.avg_fn(a, c, self.n_averaged.to(a.device)))  # type: ignore[misc]
         else:
-            # A foreach kernel wants its lists on one device with one dtype.
-            groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
-            for a, c in zip(averaged, current):
-                pair = groups.setdefault((a.device, a.dtype), ([], []))
-                pair[0].append(a)
-                pair[1].append(c)
-            for (dev, _), (a_list, c_list) in groups.items():
+            for (dev, _), (a_list, c_list, fusable) in groups.items():
                 n = self.n_averaged.to(dev)
-                if self.multi_avg_fn is not None:
-                    self.multi_avg_fn(a_list, c_list, n)
-                elif dev.type in _foreach_devices():
-                    get_swa_multi_avg_fn()(a_list, c_list, n)
+                fn = self._group_fn(dev)
+                if fn is not None:
+                    update = getattr(fn, "_fuseopt_update", None)
+                    if update is not None:
+                        update(a_list, c_list, n, fusable)  # checked above
+                    else:
+                        fn(a_list, c_list, n)
                 else:
                     # Where torch has no foreach kernels (CPU) it averages tensor by tensor; the
                     # same formula here keeps the averages bitwise equal to torch's.
@@ -301,7 +567,7 @@ class AveragedModel(Module):
                         a.copy_(swa(a, c, n))
         if not self.use_buffers:
             # Unaveraged buffers follow the trained model.
-            for b_avg, b_model in zip(self.module.buffers(), model.buffers(), strict=True):
+            for b_avg, b_model in zip(*buffers, strict=True):
                 b_avg.detach().copy_(b_model.detach().to(b_avg.device))
         self.n_averaged += 1
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -499,3 +501,297 @@ def test_documentation_examples_match_torch(example):
     ta, tpred = example(torch.optim, T)
     assert_state_equal(fa, ta)
     assert torch.equal(fpred, tpred)
+
+
+# ------------------------------------------------------- mismatched models and lists, vs torch
+# A model or list whose tensors differ from the averaged ones used to send the fused kernel out of
+# bounds (garbage such as 1e29, or a segfault). Each case runs against torch.optim.swa_utils in a
+# child process, so a crash fails the tests instead of killing pytest. The outcome (exception
+# type, or the averages) must be torch's, and a failed update must leave the average and
+# n_averaged as they were (torch itself can fail half-way).
+ROOT = Path(__file__).resolve().parents[1]
+F32, F64, F16, BF16, C64, I64 = (
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.complex64,
+    torch.int64,
+)
+BIG = 100_000  # several kernel chunks: an out-of-bounds walk reads far past the smaller tensor
+
+
+def _t(spec, gen):
+    """A tensor from ``(shape, dtype)`` or ``(shape, dtype, device)``, random but reproducible."""
+    shape, dtype, device = (*spec, "cpu")[:3]
+    if dtype.is_floating_point or dtype.is_complex:
+        t = torch.randn(shape, generator=gen, dtype=dtype)
+    else:
+        t = torch.randint(-5, 5, shape, generator=gen, dtype=dtype)
+    return t.to(device)
+
+
+def _module(params, buffers=(), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    m = nn.Module()
+    for i, spec in enumerate(params):
+        m.register_parameter(f"p{i}", nn.Parameter(_t(spec, gen), requires_grad=False))
+    for i, spec in enumerate(buffers):
+        m.register_buffer(f"b{i}", _t(spec, gen))
+    return m
+
+
+def _p(*shapes, dtype=F32):
+    return [(s, dtype) for s in shapes]
+
+
+# name -> (avg params, avg buffers, model params, model buffers, use_buffers, n_averaged before)
+MODEL_CASES = {
+    "bigger": (_p((BIG,)), [], _p((BIG + 7,)), [], False, 1),
+    "bigger_first": (_p((BIG,)), [], _p((BIG + 7,)), [], False, 0),
+    "smaller": (_p((BIG,)), [], _p((BIG - 7,)), [], False, 1),
+    "smaller_first": (_p((BIG,)), [], _p((BIG - 7,)), [], False, 0),
+    "second_smaller": (_p((5,), (BIG,)), [], _p((5,), (BIG - 7,)), [], False, 1),
+    "transposed_shape": (_p((4, 3)), [], _p((3, 4)), [], False, 1),
+    "broadcast_row": (_p((4, 3)), [], _p((3,)), [], False, 1),
+    "broadcast_one": (_p((BIG,)), [], _p((1,)), [], False, 1),
+    "broadcast_scalar": (_p((4, 3)), [], _p(()), [], False, 1),
+    "broadcast_first": (_p((4, 3)), [], _p((3,)), [], False, 0),
+    "wider_model": (_p((3,)), [], _p((4, 3)), [], False, 1),
+    "fewer_params": (_p((5,), (6,)), [], _p((5,)), [], False, 1),
+    "fewer_params_first": (_p((5,), (6,)), [], _p((5,)), [], False, 0),
+    "more_params": (_p((5,)), [], _p((5,), (6,)), [], False, 1),
+    "fewer_buffers": (_p((5,)), _p((3,)), _p((5,)), [], False, 1),
+    "more_buffers": (_p((5,)), [], _p((5,)), _p((3,)), False, 1),
+    "buffer_size": (_p((5,)), _p((3,)), _p((5,)), _p((4,)), False, 1),
+    "fewer_buffers_averaged": (_p((5,)), _p((3,)), _p((5,)), [], True, 1),
+    "more_buffers_averaged": (_p((5,)), [], _p((5,)), _p((3,)), True, 1),
+    "buffer_size_averaged": (_p((5,)), _p((3,)), _p((5,)), _p((4,)), True, 1),
+    "int_buffer_averaged": (_p((5,)), _p((), dtype=I64), _p((5,)), _p((), dtype=I64), True, 1),
+    # a float64 group that averages fine beside a float32 group that torch rejects
+    "second_group_bad": (
+        [((5,), F64), ((BIG,), F32)],
+        [],
+        [((5,), F64), ((BIG,), F64)],
+        [],
+        False,
+        1,
+    ),
+}
+for _a in (F16, BF16, F32, F64, C64):
+    for _c in (F16, BF16, F32, F64, C64):
+        if _a != _c:
+            MODEL_CASES[f"{_a}_from_{_c}".replace("torch.", "")] = (
+                [((BIG,), _a)],
+                [],
+                [((BIG,), _c)],
+                [],
+                False,
+                1,
+            )
+
+AVG_FNS = {
+    "swa": lambda S: {},
+    "ema_multi": lambda S: {"multi_avg_fn": S.get_ema_multi_avg_fn(0.9)},
+    "swa_multi": lambda S: {"multi_avg_fn": S.get_swa_multi_avg_fn()},
+    "swa_avg_fn": lambda S: {"avg_fn": S.get_swa_avg_fn()},
+    "ema_avg_fn": lambda S: {"avg_fn": S.get_ema_avg_fn(0.9)},
+}
+
+# name -> (avg list, current list); each list runs with an int and a tensor num_averaged
+LIST_CASES = {
+    "current_shorter": (_p((BIG,), (BIG,)), _p((BIG,))),
+    "current_longer": (_p((BIG,)), _p((BIG,), (BIG,))),
+    "current_empty": (_p((BIG,)), []),
+    "both_empty": ([], []),
+    "bigger": (_p((BIG,)), _p((BIG + 7,))),
+    "smaller": (_p((BIG,)), _p((BIG - 7,))),
+    "second_smaller": (_p((5,), (BIG,)), _p((5,), (BIG - 7,))),
+    "transposed_shape": (_p((4, 3)), _p((3, 4))),
+    "broadcast_row": (_p((4, 3)), _p((3,))),
+    "broadcast_one": (_p((BIG,)), _p((1,))),
+    "broadcast_scalar": (_p((BIG,)), _p(())),
+    "wider_current": (_p((3,)), _p((4, 3))),
+    "second_float64": (_p((5,), (6,)), [((5,), F32), ((6,), F64)]),
+    "float16_current": (_p((5,)), _p((5,), dtype=F16)),
+    "int_current": (_p((5,)), _p((5,), dtype=I64)),
+    "float16_average": (_p((5,), dtype=F16), _p((5,))),
+    "mixed_averages": ([((BIG,), F32), ((BIG,), F64)], [((BIG,), F32), ((BIG,), F64)]),
+    "mixed_with_broadcast": ([((BIG,), F32), ((4, 3), F64)], [((BIG,), F32), ((3,), F64)]),
+    "second_int": ([((5,), F32), ((5,), I64)], [((5,), F32), ((5,), I64)]),
+    "int_shorter": (_p((5,), (5,), dtype=I64), _p((5,), dtype=I64)),
+    "int_bigger": (_p((5,), dtype=I64), _p((7,), dtype=I64)),
+    "int_float_current": (_p((5,), dtype=I64), _p((5,))),
+    "meta_current": (_p((BIG,)), [((BIG,), F32, "meta")]),
+    "meta_average": ([((BIG,), F32, "meta")], _p((BIG,))),
+    "noncontiguous_current": ([((3, 4), F32)], [((3, 4), F32)]),
+}
+MULTI_FNS = {
+    "ema": lambda S: S.get_ema_multi_avg_fn(0.9),
+    "swa": lambda S: S.get_swa_multi_avg_fn(),
+}
+
+
+def _snapshot(tensors):
+    return [t.clone() if t.device.type != "meta" else t for t in tensors]
+
+
+def _same(before, after):
+    return all(
+        a.device.type == "meta" or (a.dtype == b.dtype and torch.equal(a, b))
+        for a, b in zip(before, after)
+    )
+
+
+def _attempt(fn, *args):
+    """``fn(*args)``: ("ok", None) or (exception type name, message)."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # complex -> real casts warn in torch and here alike
+            fn(*args)
+    except Exception as e:
+        return type(e).__name__, str(e)
+    return "ok", None
+
+
+def _model_case(name, fn_kind):
+    avg_p, avg_b, cur_p, cur_b, use_buffers, n_before = MODEL_CASES[name]
+    out = {}
+    results = {}
+    for lib, S in (("torch", T), ("fuse", F)):
+        averaged = S.AveragedModel(
+            _module(avg_p, avg_b), use_buffers=use_buffers, **AVG_FNS[fn_kind](S)
+        )
+        for _ in range(n_before):
+            averaged.update_parameters(_module(avg_p, avg_b, seed=1))
+        before = _snapshot(averaged.state_dict().values())
+        model = _module(cur_p, cur_b, seed=2)
+        out[lib], out[lib + "_message"] = _attempt(averaged.update_parameters, model)
+        out[lib + "_unchanged"] = _same(before, averaged.state_dict().values())
+        results[lib] = averaged.state_dict()
+    out["close"] = None
+    if out["torch"] == out["fuse"] == "ok":
+        try:
+            for key, value in results["torch"].items():
+                torch.testing.assert_close(results["fuse"][key], value, rtol=0, atol=0)
+        except AssertionError as e:
+            out["close"] = f"{key}: {e}"
+    return out
+
+
+def _list_case(name, fn_kind, n_kind):
+    avg_specs, cur_specs = LIST_CASES[name]
+    out = {}
+    results = {}
+    for lib, S in (("torch", T), ("fuse", F)):
+        gen = torch.Generator().manual_seed(0)
+        averaged = [_t(s, gen) for s in avg_specs]
+        current = [_t(s, gen) for s in cur_specs]
+        if name == "noncontiguous_current":
+            current = [c.t().contiguous().t() for c in current]  # same shape, transposed strides
+        before = _snapshot(averaged)
+        n = torch.tensor(3) if n_kind == "tensor" else 3
+        fn = MULTI_FNS[fn_kind](S)
+        out[lib], out[lib + "_message"] = _attempt(fn, averaged, current, n)
+        out[lib + "_unchanged"] = _same(before, averaged)
+        results[lib] = averaged
+    out["close"] = None
+    if out["torch"] == out["fuse"] == "ok":
+        try:
+            for got, want in zip(results["fuse"], results["torch"]):
+                if want.device.type != "meta":
+                    torch.testing.assert_close(got, want, rtol=0, atol=0)
+        except AssertionError as e:
+            out["close"] = str(e)
+    return out
+
+
+def _all_case_ids():
+    ids = [("model", name, fn) for name in MODEL_CASES for fn in AVG_FNS]
+    ids += [
+        ("list", name, fn, n) for name in LIST_CASES for fn in MULTI_FNS for n in ("int", "tensor")
+    ]
+    return ids
+
+
+def _run_cases_in_child(first: int) -> None:
+    """Child process: cases ``first``... as JSON lines, flushed as each one starts and ends."""
+    import json
+
+    for case in _all_case_ids()[first:]:
+        print(json.dumps({"case": "/".join(case), "start": True}), flush=True)
+        out = _model_case(*case[1:]) if case[0] == "model" else _list_case(*case[1:])
+        print(json.dumps({"case": "/".join(case), **out}), flush=True)
+
+
+@pytest.fixture(scope="module")
+def mismatch_outcomes():
+    """case -> its outcomes, or the child's returncode and stderr where the child died in it.
+
+    The cases run in child processes: a crash fails that case, and a new child goes on with the
+    next one.
+    """
+    import json
+
+    ids = ["/".join(case) for case in _all_case_ids()]
+    done: dict[str, dict] = {}
+    while len(done) < len(ids):
+        code = (
+            f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); "
+            f"import test_swa_utils; test_swa_utils._run_cases_in_child({len(done)})"
+        )
+        proc = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=600
+        )
+        for line in proc.stdout.splitlines():
+            record = json.loads(line) if line.startswith("{") else {}
+            if record and "start" not in record:
+                done[record["case"]] = record
+        if len(done) < len(ids):  # died in the next case (or before it started)
+            crash = f"child returncode {proc.returncode}:\n{proc.stderr[-3000:]}"
+            done[ids[len(done)]] = {"crash": crash}
+    return done
+
+
+def _outcome(mismatch_outcomes, case):
+    got = mismatch_outcomes["/".join(case)]
+    assert "crash" not in got, got.get("crash")  # e.g. a segfault in an out-of-bounds kernel
+    return got
+
+
+def _check_outcome(got, our_names):
+    assert got["fuse"] == got["torch"], got  # same exception type (or both succeed)
+    if got["fuse"] == "ok":
+        assert got["close"] is None, got["close"]  # the same averages as torch
+    else:
+        assert got["fuse_unchanged"], got  # nothing updated, n_averaged included
+        if got["fuse"] != "IndexError":  # an empty list: torch's list[0], the same message
+            assert any(n in got["fuse_message"] for n in our_names), got["fuse_message"]
+
+
+@pytest.mark.parametrize("fn_kind", list(AVG_FNS))
+@pytest.mark.parametrize("name", list(MODEL_CASES))
+def test_update_parameters_mismatch_matches_torch(mismatch_outcomes, name, fn_kind):
+    got = _outcome(mismatch_outcomes, ("model", name, fn_kind))
+    _check_outcome(got, ["update_parameters"])
+
+
+@pytest.mark.parametrize("n_kind", ["int", "tensor"])
+@pytest.mark.parametrize("fn_kind", list(MULTI_FNS))
+@pytest.mark.parametrize("name", list(LIST_CASES))
+def test_multi_avg_fn_mismatch_matches_torch(mismatch_outcomes, name, fn_kind, n_kind):
+    got = _outcome(mismatch_outcomes, ("list", name, fn_kind, n_kind))
+    _check_outcome(got, ["current_param_list", "averaged_param_list", "ema_param_list"])
+
+
+def test_mismatch_cases_cover_errors_and_successes(mismatch_outcomes):
+    # The table is not vacuous: torch raises in some cases and succeeds in others, and in some
+    # of its failures it has already updated part of the average (which ours must not).
+    done = mismatch_outcomes
+    kinds = {r["torch"] for r in done.values()}
+    assert {"ok", "RuntimeError", "ValueError", "NotImplementedError"} <= kinds
+    assert any(r["torch"] != "ok" and not r["torch_unchanged"] for r in done.values())
+    assert done["model/bigger/ema_multi"]["fuse"] == "RuntimeError"
+    assert done["list/broadcast_one/swa/int"]["torch"] == "ok"
