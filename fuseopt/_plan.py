@@ -88,9 +88,10 @@ def _step_tensor(state: dict, read: bool) -> torch.Tensor:
     return step
 
 
-def _check_state(rule, specs, names, state: dict, p: torch.Tensor, where: str) -> None:
-    """Errors for a state that lacks a key the options call for, or holds a tensor that cannot
-    be another shape than its param's (torch fails on it mid-step)."""
+def _check_state(rule, specs, state: dict, p: torch.Tensor, where: str) -> None:
+    """Errors for a state that lacks a key the options call for (torch's KeyError), or holds a
+    tensor torch's ops would fail on mid-step: another shape or device, repeated elements, a
+    storage too small for it; and torch's errors for an unusable ``step``."""
     for spec in specs:
         if isinstance(spec, FirstValue) and spec.name not in state:
             continue
@@ -98,7 +99,9 @@ def _check_state(rule, specs, names, state: dict, p: torch.Tensor, where: str) -
         if isinstance(spec, ScalarState):
             continue
         if not torch.is_tensor(t):
-            raise RuntimeError(f"{where}: state {spec.name!r} is a {type(t).__name__}, not a Tensor")
+            raise RuntimeError(
+                f"{where}: state {spec.name!r} is a {type(t).__name__}, not a Tensor"
+            )
         if self_overlapping(t):
             raise RuntimeError(
                 f"{where}: state {spec.name!r}: unsupported operation: more than one element of "
@@ -174,7 +177,7 @@ def _collect(opt, group: dict, rule, specs, names) -> tuple[list[Entry], dict]:
                 state = new_state(rule, group, p, specs, g)
                 pending[id(p)] = (p, state)
         elif keeps_state:
-            _check_state(rule, specs, names, state, p, where)
+            _check_state(rule, specs, state, p, where)
         if capturable:
             step = state.get("step")
             # (Triton on CPU is its interpreter, which runs the capturable kernels for the tests)
@@ -188,12 +191,12 @@ def _collect(opt, group: dict, rule, specs, names) -> tuple[list[Entry], dict]:
         entry = Entry(p, g, state, new, backend, kind)
         if rule.has_step:
             entry.step = state["step"]
-        _route(entry, group, names, where)
+        _route(entry, names, where)
         entries.append(entry)
     return entries, pending
 
 
-def _route(entry: Entry, group: dict, names: list[str], where: str) -> None:
+def _route(entry: Entry, names: list[str], where: str) -> None:
     """Settle ``entry``'s backend from its tensors: a kernel takes it only where K2, K3, K5 and
     K6 hold; the for-loop otherwise (foreach: torch's error where torch's foreach has one)."""
     p, g, state = entry.param, entry.grad, entry.state
@@ -231,7 +234,7 @@ def _route(entry: Entry, group: dict, names: list[str], where: str) -> None:
         entry.backend = _dtensor.fused_backend(p, g, state, names)
         if entry.backend != "numba":
             return
-    if entry.odd or (entry.step is not None and not _steady_step_tensor(entry, group)):
+    if entry.odd or (entry.step is not None and not _kernel_step(entry)):
         entry.backend = "reference"
         return
     kp, kg, kstates = _views(entry, names)
@@ -242,7 +245,7 @@ def _route(entry: Entry, group: dict, names: list[str], where: str) -> None:
     entry.views = (kp, kg, kstates)
 
 
-def _steady_step_tensor(entry: Entry, group: dict) -> bool:
+def _kernel_step(entry: Entry) -> bool:
     """Whether a kernel entry's ``step`` is one its backend can take: K6 on the host, or a
     device tensor the Triton kernels read (fused, capturable)."""
     step = entry.step
@@ -339,8 +342,8 @@ def kernel_launch(
         tensors = {name: ts[i] for name, ts in states.items()}
         for t in (p, g, *tensors.values()):
             if t.shape != p.shape:
-                raise ValueError(f"kernel launch, tensor {i}: shape {tuple(t.shape)}, "
-                                 f"its param's is {tuple(p.shape)}")
+                shapes = f"shape {tuple(t.shape)}, its param's is {tuple(p.shape)}"
+                raise ValueError(f"kernel launch, tensor {i}: {shapes}")
             if storage_problem(t):
                 raise ValueError(f"kernel launch, tensor {i}: {storage_problem(t)}")
         problem, g = entry_check(p, g, tensors)
@@ -423,24 +426,32 @@ def plan_group(opt, group: dict) -> GroupPlan | None:
     firsts = [s.name for s in specs if isinstance(s, FirstValue)]
     grad_scale, found_inf = getattr(opt, "grad_scale", None), getattr(opt, "found_inf", None)
     amp = grad_scale is not None or found_inf is not None
-    cacheable = not (scalar_names or amp or group.get("capturable"))
+    cacheable = not (amp or group.get("capturable") or group.get("differentiable"))
+    cached = None
     if cacheable:
         from fuseopt._plan_cache import PlanCache  # (it imports this module)
 
-        plan = PlanCache.plan(opt, group, names)
-        if plan is not None:
-            return plan
-    entries, pending = _collect(opt, group, rule, all_specs, names)
-    if not entries:
-        return None
-    if group.get("differentiable") and rule.has_step and any(e.step.requires_grad for e in entries):
-        raise RuntimeError("`requires_grad` is not supported for `step` in differentiable mode")
+        cached = PlanCache.plan(opt, group, names, scalar_names)
+        if isinstance(cached, GroupPlan):
+            return cached
+    if cached is not None:  # entries whose facts are as a full check found them: one round
+        entries, pending, n_rounds = cached, {}, 1
+    else:
+        entries, pending = _collect(opt, group, rule, all_specs, names)
+        if not entries:
+            return None
+        if (
+            group.get("differentiable")
+            and rule.has_step
+            and any(e.step.requires_grad for e in entries)
+        ):
+            raise RuntimeError("`requires_grad` is not supported for `step` in differentiable mode")
+        n_rounds = _rounds(entries)
     grad_scale, found_inf = _amp(opt, entries)
     if found_inf is not None and scalar_names and found_inf.item():
         return None  # host scalar state (NAdam's mu_product) must not advance: one host read
     plan = GroupPlan(opt, group, rule)
     plan.attach = list(pending.values())
-    n_rounds = _rounds(entries)
     # capturable and differentiable compute host scalars from the step tensors, as torch does;
     # fused=True on the GPU too (the Triton kernels read them there: no host read of the steps)
     on_tensors = bool(group.get("capturable") or group.get("differentiable"))
@@ -452,9 +463,16 @@ def plan_group(opt, group: dict) -> GroupPlan | None:
     steps: dict = {}  # id(step tensor) -> its value after the rounds planned so far
     for r in range(n_rounds):
         batch = [e for e in entries if e.round == r] if n_rounds > 1 else entries
-        bumps = _plan_steps(batch, on_tensors, rule.reads_step, steps) if rule.has_step else []
+        if rule.has_step:
+            bumps = _plan_steps(batch, on_tensors, rule.reads_step, steps, cached is not None)
+        else:
+            bumps = []
         if scalar_names:
-            _plan_scalar_states(plan, rule, group, batch, scalar_names, scalar_state)
+            states, values = [e.state for e in batch], [e.step_value for e in batch]
+            svs, writes = scalar_states(rule, group, states, values, scalar_names, scalar_state)
+            for e, sv in zip(batch, svs):
+                e.sv = sv
+            plan.after.extend(writes)
         new_firsts: list = []
         made = defaultdict(dict)  # id(state) -> the FirstValue tensors made in this round
         for e in batch:
@@ -462,26 +480,28 @@ def plan_group(opt, group: dict) -> GroupPlan | None:
             # listed twice is on its first step in both rounds (the later buffer is kept)
             e.first = bool(firsts) and any(n not in e.state for n in firsts)
             if e.first and e.backend != "reference":  # (the for-loop clones its first value)
-                like = e.param
                 have = made[id(e.state)]
                 for n in firsts:
                     if n not in e.state:
-                        have[n] = torch.empty_like(like)  # (preserves a dense layout)
+                        have[n] = torch.empty_like(e.param)  # (preserves a dense layout)
                         new_firsts.append((e.state, n, have[n]))
         launches = _launches(rule, group, batch, names, scalar_names, on_tensors, made)
         for launch in launches:
             launch.grad_scale, launch.found_inf = grad_scale, found_inf
         plan.rounds.append((new_firsts, bumps, launches))
-    if cacheable and not pending and n_rounds == 1:
-        PlanCache.remember(opt, group, names, entries, plan)
+    if cacheable and cached is None and not pending and n_rounds == 1:
+        PlanCache.remember(opt, group, names, scalar_names, entries, plan)
     return plan
 
 
-def _plan_steps(batch: list[Entry], on_tensors: bool, read: bool, standing: dict) -> list:
+def _plan_steps(
+    batch: list[Entry], on_tensors: bool, read: bool, standing: dict, standard: bool = False
+) -> list:
     """Each entry's step value once bumped (``entry.step_value``; None where the rule reads
     none), computed without changing the step tensors; returns the bumps that
     :meth:`GroupPlan.run` makes. A round never holds one step tensor twice (a param listed twice
-    is in two rounds): ``standing`` holds each one's value after the rounds planned so far."""
+    is in two rounds): ``standing`` holds each one's value after the rounds planned so far.
+    ``standard``: every step is known to hold K6 (the plan cache re-established it)."""
     if on_tensors:
         steps = [e.step for e in batch]
         new = torch._foreach_add([standing.get(id(s), s) for s in steps], 1)  # out of place
@@ -489,7 +509,7 @@ def _plan_steps(batch: list[Entry], on_tensors: bool, read: bool, standing: dict
             e.step_value = standing[id(e.step)] = v
         return [lambda: torch._foreach_copy_(steps, new)]
     bumps = []
-    standard = [standard_step(e.step) for e in batch]
+    standard = [True] * len(batch) if standard else [standard_step(e.step) for e in batch]
     for dtype in STEP_DTYPES:
         same = [e for e, ok in zip(batch, standard) if ok and e.step.dtype == dtype]
         if not same:
@@ -515,28 +535,46 @@ def _plan_steps(batch: list[Entry], on_tensors: bool, read: bool, standing: dict
     return bumps
 
 
-def _plan_scalar_states(plan, rule, group, batch, scalar_names, standing: dict) -> None:
-    """Scalar states (NAdam's ``mu_product``, ASGD's ``eta`` and ``mu``) as the rule's hooks make
-    them this round, computed on copies: the values its launches read (``entry.sv``), and the
-    copies that :meth:`GroupPlan.run` writes back after the launches."""
-    by_step: dict = defaultdict(list)
-    for e in batch:
-        v = e.step_value
-        by_step[id(e) if torch.is_tensor(v) else nan_safe(v)].append(e)
-    for es in by_step.values():
-        step = es[0].step_value
-        now = {n: [standing.get(id(e.state), e.state)[n] for e in es] for n in scalar_names}
-        before = {n: [t.clone() for t in ts] for n, ts in now.items()}
-        rule.before(group, step, before)
-        values = [torch.stack(before[n]).tolist() for n in scalar_names]
-        for e, sv in zip(es, zip(*values)):
-            e.sv = sv
-        after = {n: [t.clone() for t in ts] for n, ts in before.items()}
-        rule.after(group, step, after)
-        for i, e in enumerate(es):
-            standing[id(e.state)] = {n: after[n][i] for n in scalar_names}
-        for n in scalar_names:
-            plan.after.append(([e.state[n] for e in es], after[n]))
+def scalar_states(rule, group, states: list, steps: list, names: list[str], standing: dict):
+    """Scalar states (NAdam's ``mu_product``, ASGD's ``eta`` and ``mu``) of the params whose state
+    dicts are ``states``, at step values ``steps``, as the rule's hooks make them, computed on
+    copies: ``(values, writes)``, each param's values as its launch reads them (a tuple in
+    ``names`` order), and ``(targets, new values)`` that :meth:`GroupPlan.run` copies after the
+    launches. ``standing`` holds, per state dict, the copies left by an earlier round."""
+    values: list = [()] * len(states)
+    writes = []
+    if steps and not torch.is_tensor(steps[0]) and steps.count(steps[0]) == len(steps):
+        groups = [range(len(steps))]  # (as usual: one step value)
+    else:
+        by_step: dict = defaultdict(list)
+        for i, v in enumerate(steps):
+            by_step[("tensor", i) if torch.is_tensor(v) else nan_safe(v)].append(i)
+        groups = list(by_step.values())
+    for idx in groups:
+        step = steps[idx[0]]
+        # (a KeyError naming a missing key, as torch's)
+        now = {n: [standing.get(id(states[i]), states[i])[n] for i in idx] for n in names}
+        # the rule's hooks apply elementwise ops to lists of tensors: where a state is 0-dim
+        # tensors of one dtype and device (as usual), one tensor of all its values (one op then
+        # updates them all, each rounded in its dtype); else a copy of each
+        stacked = {n: len({(t.dtype, t.device, t.dim()) for t in ts}) == 1 and ts[0].dim() == 0
+                   for n, ts in now.items()}  # fmt: skip
+        work = {
+            n: [torch.stack(ts)] if stacked[n] else torch._foreach_clone(ts)
+            for n, ts in now.items()
+        }
+        rule.before(group, step, work)
+        read = [torch.cat([t.reshape(-1) for t in work[n]]).tolist() for n in names]
+        for i, sv in zip(idx, zip(*read)):
+            values[i] = sv
+        rule.after(group, step, work)
+        for n in names:  # one tensor per param again
+            if stacked[n]:
+                work[n] = list(work[n][0].unbind())
+        for k, i in enumerate(idx):
+            standing[id(states[i])] = {n: work[n][k] for n in names}
+        writes.extend(([states[i][n] for i in idx], work[n]) for n in names)
+    return values, writes
 
 
 def _launches(rule, group, batch, names, scalar_names, on_tensors, made) -> list[Launch]:
@@ -563,7 +601,7 @@ def _launches(rule, group, batch, names, scalar_names, on_tensors, made) -> list
         flags = Flags(rule.flags(group, first, step, sv))
         scalars = rule.scalars(group, step, sv)
         if backend in KERNELS:
-            views = [_with_firsts(e, made[id(e.state)], names) for e in es]
+            views = [_with_firsts(e, made.get(id(e.state)), names) for e in es]
             tensors = [list(ts) for ts in zip(*views)] if views else [[] for _ in operands]
             launch = Launch(backend, rule, flags, scalars, operands, tensors)
             if backend == "numba":
@@ -574,7 +612,9 @@ def _launches(rule, group, batch, names, scalar_names, on_tensors, made) -> list
         else:
             tensors = [[e.param for e in es], [e.grad for e in es]]
             for n in names:
-                tensors.append([e.state.get(n, made[id(e.state)].get(n)) for e in es])
+                tensors.append(
+                    [e.state[n] if n in e.state else made[id(e.state)].get(n) for e in es]
+                )
             if backend == "foreach" and es[0].param.is_complex():  # real math on (re, im)
                 tensors = [[torch.view_as_real(t) for t in ts] for ts in tensors]
             launch = Launch(backend, rule, flags, scalars, operands, tensors)
@@ -587,7 +627,7 @@ def _launches(rule, group, batch, names, scalar_names, on_tensors, made) -> list
     return launches
 
 
-def _with_firsts(e: Entry, made: dict, names: list[str]) -> list:
+def _with_firsts(e: Entry, made: dict | None, names: list[str]) -> list:
     """The kernel operands of ``e`` in operand order: its checked views, and the views of the
     :class:`~fuseopt.rule.FirstValue` states made for it this step (like the param: K3 holds)."""
     kp, kg, kstates = e.views
@@ -613,5 +653,3 @@ def plan_step(opt) -> list[tuple[dict, GroupPlan]]:
         if plan is not None:
             plans.append((group, plan))
     return plans
-
-

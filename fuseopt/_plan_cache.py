@@ -1,24 +1,29 @@
-"""A group's numba launch from an earlier step, reused while every fact it rests on holds.
+"""A group's plan from an earlier step, reused while every fact it rests on holds.
 
 Checking a param afresh costs microseconds of Python; over many small tensors that is most of a
-step. So for a group that stepped as one numba launch (one dtype, one round, real contiguous
-tensors, standard steps, no scalar states), :class:`PlanCache` keeps the launch's address table
-and the facts of its tensors (:mod:`fuseopt._facts`: never the tensors, so nothing is kept
-alive), and at every later step re-establishes K1-K6 of :mod:`fuseopt._plan` by reading every
-one of those facts again, in bulk:
+step. So for a group whose step was checked in full and ran in one round (one dtype, real
+contiguous CPU tensors, standard steps, no state made in that step), :class:`PlanCache` keeps
+which backend took each param and the facts of its tensors (:mod:`fuseopt._facts`: never the
+tensors, so nothing is kept alive), and at every later step re-establishes K1-K6 of
+:mod:`fuseopt._plan` by reading every one of those facts again, in bulk:
 
-- K1: the same operand names; the same params (by id), the same of them with grads, and each
-  one's state holds a tensor under each name (not necessarily the same object: the facts below
-  are what the kernel relies on);
+- K1: the same operand names and the same ``fused``/``foreach`` options; the same params (by
+  id), the same of them with grads, and each one's state holds a tensor under each name (not
+  necessarily the same object: the facts below are what the kernel relies on);
 - K2-K4 and K6 for params, states and steps: every fact (address, dtype, device, layout,
-  contiguity, storage size and offset, shape) as when the launch was checked in full, and no
+  contiguity, storage size and offset, shape) as when the step was checked in full, and no
   negative bit (real dtypes have no conjugate bit);
 - K2-K4 for this step's grads: the params' dtype, device, layout, contiguity and shape, no
   negative bit, and inside their storage;
-- K5: this step's grads reach no memory the launch writes (params, states and steps kept their
+- K5: this step's grads reach no memory that a param, state or step occupies (those kept their
   addresses and sizes, so they still do not overlap one another).
 
-Anything else drops the cache, and the step takes the full check.
+What the full check concluded from those facts then holds again: each param's backend, that it
+needs no rounding (one dtype) and no round of its own. A group that ran as one numba launch
+without scalar states gets that launch back with this step's grad addresses (no Python per
+param); any other gets its entries back, and :func:`~fuseopt._plan.plan_group` plans their steps,
+scalar states and launches as in a full check. Anything else drops the cache, and the step takes
+the full check.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import numpy as np
 import torch
 
 from fuseopt import _dtensor, _facts
-from fuseopt._plan import Entry, GroupPlan, Launch, nan_safe
+from fuseopt._plan import Entry, GroupPlan, Launch, nan_safe, scalar_states
 from fuseopt.kernels import numba_cpu
 from fuseopt.rule import Flags
 
@@ -40,58 +45,67 @@ _NEG, _NUMEL = torch.Tensor.is_neg, torch.Tensor.numel
 _CONTIGUOUS = torch.Tensor.is_contiguous
 # the columns a grad shares with its param: dtype, CPU, strided, contiguous, dim and sizes
 _LIKE = [1, 2, 3, 4, *range(7, _facts.NFACTS)]
+_CACHED = ("numba", "foreach", "reference")  # backends whose entries the cache can give back
 
 
 class PlanCache:
     """See the module docstring."""
 
     __slots__ = (
-        "names", "ids", "mask", "getters", "steps", "at", "facts", "expect", "itemsize",
-        "numels", "starts", "stops", "step_ptrs", "step_dtype", "launch",
+        "names", "options", "ids", "mask", "getters", "steps", "at", "facts", "expect",
+        "itemsize", "numels", "starts", "stops", "step_ptrs", "step_dtype", "launch",
+        "backends", "kind", "scalar_names",
     )  # fmt: skip
 
     @staticmethod
-    def plan(opt, group: dict, names: list[str]) -> GroupPlan | None:
-        """The plan of this step from the cache of ``group``, if it has one that still holds."""
+    def plan(opt, group: dict, names: list, scalar_names: list) -> GroupPlan | list[Entry] | None:
+        """This step of ``group`` from its cache, if it has one that still holds: the plan of its
+        numba launch, or its entries (see the module docstring)."""
         caches = opt.__dict__.get("_plan_caches")
         cache = caches.get(id(group)) if caches else None
         if cache is None:
             return None
-        plan = cache._plan(opt, group, names)
+        plan = cache._plan(opt, group, names, scalar_names)
         if plan is None:
             del caches[id(group)]  # stale: checking it again next step would only cost time
         return plan
 
     @staticmethod
-    def remember(opt, group: dict, names: list[str], entries: list[Entry], plan: GroupPlan):
-        """Keep ``plan``'s launch for ``group``, where the cache can re-check it."""
+    def remember(opt, group: dict, names: list, scalar_names: list, entries: list, plan: GroupPlan):
+        """Keep what the full check of ``plan`` found for ``group``, where the cache can
+        re-check it."""
         made, _, launches = plan.rounds[0]
         gps = group["params"]
         params = [e.param for e in entries]
+        states = [e.state for e in entries]
+        has_step = opt.rule.has_step
         if (
-            made  # a first value made this step: it is not in the state yet
-            or any(launch.backend != "numba" for launch in launches)
+            made
+            or any(e.first for e in entries)  # a first value not in the state yet
+            or any(e.backend not in _CACHED or e.odd or e.kind[2] for e in entries)
             or len(entries) != len({id(p) for p in gps if p.grad is not None})
-            or any(p.is_complex() or _dtensor.is_dtensor(p) for p in params)
+            or any(p.layout != torch.strided or p.is_complex() or not p.is_cpu for p in params)
+            or any(e.grad.layout != torch.strided or _dtensor.is_dtensor(e.param) for e in entries)
             or len({p.dtype for p in params}) > 1
-            or not all(map(_CONTIGUOUS, chain.from_iterable(e.views[:2] for e in entries)))
-            or not all(map(_CONTIGUOUS, chain.from_iterable(e.views[2].values() for e in entries)))
-            or (opt.rule.has_step and len({e.step.dtype for e in entries}) > 1)
+            or not all(map(_CONTIGUOUS, chain(params, (e.grad for e in entries))))
+            or not all(_CONTIGUOUS(s[n]) for s in states for n in names)
+            or (has_step and len({s["step"].dtype for s in states}) > 1)
+            or (has_step and not all(_facts.standard_step(s["step"]) for s in states))
             or any(p.dim() > _facts.MAXDIM for p in params)
         ):
             return
         cache = PlanCache()
-        cache.names = names
+        cache.names, cache.scalar_names = names, scalar_names
+        cache.options = (group.get("fused"), group.get("foreach"))
         cache.ids = list(map(id, gps))
         mask = [p.grad is not None for p in gps]
         cache.mask = None if all(mask) else mask
         cache.getters = [itemgetter(n) for n in names]
-        has_step = opt.rule.has_step
         cache.steps = itemgetter("step") if has_step else None
         first = params[0]
         keeps = names or has_step
         cache.at = next((i for i, k in enumerate(opt.state) if k is first), None) if keeps else None
-        tensors = cache._tensors(params, [e.state for e in entries])
+        tensors = cache._tensors(params, states)
         cache.facts = _facts.read_python(tensors)  # (the full check's own accessors)
         cache.expect = cache.facts[: len(params)][:, _LIKE]
         cache.itemsize = first.element_size()
@@ -100,13 +114,16 @@ class PlanCache:
         spans = sorted(s for s in map(_facts.span, tensors) if s is not None)
         cache.starts = np.array([s[0] for s in spans], dtype=np.int64)
         cache.stops = np.array([s[1] for s in spans], dtype=np.int64)
-        steps = [e.step for e in entries] if has_step else []
-        cache.step_ptrs = cache.facts[len(tensors) - len(steps) :, 0].copy() if steps else None
-        cache.step_dtype = steps[0].dtype if steps else None
-        n = len(params)
-        table = cache.facts[: (1 + len(names)) * n, 0].reshape(1 + len(names), n)
-        table = np.insert(table, 1, np.zeros(n, dtype=np.int64), axis=0)  # the grads' row
-        cache.launch = (("param", "grad", *names), first.dtype, numels, table)
+        cache.step_ptrs = cache.facts[len(tensors) - len(states) :, 0].copy() if has_step else None
+        cache.step_dtype = states[0]["step"].dtype if has_step else None
+        cache.backends = [e.backend for e in entries]
+        cache.kind = entries[0].kind
+        cache.launch = None
+        if all(launch.backend == "numba" for launch in launches):
+            n = len(params)  # numba launches only: their address table
+            table = cache.facts[: (1 + len(names)) * n, 0].reshape(1 + len(names), n)
+            table = np.insert(table, 1, np.zeros(n, dtype=np.int64), axis=0)  # the grads' row
+            cache.launch = (("param", "grad", *names), first.dtype, numels, table)
         opt.__dict__.setdefault("_plan_caches", {})[id(group)] = cache
 
     def _tensors(self, params: list, states: list) -> list:
@@ -129,11 +146,17 @@ class PlanCache:
                 return list(islice(opt.state.values(), self.at, stop))
         return list(map(opt.state.get, params))
 
-    def _plan(self, opt, group: dict, names: list[str]) -> GroupPlan | None:
+    def _plan(self, opt, group: dict, names: list, scalar_names: list) -> GroupPlan | list | None:
         """Re-establish K1-K6 (see the module docstring); the plan, or None where anything
         moved."""
         gps = group["params"]
-        if names != self.names or list(map(id, gps)) != self.ids:
+        options = (group.get("fused"), group.get("foreach"))
+        if (
+            names != self.names
+            or scalar_names != self.scalar_names
+            or options != self.options
+            or list(map(id, gps)) != self.ids
+        ):
             return None
         grads = list(map(_GRAD, gps))
         mask = list(map(is_not, grads, repeat(None)))
@@ -170,36 +193,63 @@ class PlanCache:
             nxt = self.starts[np.minimum(at, len(self.starts) - 1)]
             if (inside | ((at < len(self.starts)) & (nxt < stops))).any():
                 return None
-        return self._launches(opt, group, grad_ptrs)
+        if self.launch is not None:
+            return self._launches(opt, group, grad_ptrs, states)
+        return self._entries(params, grads, states)
 
-    def _launches(self, opt, group: dict, grad_ptrs: np.ndarray) -> GroupPlan:
-        """The plan: the kept launch with this step's grads, one per step value (usually one)."""
+    def _entries(self, params: list, grads: list, states: list | None) -> list[Entry]:
+        """The entries of this step: each param on the backend the full check chose for it."""
+        entries = []
+        names, kind = self.names, self.kind
+        if states is None:  # (the rule keeps no state under these options)
+            states = [{} for _ in params]
+        for p, g, state, backend in zip(params, grads, states, self.backends):
+            e = Entry(p, g, state, False, backend, kind)
+            if self.steps is not None:
+                e.step = state["step"]
+            if backend == "numba":  # (real, contiguous, one dtype: the tensors themselves)
+                e.views = (p, g, {n: state[n] for n in names})
+            entries.append(e)
+        return entries
+
+    def _launches(self, opt, group: dict, grad_ptrs: np.ndarray, states) -> GroupPlan:
+        """The plan: the kept launch with this step's grads, one per step value and scalar
+        states (usually one)."""
         rule = opt.rule
         plan = GroupPlan(opt, group, rule)
         table = self.launch[3].copy()  # the kept one stays as it is, should two threads step
         table[1] = grad_ptrs
+        n = table.shape[1]
+        bumps = []
         if self.steps is None:
-            plan.rounds.append(([], [], [self._launch(rule, group, None, table, None)]))
-            return plan
-        steps, dtype = self.step_ptrs, self.step_dtype
-        values = numba_cpu.bumped(numba_cpu.read_at(steps, dtype), dtype)
-        if not rule.reads_step or values.count(values[0]) == len(values):  # (NaN: below)
-            launches = [self._launch(rule, group, values[0], table, None)]
+            values = [None] * n
+        else:
+            steps, dtype = self.step_ptrs, self.step_dtype
+            values = numba_cpu.bumped(numba_cpu.read_at(steps, dtype), dtype)
+            bumps.append(lambda: numba_cpu.bump_at(steps, dtype))
+        svs = [()] * n
+        if self.scalar_names:
+            svs, plan.after = scalar_states(rule, group, states, values, self.scalar_names, {})
+        if svs.count(svs[0]) == n and (not rule.reads_step or values.count(values[0]) == n):
+            launches = [self._launch(rule, group, values[0], svs[0], table, None)]  # (NaN: below)
         else:  # params that joined later, a step rewound: a launch per value
             by_value: dict = defaultdict(list)
-            for i, v in enumerate(values):
-                by_value[nan_safe(v)].append(i)
+            for i, (v, sv) in enumerate(zip(values, svs)):
+                by_value[nan_safe(v) if rule.reads_step else None, sv].append(i)
             launches = [
-                self._launch(rule, group, values[idx[0]], table, idx) for idx in by_value.values()
+                self._launch(rule, group, values[idx[0]], svs[idx[0]], table, idx)
+                for idx in by_value.values()
             ]
-        plan.rounds.append(([], [lambda: numba_cpu.bump_at(steps, dtype)], launches))
+        plan.rounds.append(([], bumps, launches))
         return plan
 
-    def _launch(self, rule, group, step, table, idx) -> Launch:
-        """The kept launch at ``step``, over the tensors ``idx`` (None: all of them)."""
+    def _launch(self, rule, group, step, sv, table, idx) -> Launch:
+        """The kept launch at ``step`` and scalar states ``sv``, over the tensors ``idx`` (None:
+        all of them)."""
         operands, dtype, numels, _ = self.launch
-        flags = Flags(rule.flags(group, False, step, {}))
-        launch = Launch("numba", rule, flags, rule.scalars(group, step, {}), operands, [[]])
+        sv = dict(zip(self.scalar_names, sv))
+        flags = Flags(rule.flags(group, False, step, sv))
+        launch = Launch("numba", rule, flags, rule.scalars(group, step, sv), operands, [[]])
         launch.dtype = dtype
         if idx is None:
             launch.numels, launch.table = numels, table

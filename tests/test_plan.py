@@ -20,8 +20,8 @@ def plan_hits(monkeypatch):
     hits = []
     real = PlanCache._plan
 
-    def spy(self, opt, group, names):
-        found = real(self, opt, group, names)
+    def spy(self, *args):
+        found = real(self, *args)
         hits.append(found is not None)
         return found
 
@@ -173,12 +173,14 @@ def _rewind_one_step(opt, params, ours):
         (_reset_state, [True, False, True]),
     ],
 )
-def test_cache_sees_every_change_between_steps(change, hits, plan_hits):
+@pytest.mark.parametrize("impl", [{}, dict(foreach=True), dict(foreach=False)])
+def test_cache_sees_every_change_between_steps(change, hits, impl, plan_hits):
     """Between two steps the user changes what the cache's addresses rest on; the next step must
-    see it (torch's numbers prove it)."""
+    see it (torch's numbers prove it). The fused launch and the foreach and for-loop entries are
+    cached alike."""
     ours = _params(n=4)
     theirs = clone_params(ours)
-    opt = fuseopt.Adam(ours, lr=0.1)
+    opt = fuseopt.Adam(ours, lr=0.1, **impl)
     ref = torch.optim.Adam(theirs, lr=0.1, foreach=False)
     for step in range(6):
         if step == 3:
@@ -224,6 +226,54 @@ def test_cache_checks_this_steps_grads(case, plan_hits):
     assert plan_hits == [True, True, False]  # made at step 1
     for p, q in zip(ours, theirs):
         torch.testing.assert_close(p, q, **FUSED_TOL)
+
+
+@pytest.mark.parametrize("name, impl", [("NAdam", {}), ("ASGD", {}), ("NAdam", dict(foreach=True))])
+def test_cache_with_scalar_states_steps_like_torch(name, impl, plan_hits):
+    """Scalar states (NAdam's ``mu_product``, ASGD's ``eta`` and ``mu``) are computed every step
+    from the cached group's states: params that joined later and a rewound step each get their
+    own values, as torch's per-param ones."""
+    ours = _params(n=4)
+    theirs = clone_params(ours)
+    kwargs = dict(lr=0.1, t0=2.0) if name == "ASGD" else dict(lr=0.1)
+    opt = getattr(fuseopt, name)(ours, **kwargs, **impl)
+    ref = getattr(torch.optim, name)(theirs, **kwargs, foreach=False)
+    for step in range(7):
+        for i, (p, q, g) in enumerate(zip(ours, theirs, _grads(ours, step))):
+            frozen = i == 3 and step < 2  # joins at step 2
+            p.grad, q.grad = (None, None) if frozen else (g.clone(), g.clone())
+        if step == 5:
+            opt.state[ours[0]]["step"].sub_(2.0)
+            ref.state[theirs[0]]["step"].sub_(2.0)
+        opt.step()
+        ref.step()
+    assert plan_hits.count(True) >= 3
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, **FUSED_TOL)
+        for key, value in ref.state[q].items():
+            torch.testing.assert_close(opt.state[p][key], value, **FUSED_TOL)
+
+
+@pytest.mark.parametrize("switch", [dict(foreach=True), dict(fused=False), dict(foreach=False)])
+def test_cache_follows_the_implementation_options(switch, plan_hits, monkeypatch):
+    """``foreach`` and ``fused`` set on a group mid-run take effect at the next step (the cache
+    keeps the options it was made under)."""
+    from fuseopt import kernels
+
+    ran = []
+    real = kernels.get
+    monkeypatch.setattr(kernels, "get", lambda backend: ran.append(backend) or real(backend))
+    params = _params()
+    opt = fuseopt.Adam(params, lr=0.1)
+    for step in range(5):
+        if step == 3:
+            opt.param_groups[0].update(switch)
+        for p, g in zip(params, _grads(params, step)):
+            p.grad = g
+        ran.clear()
+        opt.step()
+    assert ran == (["foreach"] if switch.get("foreach") else ["reference"])
+    assert plan_hits == [True, False, True]
 
 
 def test_cache_keeps_no_tensor_alive():
@@ -377,7 +427,10 @@ def test_params_whose_storage_overlaps_step_in_order(impl):
 
     def make():
         base = torch.zeros(1 << 17)
-        return base, [base[: 1 << 16].detach().requires_grad_(), base[1 << 15 :].detach().requires_grad_()]
+        return base, [
+            base[: 1 << 16].detach().requires_grad_(),
+            base[1 << 15 :].detach().requires_grad_(),
+        ]
 
     base, ours = make()
     ref_base, theirs = make()
