@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # xdist's workers share the machine's cores (CI: two workers, two cores): each runs torch
+    # and the fused kernels on one thread, and so do the processes the tests start. Two OpenMP
+    # pools per core made small steps wait on each other: the parity tests ran 5x slower. (Tests
+    # of the multi-threaded launches set their own thread counts.)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 # name -> constructor flags that select the implementation
 IMPLS = {
