@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from itertools import chain
+from operator import attrgetter
 
 import numpy as np
 import torch
@@ -52,6 +53,8 @@ from fuseopt._facts import (
 )  # fmt: skip
 from fuseopt.kernels import numba_cpu
 from fuseopt.rule import FirstValue, Flags, ScalarState
+
+_DTYPE = attrgetter("dtype")
 
 
 # --------------------------------------------------------------------------------- the entries
@@ -459,7 +462,8 @@ def plan_group(opt, group: dict) -> GroupPlan | None:
         on_tensors = all(e.backend == "triton" and not e.step.is_cpu for e in entries)
     if found_inf is not None and rule.has_step:
         plan.found_inf, plan.steps = found_inf, [e.step for e in entries]
-    scalar_state: dict[int, dict] = {}  # id(state) -> scalar states as they stand after a round
+    # id(state) -> its scalar states as they stand after a round (when there are several)
+    scalar_state: dict[int, dict] | None = {} if n_rounds > 1 else None
     steps: dict = {}  # id(step tensor) -> its value after the rounds planned so far
     for r in range(n_rounds):
         batch = [e for e in entries if e.round == r] if n_rounds > 1 else entries
@@ -535,14 +539,16 @@ def _plan_steps(
     return bumps
 
 
-def scalar_states(rule, group, states: list, steps: list, names: list[str], standing: dict):
+def scalar_states(rule, group, states: list, steps: list, names: list[str], standing: dict | None):
     """Scalar states (NAdam's ``mu_product``, ASGD's ``eta`` and ``mu``) of the params whose state
     dicts are ``states``, at step values ``steps``, as the rule's hooks make them, computed on
     copies: ``(values, writes)``, each param's values as its launch reads them (a tuple in
     ``names`` order), and ``(targets, new values)`` that :meth:`GroupPlan.run` copies after the
-    launches. ``standing`` holds, per state dict, the copies left by an earlier round."""
+    launches. ``standing`` holds, per state dict, the copies left by an earlier round, and gets
+    this round's (None: a step of one round)."""
     values: list = [()] * len(states)
     writes = []
+    prior = standing or {}
     if steps and not torch.is_tensor(steps[0]) and steps.count(steps[0]) == len(steps):
         groups = [range(len(steps))]  # (as usual: one step value)
     else:
@@ -553,28 +559,36 @@ def scalar_states(rule, group, states: list, steps: list, names: list[str], stan
     for idx in groups:
         step = steps[idx[0]]
         # (a KeyError naming a missing key, as torch's)
-        now = {n: [standing.get(id(states[i]), states[i])[n] for i in idx] for n in names}
-        # the rule's hooks apply elementwise ops to lists of tensors: where a state is 0-dim
-        # tensors of one dtype and device (as usual), one tensor of all its values (one op then
-        # updates them all, each rounded in its dtype); else a copy of each
-        stacked = {n: len({(t.dtype, t.device, t.dim()) for t in ts}) == 1 and ts[0].dim() == 0
-                   for n, ts in now.items()}  # fmt: skip
-        work = {
-            n: [torch.stack(ts)] if stacked[n] else torch._foreach_clone(ts)
-            for n, ts in now.items()
-        }
+        now = {n: [prior.get(id(states[i]), states[i])[n] for i in idx] for n in names}
+        work = {n: _stacked(ts) for n, ts in now.items()}
         rule.before(group, step, work)
-        read = [torch.cat([t.reshape(-1) for t in work[n]]).tolist() for n in names]
+        read = [
+            ts[0].tolist() if len(ts) < len(now[n]) else torch.stack(ts).tolist()
+            for n, ts in work.items()
+        ]
         for i, sv in zip(idx, zip(*read)):
             values[i] = sv
         rule.after(group, step, work)
-        for n in names:  # one tensor per param again
-            if stacked[n]:
-                work[n] = list(work[n][0].unbind())
-        for k, i in enumerate(idx):
-            standing[id(states[i])] = {n: work[n][k] for n in names}
+        for n, ts in work.items():  # one tensor per param again
+            if len(ts) < len(now[n]):
+                work[n] = list(ts[0].unbind())
+        if standing is not None:
+            for k, i in enumerate(idx):
+                standing[id(states[i])] = {n: work[n][k] for n in names}
         writes.extend(([states[i][n] for i in idx], work[n]) for n in names)
     return values, writes
+
+
+def _stacked(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """A copy of ``ts`` for a rule's hooks, which apply elementwise ops to each tensor of a list:
+    one 1-D tensor of all the values where ``ts`` are 0-dim tensors of one dtype and device (as
+    usual, and then one op updates them all, each rounded in its dtype); else a copy of each."""
+    if len(ts) > 1 and len(set(map(_DTYPE, ts))) == 1 and ts[0].dim() == 0:
+        try:
+            return [torch.stack(ts)]
+        except RuntimeError:  # other devices or shapes
+            pass
+    return torch._foreach_clone(ts)
 
 
 def _launches(rule, group, batch, names, scalar_names, on_tensors, made) -> list[Launch]:

@@ -229,7 +229,7 @@ class PlanCache:
             bumps.append(lambda: numba_cpu.bump_at(steps, dtype))
         svs = [()] * n
         if self.scalar_names:
-            svs, plan.after = scalar_states(rule, group, states, values, self.scalar_names, {})
+            svs, plan.after = scalar_states(rule, group, states, values, self.scalar_names, None)
         if svs.count(svs[0]) == n and (not rule.reads_step or values.count(values[0]) == n):
             launches = [self._launch(rule, group, values[0], svs[0], table, None)]  # (NaN: below)
         else:  # params that joined later, a step rewound: a launch per value
