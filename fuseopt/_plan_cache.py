@@ -19,11 +19,11 @@ tensors, so nothing is kept alive), and at every later step re-establishes K1-K6
   addresses and sizes, so they still do not overlap one another).
 
 What the full check concluded from those facts then holds again: each param's backend, that it
-needs no rounding (one dtype) and no round of its own. A group that ran as one numba launch
-without scalar states gets that launch back with this step's grad addresses (no Python per
-param); any other gets its entries back, and :func:`~fuseopt._plan.plan_group` plans their steps,
-scalar states and launches as in a full check. Anything else drops the cache, and the step takes
-the full check.
+needs no rounding (one dtype) and no round of its own. A group that ran on numba alone gets its
+address table back with this step's grad addresses, its step values and scalar states computed
+in bulk (no Python per param); any other gets its entries back, and
+:func:`~fuseopt._plan.plan_group` plans their steps, scalar states and launches as in a full
+check. Anything else drops the cache, and the step takes the full check.
 """
 
 from __future__ import annotations
