@@ -24,9 +24,10 @@ from torch.utils.hooks import RemovableHandle
 
 __all__ = ["Optimizer", "register_optimizer_step_pre_hook", "register_optimizer_step_post_hook"]
 
-# fuseopt's own registries: hooks registered through torch.optim's module see torch's optimizers.
-_global_optimizer_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
-_global_optimizer_post_hooks: OrderedDict[int, Callable] = OrderedDict()
+# The global step hooks have one registry, torch.optim's: tools register through torch's API and
+# expect every optimizer's steps, and a hook registered through fuseopt sees torch's optimizers
+# too. Its two dicts are read at every step through the module (never copied).
+_torch_optimizer = sys.modules[torch.optim.Optimizer.__module__]
 
 _HOOK_DICTS = (
     "_optimizer_step_pre_hooks",
@@ -67,7 +68,8 @@ def _profiled(opt: Optimizer, method: str):
 
 def _run_pre_hooks(opt: Optimizer, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """The global then the instance step pre-hooks; each may return new ``(args, kwargs)``."""
-    for hook in chain(_global_optimizer_pre_hooks.values(), opt._optimizer_step_pre_hooks.values()):
+    global_hooks = _torch_optimizer._global_optimizer_pre_hooks
+    for hook in chain(global_hooks.values(), opt._optimizer_step_pre_hooks.values()):
         result = hook(opt, args, kwargs)
         if result is None:
             continue
@@ -89,7 +91,8 @@ def _add_hook(hooks: OrderedDict, hook: Callable, prepend: bool = False) -> Remo
 
 
 def register_optimizer_step_pre_hook(hook: Callable) -> RemovableHandle:
-    r"""Register a pre hook common to all optimizers.
+    r"""Register a pre hook common to all optimizers, fuseopt's and torch.optim's: the same
+    registry as :func:`torch.optim.optimizer.register_optimizer_step_pre_hook`.
 
     The hook has the signature ``hook(optimizer, args, kwargs) -> None or (new_args, new_kwargs)``.
 
@@ -99,11 +102,12 @@ def register_optimizer_step_pre_hook(hook: Callable) -> RemovableHandle:
     Returns:
         :class:`torch.utils.hooks.RemovableHandle`: ``handle.remove()`` unregisters the hook.
     """
-    return _add_hook(_global_optimizer_pre_hooks, hook)
+    return _torch_optimizer.register_optimizer_step_pre_hook(hook)
 
 
 def register_optimizer_step_post_hook(hook: Callable) -> RemovableHandle:
-    r"""Register a post hook common to all optimizers.
+    r"""Register a post hook common to all optimizers, fuseopt's and torch.optim's: the same
+    registry as :func:`torch.optim.optimizer.register_optimizer_step_post_hook`.
 
     The hook has the signature ``hook(optimizer, args, kwargs) -> None``.
 
@@ -113,7 +117,7 @@ def register_optimizer_step_post_hook(hook: Callable) -> RemovableHandle:
     Returns:
         :class:`torch.utils.hooks.RemovableHandle`: ``handle.remove()`` unregisters the hook.
     """
-    return _add_hook(_global_optimizer_post_hooks, hook)
+    return _torch_optimizer.register_optimizer_step_post_hook(hook)
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -371,14 +375,14 @@ class Optimizer(torch.optim.Optimizer):
             opt = args[0]
             with _profiled(opt, "step"):
                 # (the checks spare the usual step, without hooks, two chains: ~10 us cold)
-                if _global_optimizer_pre_hooks or opt._optimizer_step_pre_hooks:
+                if _torch_optimizer._global_optimizer_pre_hooks or opt._optimizer_step_pre_hooks:
                     args, kwargs = _run_pre_hooks(opt, args, kwargs)
                 out = func(*args, **kwargs)
                 opt._optimizer_step_code()
-                if opt._optimizer_step_post_hooks or _global_optimizer_post_hooks:
+                global_post = _torch_optimizer._global_optimizer_post_hooks
+                if opt._optimizer_step_post_hooks or global_post:
                     for hook in chain(
-                        opt._optimizer_step_post_hooks.values(),
-                        _global_optimizer_post_hooks.values(),
+                        opt._optimizer_step_post_hooks.values(), global_post.values()
                     ):
                         hook(opt, args, kwargs)
             return out

@@ -931,26 +931,34 @@ def test_step_hooks_order_and_args_match_torch(hook_handles):
     assert all(t[1] for t in ours)
 
 
-def test_global_hooks_are_per_library(hook_handles):
-    """fuseopt keeps its own global registries (it never reads torch.optim's private state):
-    a global hook registered through one module sees that library's optimizers only."""
+@pytest.mark.parametrize("registered_through", ["torch", "fuseopt"])
+def test_global_hooks_are_torchs_one_registry(registered_through, hook_handles):
+    """The global step hooks have one registry, torch.optim's: a hook registered through either
+    module fires for fuseopt's and torch's optimizers alike, in the order of registration, and
+    its handle removes it for both."""
+    module = fuseopt.optimizer if registered_through == "fuseopt" else torch_optimizer_module
     seen = []
+    pre = module.register_optimizer_step_pre_hook(lambda o, a, k: seen.append(("pre1", type(o))))
+    post = module.register_optimizer_step_post_hook(lambda o, a, k: seen.append(("post", type(o))))
+    hook_handles += [pre, post]
     hook_handles.append(
-        torch_optimizer_module.register_optimizer_step_post_hook(
-            lambda o, a, k: seen.append(("torch_registered", type(o).__module__))
+        torch_optimizer_module.register_optimizer_step_pre_hook(
+            lambda o, a, k: seen.append(("pre2", type(o)))
         )
     )
-    hook_handles.append(
-        fuseopt.optimizer.register_optimizer_step_pre_hook(
-            lambda o, a, k: seen.append(("fuseopt_registered", type(o).__module__))
-        )
-    )
-    for lib in (fuseopt, torch.optim):
-        params = make_params()
-        opt = lib.SGD(params, lr=0.1)
-        set_grads(params, 0)
+    params = make_params()
+    opts = [fuseopt.Adam(params, lr=0.1), torch.optim.Adam(make_params(), lr=0.1)]
+    for opt in opts:
+        set_grads([p for g in opt.param_groups for p in g["params"]], 0)
         opt.step()
-    assert seen == [("fuseopt_registered", "fuseopt.sgd"), ("torch_registered", "torch.optim.sgd")]
+    kinds = [type(o) for o in opts]
+    assert seen == [(tag, kind) for kind in kinds for tag in ("pre1", "pre2", "post")]
+    pre.remove()
+    post.remove()
+    seen.clear()
+    for opt in opts:
+        opt.step()
+    assert seen == [("pre2", kind) for kind in kinds]
 
 
 def test_global_hook_handles_remove():
