@@ -69,6 +69,7 @@ class Adadelta(Optimizer):
     """
 
     rule = AdadeltaRule()
+    _setstate_defaults = dict(foreach=None, maximize=False, differentiable=False, capturable=False)
 
     def __init__(
         self,

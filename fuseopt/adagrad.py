@@ -83,6 +83,7 @@ class Adagrad(Optimizer):
     """
 
     rule = AdagradRule()
+    _setstate_defaults = dict(foreach=None, maximize=False, differentiable=False, fused=None)
 
     def __init__(
         self,

@@ -116,6 +116,10 @@ class Adam(Optimizer):
     """
 
     rule = AdamRule()
+    _setstate_defaults = dict(
+        amsgrad=False, maximize=False, foreach=None, capturable=False, differentiable=False,
+        decoupled_weight_decay=False, fused=None,
+    )  # fmt: skip
 
     def __init__(
         self,

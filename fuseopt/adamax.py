@@ -66,6 +66,7 @@ class Adamax(Optimizer):
     """
 
     rule = AdamaxRule()
+    _setstate_defaults = dict(foreach=None, maximize=False, differentiable=False, capturable=False)
 
     def __init__(
         self,

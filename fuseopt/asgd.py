@@ -78,6 +78,7 @@ class ASGD(Optimizer):
     """
 
     rule = ASGDRule()
+    _setstate_defaults = dict(foreach=None, maximize=False, differentiable=False, capturable=False)
 
     def __init__(
         self,

@@ -94,6 +94,10 @@ class NAdam(Optimizer):
     """
 
     rule = NAdamRule()
+    _setstate_defaults = dict(
+        maximize=False, foreach=None, capturable=False, differentiable=False,
+        decoupled_weight_decay=False,
+    )  # fmt: skip
 
     def __init__(
         self,

@@ -177,13 +177,12 @@ class Optimizer(torch.optim.Optimizer):
             if name not in self.__dict__:
                 setattr(self, name, OrderedDict())
         self.defaults.setdefault("differentiable", False)
-        # Groups saved by an older version lack newer flags: back-fill them from the signature,
-        # as torch does (flags only: a group without a hyperparameter, from another algorithm's
+        # Groups saved by an older version lack newer options: back-fill the ones torch's
+        # __setstate__ does (a group without a hyperparameter, from another algorithm's
         # checkpoint, fails at the step with torch's KeyError)
-        for key, value in self._signature_defaults().items():
-            if value is None or isinstance(value, bool):
-                for group in self.param_groups:
-                    group.setdefault(key, value)
+        for key, value in self._backfilled().items():
+            for group in self.param_groups:
+                group.setdefault(key, value)
         self._tensor_steps()
         self._after_setstate()
 
@@ -208,6 +207,18 @@ class Optimizer(torch.optim.Optimizer):
 
     def _after_setstate(self) -> None:
         """Per-algorithm fix-ups after unpickling or loading (e.g. AdamW forces decoupled decay)."""
+
+    #: the options torch's ``__setstate__`` gives a loaded group that lacks them, and their
+    #: values (None: the flags of the signature, for algorithms torch.optim does not have)
+    _setstate_defaults: dict[str, Any] | None = None
+
+    @classmethod
+    def _backfilled(cls) -> dict[str, Any]:
+        """The options a loaded group gets where it lacks them (see ``_setstate_defaults``)."""
+        if cls._setstate_defaults is not None:
+            return cls._setstate_defaults
+        defaults = cls._signature_defaults().items()
+        return {k: v for k, v in defaults if v is None or isinstance(v, bool)}
 
     @classmethod
     def _signature_defaults(cls) -> dict[str, Any]:

@@ -96,6 +96,10 @@ class RAdam(Optimizer):
     """
 
     rule = RAdamRule()
+    _setstate_defaults = dict(
+        foreach=None, maximize=False, differentiable=False, decoupled_weight_decay=False,
+        capturable=False,
+    )  # fmt: skip
 
     def __init__(
         self,

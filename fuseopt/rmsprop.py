@@ -93,6 +93,10 @@ class RMSprop(Optimizer):
     """
 
     rule = RMSpropRule()
+    _setstate_defaults = dict(
+        momentum=0, centered=False, foreach=None, maximize=False, differentiable=False,
+        capturable=False,
+    )  # fmt: skip
 
     def __init__(
         self,

@@ -88,6 +88,7 @@ class Rprop(Optimizer):
     """
 
     rule = RpropRule()
+    _setstate_defaults = dict(foreach=None, maximize=False, differentiable=False, capturable=False)
 
     def __init__(
         self,

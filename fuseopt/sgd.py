@@ -79,6 +79,9 @@ class SGD(Optimizer):
     """
 
     rule = SGDRule()
+    _setstate_defaults = dict(
+        nesterov=False, maximize=False, foreach=None, differentiable=False, fused=False
+    )
 
     def __init__(
         self,

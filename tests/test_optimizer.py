@@ -1452,6 +1452,39 @@ def test_load_state_dict_backfills_missing_options_like_torch():
     assert results[0] == results[1]
 
 
+ELEMENTWISE = [
+    "SGD", "Adam", "AdamW", "Adagrad", "Adamax", "ASGD", "Adadelta", "NAdam", "RAdam", "RMSprop",
+    "Rprop",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["current", "legacy"])
+@pytest.mark.parametrize("name", ELEMENTWISE)
+def test_load_state_dict_gives_torchs_groups(name, legacy):
+    """torch's state dict loaded into fuseopt gives back the groups it holds (no ``fused`` key
+    where torch has no such option); one saved without its flags (``legacy``: an older torch)
+    gets the ones torch's ``__setstate__`` fills in, with torch's values (SGD ``fused=False``,
+    RMSprop ``momentum=0``)."""
+    params = make_params()
+    saved_by = getattr(torch.optim, name)(params, lr=0.01)
+    set_grads(params, 0)
+    saved_by.step()
+    sd = copy.deepcopy(saved_by.state_dict())
+    if legacy:
+        for group in sd["param_groups"]:
+            for key in [k for k, v in group.items() if v is None or isinstance(v, bool)]:
+                del group[key]
+            group.pop("momentum", None)
+    loaded = {}
+    for lib in (fuseopt, torch.optim):
+        opt = getattr(lib, name)(clone(params), lr=0.5)
+        opt.load_state_dict(copy.deepcopy(sd))
+        loaded[lib.__name__] = opt.state_dict()["param_groups"]
+    assert loaded["fuseopt"] == loaded["torch.optim"]
+    if not legacy:
+        assert loaded["fuseopt"] == sd["param_groups"]
+
+
 def test_adamw_load_forces_decoupled_weight_decay():
     results = []
     for lib in (fuseopt, torch.optim):
