@@ -371,11 +371,14 @@ class OneCycleLR(LRScheduler):
         super().__init__(optimizer, last_epoch)
 
     def _anneal_func(self, start: Any, end: Any, pct: float) -> Any:
-        if self._anneal_func_type == "cos":
+        kind = getattr(self, "_anneal_func_type", None)
+        if kind is None:  # a scheduler of an older torch: its state holds the function itself
+            return self.anneal_func(start, end, pct)
+        if kind == "cos":
             return self._annealing_cos(start, end, pct)
-        if self._anneal_func_type == "linear":
+        if kind == "linear":
             return self._annealing_linear(start, end, pct)
-        raise ValueError(f"Unknown _anneal_func_type: {self._anneal_func_type}")
+        raise ValueError(f"Unknown _anneal_func_type: {kind}")
 
     @staticmethod
     def _annealing_cos(start: Any, end: Any, pct: float) -> Any:

@@ -527,6 +527,32 @@ def test_cyclic_lr_needs_momentum():
         S.CyclicLR(opt, 0.01, 0.1, cycle_momentum=False)
 
 
+@pytest.mark.parametrize("strategy", ["cos", "linear"])
+def test_one_cycle_loads_an_older_torchs_state_dict(strategy):
+    """A OneCycleLR of an older torch kept its annealing function itself (``anneal_func``, no
+    ``_anneal_func_type``): such a scheduler, given that state dict, anneals with the function,
+    as torch's does (the lrs of a scheduler made with that ``anneal_strategy``)."""
+
+    def lrs(S, legacy):
+        opt = make_opt("fuseopt" if S is F else "torch")
+        made_with = "cos" if legacy else strategy
+        sched = S.OneCycleLR(opt, max_lr=2.0, total_steps=12, anneal_strategy=made_with)
+        if legacy:
+            del sched._anneal_func_type
+            state = sched.state_dict()
+            assert "_anneal_func_type" not in state and "anneal_func" not in state
+            state["anneal_func"] = getattr(T.OneCycleLR, f"_annealing_{strategy}")
+            sched.load_state_dict(state)
+        seen = []
+        for _ in range(11):
+            opt.step()
+            sched.step()
+            seen.append(opt.param_groups[0]["lr"])
+        return seen
+
+    assert lrs(F, legacy=True) == lrs(T, legacy=True) == lrs(F, legacy=False)
+
+
 def test_one_cycle_beyond_total_steps_raises():
     opt = make_opt("fuseopt")
     sched = F.OneCycleLR(opt, 0.1, total_steps=5)
