@@ -3,6 +3,7 @@
 from fuseopt import lr_scheduler, optimizer, swa_utils
 from fuseopt._adafactor import Adafactor
 from fuseopt._muon import Muon
+from fuseopt._stateless import swap_in_optimizer_params_and_state
 from fuseopt.adadelta import Adadelta
 from fuseopt.adagrad import Adagrad
 from fuseopt.adam import Adam
@@ -40,4 +41,5 @@ __all__ = [
     "lr_scheduler",
     "optimizer",
     "swa_utils",
+    "swap_in_optimizer_params_and_state",
 ]
