@@ -9,6 +9,8 @@ from bisect import bisect_right
 from collections.abc import Sequence
 from typing import Any, SupportsFloat
 
+import torch
+
 from fuseopt.lr_scheduler import (
     EPOCH_DEPRECATION_WARNING,
     LRScheduler,
@@ -205,8 +207,12 @@ class ChainedScheduler(_ComposedStateMixin, LRScheduler):
         self._last_lr = _group_values(self._schedulers[-1].optimizer, "lr")
 
 
-class ReduceLROnPlateau(LRScheduler):
+class ReduceLROnPlateau(LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
     r"""Reduce each group's learning rate by ``factor`` when a metric stops improving.
+
+    Also an instance of :class:`torch.optim.lr_scheduler.ReduceLROnPlateau`, as a type marker
+    (Lightning steps such a scheduler with the monitored metric): it defines every method of
+    torch's class, and none of torch's code runs.
 
     Args:
         optimizer (Optimizer): wrapped optimizer.

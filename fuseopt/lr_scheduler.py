@@ -191,10 +191,13 @@ def _callables_state(fns: list[Any]) -> list[dict[str, Any] | None]:
     return [None if isinstance(fn, types.FunctionType) else fn.__dict__.copy() for fn in fns]
 
 
-class LRScheduler:
+class LRScheduler(torch.optim.lr_scheduler.LRScheduler):
     r"""Base class for all learning rate schedulers.
 
     Subclasses define :meth:`get_lr` (and, where it exists, a closed form ``_get_closed_form_lr``).
+    It subclasses :class:`torch.optim.lr_scheduler.LRScheduler` only as a type marker (tools such
+    as Lightning and accelerate accept a scheduler by that ``isinstance`` check): it defines every
+    method torch's class has, and none of torch's scheduler code runs.
 
     Args:
         optimizer (Optimizer): the optimizer whose learning rates are scheduled.
