@@ -70,7 +70,7 @@ def _fit(module, epochs, root, ckpt_path=None):
     trainer = pl.Trainer(
         max_epochs=epochs, accelerator="cpu", devices=1, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=root, deterministic=True,
+        default_root_dir=root,
     )  # fmt: skip
     loader = torch.utils.data.DataLoader(_data(), batch_size=8, shuffle=False)
     with warnings.catch_warnings():
