@@ -41,8 +41,8 @@ class SGDRule(Rule):
         if f.momentum:
             if not f.first:
                 momentum_buffer = ops.add(momentum_buffer * s.momentum, grad, alpha=s.damp)
-            else:
-                momentum_buffer = grad
+            else:  # torch's first buffer is a detached copy of the grad
+                momentum_buffer = ops.detach(grad)
             grad = (
                 ops.add(grad, momentum_buffer, alpha=s.momentum) if f.nesterov else momentum_buffer
             )

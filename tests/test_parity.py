@@ -21,6 +21,8 @@ from conftest import IMPLS, clone_params, make_grads, make_params, run_steps
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import fuseopt
+
 STEPS = 20
 TOL = {
     torch.float32: dict(rtol=1e-5, atol=1e-6),
@@ -168,6 +170,29 @@ def test_differentiable_step_matches_torch_gradients(algo):
     tol = dict(rtol=1e-6, atol=1e-9) if algo.name != "SGD" else dict(rtol=1e-12, atol=1e-14)
     for ours, theirs in zip(grads_through(algo.ours, scales), expected):
         torch.testing.assert_close(ours, theirs, **tol)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("steps", [1, 2])
+def test_differentiable_sgd_first_momentum_buffer_is_detached(nesterov, steps):
+    """torch's first momentum buffer is a detached copy of the grad: the step's gradient with
+    respect to the first grad flows through the plain grad term only (none without nesterov)."""
+
+    def grads_through(lib):
+        gen = torch.Generator().manual_seed(5)
+        p0 = torch.randn(4, generator=gen, dtype=torch.float64, requires_grad=True)
+        g0 = torch.randn(4, generator=gen, dtype=torch.float64, requires_grad=True)
+        p = p0.clone()
+        opt = lib.SGD([p], lr=0.1, momentum=0.9, nesterov=nesterov, differentiable=True)
+        for k in range(steps):
+            p.grad = g0 * (k + 1.0)
+            opt.step()
+        return torch.autograd.grad((p * p).sum(), (p0, g0), allow_unused=True)
+
+    for ours, theirs in zip(grads_through(fuseopt), grads_through(torch.optim)):
+        assert (ours is None) == (theirs is None)
+        if theirs is not None:
+            torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-14)
 
 
 @settings(max_examples=25, deadline=None)

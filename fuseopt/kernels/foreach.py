@@ -126,6 +126,11 @@ class ForeachOps:
         """Elementwise minimum."""
         return TensorList(torch._foreach_minimum(a, b))
 
+    @staticmethod
+    def detach(a):
+        """``a`` (foreach steps never record autograd: ``differentiable`` takes the for-loop)."""
+        return a
+
 
 def _each(x, n: int) -> list:
     """``x`` as one value per tensor: a TensorList as is, a scalar repeated."""

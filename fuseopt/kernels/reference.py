@@ -50,6 +50,7 @@ class TorchOps:
     lt = staticmethod(torch.lt)
     eq = staticmethod(torch.eq)
     where = staticmethod(torch.where)
+    detach = staticmethod(torch.detach)  # no gradient flows back through the result
 
 
 class _InPlace:
@@ -138,6 +139,7 @@ class InPlaceOps:
     maximum, minimum = _in_place(torch.maximum), _in_place(torch.minimum)
     abs, sign, clamp = _in_place(torch.abs), _in_place(torch.sign), _in_place(torch.clamp)
     gt, lt, eq = _in_place(torch.gt, True), _in_place(torch.lt, True), _in_place(torch.eq, True)
+    detach = _in_place(torch.detach)
     # torch.where's result: that of the value operands (the first one that is a tensor)
     where = staticmethod(
         lambda c, a, b: next(

@@ -164,6 +164,11 @@ class SymOps:
         """``a`` where ``cond`` holds, else ``b`` (either may be a scalar)."""
         return cond.graph.add("where", cond.id, cond._arg(a), cond._arg(b))
 
+    @staticmethod
+    def detach(a: Sym) -> Sym:
+        """``a``, through which no gradient flows (kernels compute no gradients: ``a`` itself)."""
+        return a
+
 
 @cache
 def trace(rule, flags, operands: tuple[str, ...]) -> Graph:
