@@ -120,6 +120,21 @@ def register_optimizer_step_post_hook(hook: Callable) -> RemovableHandle:
     return _torch_optimizer.register_optimizer_step_post_hook(hook)
 
 
+@torch.compiler.disable
+def _apply_step(opt: Optimizer, plan_step: Callable) -> None:
+    """Plan every group, then run the plans: every group is checked before anything changes, so
+    a step that fails changes nothing.
+
+    Outside any ``torch.compile`` graph: dynamo cannot trace the kernels' launchers (numba's
+    dispatcher), and what a step reads (step counts, a scheduler's lr) then never becomes a guard
+    that recompiles the caller's graph every step. A compiled function that calls ``step`` (a
+    whole training step) has its graph break there and runs the step as it runs eagerly.
+    """
+    for group, plan in plan_step(opt):
+        with torch.set_grad_enabled(bool(group.get("differentiable", False))):
+            plan.run()
+
+
 class Optimizer(torch.optim.Optimizer):
     r"""Base class for all fuseopt optimizers, with the API of :class:`torch.optim.Optimizer`.
 
@@ -364,10 +379,7 @@ class Optimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # every group is checked before any changes: a step that fails changes nothing
-        for group, plan in plan_step(self):
-            with torch.set_grad_enabled(bool(group.get("differentiable", False))):
-                plan.run()
+        _apply_step(self, plan_step)
         return loss
 
     @staticmethod
