@@ -120,19 +120,22 @@ def register_optimizer_step_post_hook(hook: Callable) -> RemovableHandle:
     return _torch_optimizer.register_optimizer_step_post_hook(hook)
 
 
-@torch.compiler.disable
 def _apply_step(opt: Optimizer, plan_step: Callable) -> None:
     """Plan every group, then run the plans: every group is checked before anything changes, so
-    a step that fails changes nothing.
-
-    Outside any ``torch.compile`` graph: dynamo cannot trace the kernels' launchers (numba's
-    dispatcher), and what a step reads (step counts, a scheduler's lr) then never becomes a guard
-    that recompiles the caller's graph every step. A compiled function that calls ``step`` (a
-    whole training step) has its graph break there and runs the step as it runs eagerly.
-    """
+    a step that fails changes nothing."""
     for group, plan in plan_step(opt):
         with torch.set_grad_enabled(bool(group.get("differentiable", False))):
             plan.run()
+
+
+@functools.cache
+def _apply_step_outside_graphs() -> Callable:
+    """:func:`_apply_step` outside any ``torch.compile`` graph: dynamo cannot trace the kernels'
+    launchers (numba's dispatcher), and what a step reads (step counts, a scheduler's lr) then
+    never becomes a guard that recompiles the caller's graph every step. A compiled function
+    that calls ``step`` (a whole training step) has its graph break there and runs the step as
+    it runs eagerly. (Made on first use: ``torch.compiler.disable`` imports dynamo, ~0.8 s.)"""
+    return torch.compiler.disable(_apply_step)
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -379,7 +382,10 @@ class Optimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        _apply_step(self, plan_step)
+        if "torch._dynamo" in sys.modules:  # torch.compile may be tracing this step
+            _apply_step_outside_graphs()(self, plan_step)
+        else:
+            _apply_step(self, plan_step)
         return loss
 
     @staticmethod
