@@ -1,5 +1,6 @@
 """Measurements beside the step time: extra memory of a step, the first step of a new process,
-and a step right after a matmul (do torch's and numba's thread pools get in each other's way?).
+a step right after a matmul (do torch's and numba's thread pools get in each other's way?), and
+a step under ``torch.compile``.
 
 Used by ``fuseopt bench --probes``; each function also works on its own.
 """
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "compiled_step",
     "first_step_seconds",
     "format_probes",
     "run_probes",
@@ -57,6 +59,9 @@ def step_peak_bytes(opt: Any) -> dict[str, int | None]:
         peak = max(peak, current)
     rss = None
     if _rss_peak_supported():
+        # a steady step: the second step with a state is checked in full and the third reuses
+        # that check, whose first use loads its reader once (numba code, a self-test)
+        opt.step()
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM (the peak RSS) to the current RSS
         before = _read_status("VmRSS")
@@ -138,15 +143,70 @@ def step_after_matmul(opt: Any, size: int = 1024, repeats: int = 5) -> dict[str,
     return {"after_step_s": after_step[repeats // 2], "after_matmul_s": after_matmul[repeats // 2]}
 
 
+_COMPILED_STEP = r"""
+import json, time, torch, fuseopt
+
+def make():
+    params = [torch.zeros(s, dtype=getattr(torch, {dtype!r}), requires_grad=True) for s in {shapes!r}]
+    for p in params:
+        p.grad = torch.full_like(p, 1e-3)
+    return params
+
+def median(step):
+    times = []
+    for _ in range({repeats}):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[{repeats} // 2]
+
+out = {{}}
+ours = getattr(fuseopt, {name!r})(make(), **{kwargs!r})
+ours.step()
+out["fuseopt_eager_s"] = median(ours.step)
+compiled = torch.compile(lambda: ours.step())
+compiled()
+out["fuseopt_compiled_s"] = median(compiled)
+try:
+    theirs = getattr(torch.optim, {name!r})(make(), **{kwargs!r})
+    theirs_compiled = torch.compile(theirs.step)
+    theirs_compiled()
+    out["torch_compiled_s"] = median(theirs_compiled)
+except Exception:  # torch's compiler may refuse an algorithm or a dtype
+    out["torch_compiled_s"] = None
+print(json.dumps(out))
+"""
+
+
+def compiled_step(
+    name: str, kwargs: dict[str, Any], shapes, dtype: torch.dtype = torch.float32, repeats: int = 9
+) -> dict[str, float | None]:
+    """Median seconds of one step under ``torch.compile``, after the compiling first call, in a
+    new process (the compiler's imports and worker threads stay out of this one): fuseopt's
+    default step eagerly and as ``torch.compile(lambda: opt.step())``, and torch's default step
+    compiled as its compiled-optimizer tutorial does (``torch.compile(opt.step)``; None where
+    that fails)."""
+    code = _COMPILED_STEP.format(
+        name=name, kwargs=dict(kwargs), dtype=str(dtype)[6:], repeats=repeats,
+        shapes=[list(s) for s in shapes],
+    )  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=900
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def run_probes(
     shapes: list[tuple[int, ...]],
     algorithms: dict[str, Any],
     dtype: torch.dtype = torch.float32,
     first_step: bool = True,
+    compiled: bool = True,
 ) -> list[dict[str, Any]]:
     """Per algorithm: the extra memory of a step (fuseopt fused, torch foreach and fused), the
-    extra cost of a new process's first step (fuseopt's default and torch's default), and
-    fuseopt's fused step right after a matmul over one right after a step.
+    extra cost of a new process's first step (fuseopt's default and torch's default),
+    fuseopt's fused step right after a matmul over one right after a step, and (``compiled``)
+    the step under ``torch.compile``, fuseopt's and torch's (:func:`compiled_step`).
 
     ``algorithms`` maps names to :class:`fuseopt.bench.Algorithm` (name and constructor kwargs).
     """
@@ -181,6 +241,8 @@ def run_probes(
                 row[f"first_step_{lib}"] = first_step_seconds(
                     name, dict(algorithm.kwargs), library=lib, dtype=str(dtype)[6:]
                 )
+        if compiled:
+            row["compiled"] = compiled_step(name, dict(algorithm.kwargs), shapes, dtype)
         rows.append(row)
     return rows
 
@@ -189,6 +251,13 @@ def _mib(value: dict | None, key: str) -> str:
     if value is None or value.get(key) is None:
         return "n/a"
     return f"{value[key] / 2**20:.1f}"
+
+
+def _compiled_cells(compiled: dict | None) -> list[str]:
+    keys = ("fuseopt_compiled_s", "fuseopt_eager_s", "torch_compiled_s")
+    if compiled is None:
+        return ["n/a"] * len(keys)
+    return ["n/a" if compiled[k] is None else f"{compiled[k] * 1e3:.3f}" for k in keys]
 
 
 def format_probes(rows: list[dict[str, Any]]) -> str:
@@ -203,12 +272,16 @@ def format_probes(rows: list[dict[str, Any]]) -> str:
         ("1st step s", 10),
         ("torch 1st s", 11),
         ("matmul ratio", 12),
+        ("compiled ms", 11),
+        ("eager ms", 8),
+        ("t.compiled ms", 13),
     ]
     head = " ".join(f"{name:>{w}}" for name, w in cols)
     lines = [
         "peak extra memory of one step (fuseopt fused: torch allocator, RSS; torch foreach, torch "
         "fused: allocator); first step's extra seconds in a new process (fuseopt default, torch "
-        "default); fused step after a matmul / after a step",
+        "default); fused step after a matmul / after a step; a step under torch.compile "
+        "(fuseopt's default compiled, and eager; torch's default compiled)",
         head,
         "-" * len(head),
     ]
@@ -227,6 +300,7 @@ def format_probes(rows: list[dict[str, Any]]) -> str:
             _mib(r["torch_fused"], "torch"),
             *first,
             f"{mm['after_matmul_s'] / mm['after_step_s']:.2f}x" if mm else "n/a",
+            *_compiled_cells(r.get("compiled")),
         ]
         lines.append(" ".join(f"{c:>{w}}" for c, (_, w) in zip(cells, cols)))
     return "\n".join(lines)

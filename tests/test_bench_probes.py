@@ -46,10 +46,24 @@ def test_step_after_matmul_reports_both_medians():
     assert all(t > 0 for t in times.values())
 
 
+def test_compiled_step_probe():
+    """The step under torch.compile: fuseopt's compiled step, its eager step and torch's
+    compiled step, each measured after the compiling call; in the probes table."""
+    result = bench_probes.compiled_step("Adam", {"lr": 0.01}, [(16, 8), (8,)], repeats=3)
+    assert set(result) == {"fuseopt_eager_s", "fuseopt_compiled_s", "torch_compiled_s"}
+    assert result["fuseopt_eager_s"] > 0 and result["fuseopt_compiled_s"] > 0
+    assert result["torch_compiled_s"] is None or result["torch_compiled_s"] > 0
+    row = {"algorithm": "Adam", "param_bytes": 0, "fuseopt_fused": None, "torch_foreach": None,
+           "torch_fused": None, "compiled": result}  # fmt: skip
+    last = bench_probes.format_probes([row]).splitlines()[-1].split()
+    assert last[-3] == f"{result['fuseopt_compiled_s'] * 1e3:.3f}"
+
+
 def test_probes_table_and_bfloat16_rows():
     rows = bench_probes.run_probes(
-        [(64, 64)], {"Adam": bench.ALGORITHMS["Adam"]}, torch.bfloat16, first_step=False
-    )
+        [(64, 64)], {"Adam": bench.ALGORITHMS["Adam"]}, torch.bfloat16, first_step=False,
+        compiled=False,
+    )  # fmt: skip
     (row,) = rows
     assert row["dtype"] == "bfloat16" and row["param_bytes"] == 64 * 64 * 2
     assert row["fuseopt_fused"]["torch"] == 0
