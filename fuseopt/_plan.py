@@ -455,9 +455,12 @@ def plan_group(opt, group: dict) -> GroupPlan | None:
         return None  # host scalar state (NAdam's mu_product) must not advance: one host read
     plan = GroupPlan(opt, group, rule)
     plan.attach = list(pending.values())
-    # capturable and differentiable compute host scalars from the step tensors, as torch does;
-    # fused=True on the GPU too (the Triton kernels read them there: no host read of the steps)
-    on_tensors = bool(group.get("capturable") or group.get("differentiable"))
+    # capturable computes the per-step scalars from the step tensors, as torch does, and so does
+    # differentiable where torch's does (Adam, AdamW; its other algorithms read the step as a
+    # number there); fused=True on the GPU too (the Triton kernels read them: no host read)
+    on_tensors = bool(
+        group.get("capturable") or (group.get("differentiable") and rule.differentiable_on_tensors)
+    )
     if rule.has_step and not on_tensors:
         on_tensors = all(e.backend == "triton" and not e.step.is_cpu for e in entries)
     if found_inf is not None and rule.has_step:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from torch import Tensor
+from torch import Tensor, is_tensor
 
 from fuseopt import _docs
 from fuseopt._validate import check_betas, check_lr, check_non_negative
@@ -22,6 +22,7 @@ class AdamRule(Rule):
         Zeros("max_exp_avg_sq", when=lambda g: g["amsgrad"]),
     )
     sparse_error = "Adam does not support sparse gradients, please consider SparseAdam instead"
+    differentiable_on_tensors = True
 
     def flags(self, g, first, step, sv):
         return dict(
@@ -29,15 +30,21 @@ class AdamRule(Rule):
             maximize=g["maximize"],
             wd=g["weight_decay"] != 0,
             decoupled=g["decoupled_weight_decay"],
+            # step tensors (capturable, differentiable): torch folds the step size into the
+            # denominator, with scalars that are 0-dim tensors
+            on_tensors=is_tensor(step),
         )
 
     def scalars(self, g, step, sv):
         lr, (b1, b2), wd = _scalar(g["lr"]), map(_scalar, g["betas"]), g["weight_decay"]
         bc1, bc2 = 1 - b1**step, 1 - b2**step
-        return dict(
-            decay=1 - lr * wd, wd=wd, omb1=1 - b1, b2=b2, omb2=1 - b2,
-            bc2_sqrt=bc2**0.5, eps=g["eps"], neg_step_size=-(lr / bc1),
-        )  # fmt: skip
+        out = dict(decay=1 - lr * wd, wd=wd, omb1=1 - b1, b2=b2, omb2=1 - b2, eps=g["eps"])
+        if is_tensor(step):  # in torch's order of tensor ops, each rounded in the step's dtype
+            neg_step_size = (lr / bc1).neg()
+            out.update(denom_scale=bc2.sqrt() * neg_step_size, denom_eps=g["eps"] / neg_step_size)
+        else:
+            out.update(bc2_sqrt=bc2**0.5, neg_step_size=-(lr / bc1))
+        return out
 
     def update(self, ops, f, s, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None):
         if f.maximize:
@@ -50,8 +57,11 @@ class AdamRule(Rule):
         exp_avg_sq = ops.addcmul(exp_avg_sq * s.b2, grad, grad, value=s.omb2)
         if f.amsgrad:
             max_exp_avg_sq = ops.maximum(max_exp_avg_sq, exp_avg_sq)
-        denom = ops.sqrt(max_exp_avg_sq if f.amsgrad else exp_avg_sq) / s.bc2_sqrt + s.eps
-        param = ops.addcdiv(param, exp_avg, denom, value=s.neg_step_size)
+        root = ops.sqrt(max_exp_avg_sq if f.amsgrad else exp_avg_sq)
+        if f.on_tensors:
+            param = ops.addcdiv(param, exp_avg, root / s.denom_scale + s.denom_eps)
+        else:
+            param = ops.addcdiv(param, exp_avg, root / s.bc2_sqrt + s.eps, value=s.neg_step_size)
         return dict(
             param=param, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, max_exp_avg_sq=max_exp_avg_sq
         )

@@ -109,6 +109,9 @@ class Rule:
     #: whether ``flags``/``scalars`` read the step count at all (torch's Adadelta, RMSprop and
     #: Rprop only count steps: a malformed ``step`` tensor is bumped, never read)
     reads_step: bool = True
+    #: whether torch's ``differentiable=True`` computes the per-step scalars from the step tensors
+    #: (Adam, AdamW) rather than from the step read as a number (its other algorithms)
+    differentiable_on_tensors: bool = False
 
     def flags(self, group: dict, first: bool, step: Any, sv: dict) -> dict:
         """Static choices for a batch.
