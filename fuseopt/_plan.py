@@ -424,6 +424,12 @@ def plan_group(opt, group: dict) -> GroupPlan | None:
     rule = opt.rule
     all_specs = [s for s in rule.state if s.wanted(group)]
     scalar_names = [s.name for s in all_specs if isinstance(s, ScalarState)]
+    # scalar states torch computes with as tensors under differentiable=True
+    in_graph = tuple(
+        s.name
+        for s in all_specs
+        if isinstance(s, ScalarState) and s.in_graph and group.get("differentiable")
+    )
     specs = [s for s in all_specs if not isinstance(s, ScalarState)]  # what kernels see
     names = [s.name for s in specs]  # K1: the operands after param and grad
     firsts = [s.name for s in specs if isinstance(s, FirstValue)]
@@ -476,7 +482,9 @@ def plan_group(opt, group: dict) -> GroupPlan | None:
             bumps = []
         if scalar_names:
             states, values = [e.state for e in batch], [e.step_value for e in batch]
-            svs, writes = scalar_states(rule, group, states, values, scalar_names, scalar_state)
+            svs, writes = scalar_states(
+                rule, group, states, values, scalar_names, scalar_state, in_graph
+            )
             for e, sv in zip(batch, svs):
                 e.sv = sv
             plan.after.extend(writes)
@@ -542,13 +550,17 @@ def _plan_steps(
     return bumps
 
 
-def scalar_states(rule, group, states: list, steps: list, names: list[str], standing: dict | None):
+def scalar_states(
+    rule, group, states: list, steps: list, names: list[str], standing: dict | None,
+    tensors: tuple = (),
+):  # fmt: skip
     """Scalar states (NAdam's ``mu_product``, ASGD's ``eta`` and ``mu``) of the params whose state
     dicts are ``states``, at step values ``steps``, as the rule's hooks make them, computed on
     copies: ``(values, writes)``, each param's values as its launch reads them (a tuple in
     ``names`` order), and ``(targets, new values)`` that :meth:`GroupPlan.run` copies after the
     launches. ``standing`` holds, per state dict, the copies left by an earlier round, and gets
-    this round's (None: a step of one round)."""
+    this round's (None: a step of one round). The states named in ``tensors`` are read as the
+    0-dim tensors themselves (``differentiable=True``: autograd flows through them)."""
     values: list = [()] * len(states)
     writes = []
     prior = standing or {}
@@ -565,10 +577,12 @@ def scalar_states(rule, group, states: list, steps: list, names: list[str], stan
         now = {n: [prior.get(id(states[i]), states[i])[n] for i in idx] for n in names}
         work = {n: _stacked(ts) for n, ts in now.items()}
         rule.before(group, step, work)
-        read = [
-            ts[0].tolist() if len(ts) < len(now[n]) else torch.stack(ts).tolist()
-            for n, ts in work.items()
-        ]
+        read = []
+        for n, ts in work.items():
+            if n in tensors:  # (a copy: the after hook below updates ``work`` in place)
+                read.append([t.clone() for t in (ts[0].unbind() if len(ts) < len(idx) else ts)])
+            else:
+                read.append((ts[0] if len(ts) < len(idx) else torch.stack(ts)).tolist())
         for i, sv in zip(idx, zip(*read)):
             values[i] = sv
         rule.after(group, step, work)

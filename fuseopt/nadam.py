@@ -21,13 +21,20 @@ def _mu(g, step):
 class NAdamRule(Rule):
     """NAdam's elementwise update; ``mu_product`` is a per-param host scalar, as in torch."""
 
-    state = (ScalarState("mu_product", value=1.0), Zeros("exp_avg"), Zeros("exp_avg_sq"))
+    state = (
+        ScalarState("mu_product", value=1.0, in_graph=True),
+        Zeros("exp_avg"),
+        Zeros("exp_avg_sq"),
+    )
 
     def flags(self, g, first, step, sv):
         return dict(
             maximize=g["maximize"],
             wd=g["weight_decay"] != 0,
             decoupled=g["decoupled_weight_decay"],
+            # differentiable: mu_product is a tensor, and torch scales grad and exp_avg by it
+            # before dividing (autograd flows through mu_product)
+            on_tensors=torch.is_tensor(sv.get("mu_product")),
         )
 
     def before(self, g, step, sv):
@@ -41,7 +48,7 @@ class NAdamRule(Rule):
         return dict(
             decay=1 - lr * wd, wd=wd, omb1=1 - b1, b2=b2, omb2=1 - b2, bc2=1 - b2**step,
             eps=g["eps"], grad_step=-lr * (1.0 - mu) / (1.0 - mu_product),
-            avg_step=(-lr * mu_next) / (1.0 - mu_product_next),
+            avg_step=-lr * mu_next / (1.0 - mu_product_next),
         )  # fmt: skip
 
     def update(self, ops, f, s, param, grad, exp_avg, exp_avg_sq):
@@ -54,8 +61,12 @@ class NAdamRule(Rule):
         exp_avg = ops.lerp(exp_avg, grad, s.omb1)
         exp_avg_sq = ops.addcmul(exp_avg_sq * s.b2, grad, grad, value=s.omb2)
         denom = ops.sqrt(exp_avg_sq / s.bc2) + s.eps
-        param = ops.addcdiv(param, grad, denom, value=s.grad_step)
-        param = ops.addcdiv(param, exp_avg, denom, value=s.avg_step)
+        if f.on_tensors:
+            param = ops.addcdiv(param, grad * s.grad_step, denom)
+            param = ops.addcdiv(param, exp_avg * s.avg_step, denom)
+        else:
+            param = ops.addcdiv(param, grad, denom, value=s.grad_step)
+            param = ops.addcdiv(param, exp_avg, denom, value=s.avg_step)
         return dict(param=param, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
 
 

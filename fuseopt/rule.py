@@ -51,12 +51,15 @@ class ScalarState(StateSpec):
 
     It starts at ``value`` (or the group option ``key``), is updated by the rule's ``before`` /
     ``after`` hooks with tensor ops (so it rounds as torch's does), and its values reach ``flags``
-    and ``scalars`` as Python floats. Kernels never see it.
+    and ``scalars`` as Python floats; with ``differentiable=True``, where ``in_graph``, as the
+    0-dim tensor itself (torch computes with it there: autograd flows through it). Kernels never
+    see it.
     """
 
     value: float = 0.0
     key: str = ""
     on_param_device: bool = False  # torch keeps some (ASGD's) beside the param
+    in_graph: bool = False
 
 
 @dataclass(frozen=True)

@@ -164,11 +164,10 @@ def test_differentiable_step_matches_torch_gradients(algo):
     except RuntimeError:  # torch's own state updates break autograd over two steps here
         scales = (1.0,)
         expected = grads_through(algo.theirs, scales)
-    # fuseopt computes what torch computes (Adam's step size folded into the denominator with
-    # float32 0-dim tensors; the others' scalars from the step as a number), except NAdam, whose
-    # mu_product torch carries as a float32 tensor through the update (and its gradient): there
-    # the float64 gradients agree to about 1e-8
-    tol = dict(rtol=1e-6, atol=1e-9) if algo.name == "NAdam" else dict(rtol=1e-12, atol=1e-14)
+    # fuseopt computes what torch computes: Adam's step size folded into the denominator with
+    # float32 0-dim tensors, NAdam's mu_product a tensor in the update, the others' scalars from
+    # the step as a number
+    tol = dict(rtol=1e-12, atol=1e-14)
     for ours, theirs in zip(grads_through(algo.ours, scales), expected):
         torch.testing.assert_close(ours, theirs, **tol)
 
@@ -176,16 +175,16 @@ def test_differentiable_step_matches_torch_gradients(algo):
 DIFFERENTIABLE = [
     pytest.param(algo, kwargs, id=f"{algo.name}-{desc}")
     for algo, desc, kwargs in cases()
-    if algo.name != "NAdam"  # (see test_differentiable_step_matches_torch_gradients)
-    and not any(isinstance(v, torch.Tensor) for v in _flat(kwargs))
+    if not any(isinstance(v, torch.Tensor) for v in _flat(kwargs))
 ]
 
 
 @pytest.mark.parametrize(("algo", "kwargs"), DIFFERENTIABLE)
 def test_differentiable_float64_trajectories_are_torchs(algo, kwargs):
     """``differentiable=True``: 10 float64 steps give torch's params and state within 1e-12
-    relative (torch's Adam computes its scalars on float32 step tensors there; its other
-    algorithms from the step as a number), and so do their gradients."""
+    relative (torch's Adam computes its scalars on float32 step tensors there, NAdam with its
+    mu_product tensor; its other algorithms from the step as a number), and so do their
+    gradients."""
 
     def run(cls):
         gen = torch.Generator().manual_seed(4)
@@ -212,6 +211,32 @@ def test_differentiable_float64_trajectories_are_torchs(algo, kwargs):
     assert ours[2] is not None  # fuseopt's graph holds
     if theirs[2] is not None:
         torch.testing.assert_close(ours[2], theirs[2], **tol)
+
+
+def test_differentiable_nadam_gradient_flows_through_mu_product():
+    """torch computes NAdam's update with the ``mu_product`` tensor under differentiable=True:
+    the step's gradient with respect to it is torch's (it was 0), and gradcheck holds."""
+
+    def step_from(lib, mu0):
+        gen = torch.Generator().manual_seed(6)
+        p = torch.randn(4, generator=gen, dtype=torch.float64)
+        opt = lib.NAdam([p], lr=0.1, differentiable=True)
+        p.grad = torch.randn(4, generator=gen, dtype=torch.float64)
+        opt.step()  # the state exists
+        opt.state[p]["mu_product"] = mu0 * 1.0  # (a tensor in mu0's graph)
+        q = p.clone()
+        opt.param_groups[0]["params"] = [q]
+        opt.state[q] = opt.state.pop(p)
+        q.grad = torch.randn(4, generator=gen, dtype=torch.float64)
+        opt.step()
+        return q.square().sum()
+
+    mu0 = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+    ours = torch.autograd.grad(step_from(fuseopt, mu0), mu0)[0]
+    theirs = torch.autograd.grad(step_from(torch.optim, mu0), mu0)[0]
+    assert theirs != 0
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-14)
+    assert torch.autograd.gradcheck(lambda m: step_from(fuseopt, m), (mu0,))
 
 
 @pytest.mark.parametrize("nesterov", [False, True])
