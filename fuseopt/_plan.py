@@ -399,7 +399,11 @@ class GroupPlan:
             found = self.found_inf
             torch._foreach_sub_(self.steps, [found.to(s.device) for s in self.steps])
         for targets, values in self.after:
-            torch._foreach_copy_(targets, values)
+            if torch.is_grad_enabled():  # differentiable: autograd has no _foreach_copy_
+                for target, value in zip(targets, values):
+                    target.copy_(value)
+            else:
+                torch._foreach_copy_(targets, values)
 
 
 def _amp(opt, entries: list[Entry]) -> tuple:

@@ -22,6 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fuseopt
+from fuseopt.rule import ScalarState
 
 STEPS = 20
 TOL = {
@@ -211,6 +212,42 @@ def test_differentiable_float64_trajectories_are_torchs(algo, kwargs):
     assert ours[2] is not None  # fuseopt's graph holds
     if theirs[2] is not None:
         torch.testing.assert_close(ours[2], theirs[2], **tol)
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS, ids=lambda a: a.name)
+def test_differentiable_step_passes_gradcheck(algo):
+    """One ``differentiable=True`` step, from a state reached by a first step, as a function of
+    the param, the grad and every floating state that torch computes with as a tensor (as
+    torch's TestDifferentiableOptimizer checks): autograd's gradients are the numerical ones."""
+    desc, kwargs = algo.configs()[-1]
+    kwargs = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
+    gen = torch.Generator().manual_seed(7)
+    p = torch.randn(3, generator=gen, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, generator=gen, dtype=torch.float64, requires_grad=True)
+    warm = p.detach().clone().requires_grad_()
+    warm.grad = torch.randn(3, generator=gen, dtype=torch.float64)
+    first = algo.ours([warm], **kwargs)
+    first.step()
+    saved = first.state[warm]
+    # (torch reads ASGD's eta and mu as numbers: no gradient flows to them, in torch's test too)
+    numbers = {
+        s.name for s in algo.ours.rule.state if isinstance(s, ScalarState) and not s.in_graph
+    }
+    names = [n for n, v in saved.items() if n != "step" and n not in numbers]
+    states = [saved[n].detach().to(torch.float64).requires_grad_() for n in names]
+
+    def one_step(p, g, *values):
+        q = p.clone()
+        q.grad = g
+        opt = algo.ours([q], differentiable=True, **kwargs)
+        opt.state[q] = dict(saved, **{n: v.clone() for n, v in zip(names, values)})
+        if "step" in saved:
+            opt.state[q]["step"] = saved["step"].clone()
+        opt.step()
+        return (q, *(opt.state[q][n] for n in names))
+
+    assert names or algo.name == "SGD"
+    assert torch.autograd.gradcheck(one_step, (p, g, *states))
 
 
 def test_differentiable_nadam_gradient_flows_through_mu_product():
