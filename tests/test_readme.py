@@ -35,7 +35,8 @@ def test_main_job_installs_the_demo_extra_and_runs_the_demo():
     main_job = setup_commands()[0]
     steps = [s.strip() for s in main_job.split("&&")]
     assert steps[0] == "pip install torch==2.13.0"  # the CPU wheel on disk, before the extra
-    assert steps[1] == 'pip install -e ".[demo]"'
+    # torch pinned again beside the extra: no dependency of it may replace the CPU build
+    assert steps[1] == 'pip install torch==2.13.0 -e ".[demo]"'
     assert steps[-1] == "fuseopt demo"
     # ... and what it relies on: the console script, the subcommand and the extra's packages
     assert PYPROJECT["project"]["scripts"]["fuseopt"] == "fuseopt.cli:main"
