@@ -62,12 +62,12 @@ class Entry:
     """One param of a group with a grad, as this step will step it."""
 
     __slots__ = (
-        "param", "grad", "state", "new", "backend", "kind", "views", "odd", "round",
+        "param", "grad", "state", "backend", "kind", "views", "odd", "round",
         "first", "step", "step_value", "sv",
     )  # fmt: skip
 
-    def __init__(self, param, grad, state, new, backend, kind):
-        self.param, self.grad, self.state, self.new = param, grad, state, new
+    def __init__(self, param, grad, state, backend, kind):
+        self.param, self.grad, self.state = param, grad, state
         self.backend, self.kind = backend, kind
         self.views = None  # (param, grad, {name: state}) as a kernel walks them
         self.odd = False  # for-loop with in-place rounding: its tensors differ in dtype
@@ -173,8 +173,7 @@ def _collect(opt, group: dict, rule, specs, names) -> tuple[list[Entry], dict]:
                 f"{where}: the grad has shape {tuple(g.shape)}, the param {tuple(p.shape)}"
             )
         state = opt.state.get(p) if keeps_state else {}
-        new = keeps_state and not state
-        if new:
+        if keeps_state and not state:
             state = pending.get(id(p), (None, None))[1]
             if state is None:
                 state = new_state(rule, group, p, specs, g)
@@ -191,7 +190,7 @@ def _collect(opt, group: dict, rule, specs, names) -> tuple[list[Entry], dict]:
                     "If capturable=True, params and state_steps must be on supported devices: "
                     f"{CAPTURABLE_DEVICES}."
                 )
-        entry = Entry(p, g, state, new, backend, kind)
+        entry = Entry(p, g, state, backend, kind)
         if rule.has_step:
             entry.step = state["step"]
         _route(entry, names, where)
@@ -304,15 +303,14 @@ class Launch:
     """
 
     __slots__ = (
-        "backend", "rule", "flags", "scalars", "operands", "tensors", "states", "odd", "entries",
-        "numels", "dtype", "table", "grad_scale", "found_inf",
+        "backend", "rule", "flags", "scalars", "operands", "tensors", "states", "odd", "numels",
+        "dtype", "table", "grad_scale", "found_inf",
     )  # fmt: skip
 
     def __init__(self, backend, rule, flags, scalars, operands, tensors):
         self.backend, self.rule, self.flags, self.scalars = backend, rule, flags, scalars
         self.operands, self.tensors = operands, tensors
         self.states = self.odd = self.table = None
-        self.entries: list[Entry] = []
         self.numels = tuple(map(torch.Tensor.numel, tensors[0]))
         self.dtype = tensors[0][0].dtype if tensors[0] else None
         self.grad_scale = self.found_inf = None
@@ -657,7 +655,6 @@ def _launches(rule, group, batch, names, scalar_names, on_tensors, made) -> list
             launch.odd = [e.odd for e in es]
             if any(launch.odd):  # torch's ops may refuse these dtypes: find out now
                 kernels.get("reference").check(launch)
-        launch.entries = es
         launches.append(launch)
     return launches
 

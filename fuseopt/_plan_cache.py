@@ -204,7 +204,7 @@ class PlanCache:
         if states is None:  # (the rule keeps no state under these options)
             states = [{} for _ in params]
         for p, g, state, backend in zip(params, grads, states, self.backends):
-            e = Entry(p, g, state, False, backend, kind)
+            e = Entry(p, g, state, backend, kind)
             if self.steps is not None:
                 e.step = state["step"]
             if backend == "numba":  # (real, contiguous, one dtype: the tensors themselves)

@@ -120,9 +120,11 @@ def register_optimizer_step_post_hook(hook: Callable) -> RemovableHandle:
     return _torch_optimizer.register_optimizer_step_post_hook(hook)
 
 
-def _apply_step(opt: Optimizer, plan_step: Callable) -> None:
+def _apply_step(opt: Optimizer) -> None:
     """Plan every group, then run the plans: every group is checked before anything changes, so
     a step that fails changes nothing."""
+    from fuseopt._plan import plan_step  # the plan imports this module's users
+
     for group, plan in plan_step(opt):
         with torch.set_grad_enabled(bool(group.get("differentiable", False))):
             plan.run()
@@ -376,16 +378,14 @@ class Optimizer(torch.optim.Optimizer):
         """The algorithm's step, without hooks: evaluate the closure, then apply the rule per group."""
         if self.rule is None:
             raise NotImplementedError(f"{self.__class__.__name__} does not define a step")
-        from fuseopt._plan import plan_step  # the plan imports this module's users
-
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         if "torch._dynamo" in sys.modules:  # torch.compile may be tracing this step
-            _apply_step_outside_graphs()(self, plan_step)
+            _apply_step_outside_graphs()(self)
         else:
-            _apply_step(self, plan_step)
+            _apply_step(self)
         return loss
 
     @staticmethod
