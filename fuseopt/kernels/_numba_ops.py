@@ -203,37 +203,29 @@ def sqrt(a):
 
 
 @numba.njit(cache=True, nogil=True)
-def read_steps32(ptrs):
-    """The float32 scalars at ``ptrs`` (the ``step`` tensors), as float64."""
+def read_steps(ptrs, double):
+    """The scalars at ``ptrs`` (the ``step`` tensors: float64 if ``double``, else float32), as
+    float64."""
     out = np.empty(len(ptrs))
     for i in range(len(ptrs)):
-        out[i] = numba.carray(ptr_float32(ptrs[i]), 1)[0]
+        if double:
+            out[i] = numba.carray(ptr_float64(ptrs[i]), 1)[0]
+        else:
+            out[i] = numba.carray(ptr_float32(ptrs[i]), 1)[0]
     return out
 
 
 @numba.njit(cache=True, nogil=True)
-def read_steps64(ptrs):
-    """The float64 scalars at ``ptrs`` (the ``step`` tensors)."""
-    out = np.empty(len(ptrs))
+def bump_steps(ptrs, double):
+    """Add 1 to the scalars at ``ptrs`` (the ``step`` tensors: float64 if ``double``, else
+    float32), in their dtype."""
     for i in range(len(ptrs)):
-        out[i] = numba.carray(ptr_float64(ptrs[i]), 1)[0]
-    return out
-
-
-@numba.njit(cache=True, nogil=True)
-def bump_steps32(ptrs):
-    """Add 1 to the float32 scalars at ``ptrs`` (the ``step`` tensors)."""
-    for i in range(len(ptrs)):
-        x = numba.carray(ptr_float32(ptrs[i]), 1)
-        x[0] += np.float32(1.0)
-
-
-@numba.njit(cache=True, nogil=True)
-def bump_steps64(ptrs):
-    """Add 1 to the float64 scalars at ``ptrs`` (the ``step`` tensors)."""
-    for i in range(len(ptrs)):
-        x = numba.carray(ptr_float64(ptrs[i]), 1)
-        x[0] += 1.0
+        if double:
+            x = numba.carray(ptr_float64(ptrs[i]), 1)
+            x[0] += 1.0
+        else:
+            y = numba.carray(ptr_float32(ptrs[i]), 1)
+            y[0] += np.float32(1.0)
 
 
 # ------------------------------------------------------------------------- tensor facts, in bulk

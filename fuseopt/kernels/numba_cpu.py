@@ -282,8 +282,7 @@ def read_at(ptrs: np.ndarray, dtype: torch.dtype) -> np.ndarray:
     as float64."""
     from fuseopt.kernels import _numba_ops
 
-    read = _numba_ops.read_steps32 if dtype == torch.float32 else _numba_ops.read_steps64
-    return read(ptrs)
+    return _numba_ops.read_steps(ptrs, dtype == torch.float64)
 
 
 def bumped(values: np.ndarray, dtype: torch.dtype) -> list[float]:
@@ -296,8 +295,7 @@ def bump_at(ptrs: np.ndarray, dtype: torch.dtype) -> None:
     """Add 1 to the float32 or float64 scalars at addresses ``ptrs`` (checked ``step`` tensors)."""
     from fuseopt.kernels import _numba_ops
 
-    bump = _numba_ops.bump_steps32 if dtype == torch.float32 else _numba_ops.bump_steps64
-    bump(ptrs)
+    _numba_ops.bump_steps(ptrs, dtype == torch.float64)
 
 
 def run(launch) -> None:
