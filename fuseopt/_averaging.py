@@ -24,14 +24,13 @@ _EMA = EMARule()
 
 
 def _fusable(a: torch.Tensor, p: torch.Tensor) -> bool:
-    """Whether the pair may take the kernel; :func:`fuseopt._plan.kernel_launch` then checks
-    everything the kernel assumes of them."""
+    """Whether the pair (of equal shapes: :func:`_apply` checked) may take the kernel;
+    :func:`fuseopt._plan.kernel_launch` then checks everything the kernel assumes of them."""
     return (
         a.device.type == "cpu"
         and a.layout == torch.strided
         and numba_cpu.supports(a.dtype)
         and a.dtype == p.dtype
-        and a.shape == p.shape
         and a.is_contiguous()
         and p.is_contiguous()
         and not (a.is_neg() or p.is_neg())
