@@ -164,7 +164,7 @@ out = {{}}
 ours = getattr(fuseopt, {name!r})(make(), **{kwargs!r})
 ours.step()
 out["fuseopt_eager_s"] = median(ours.step)
-compiled = torch.compile(lambda: ours.step())
+compiled = torch.compile(lambda: ours.step(), fullgraph=True)
 compiled()
 out["fuseopt_compiled_s"] = median(compiled)
 try:

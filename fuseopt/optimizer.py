@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
+from fuseopt import _compile
+
 __all__ = ["Optimizer", "register_optimizer_step_pre_hook", "register_optimizer_step_post_hook"]
 
 # The global step hooks have one registry, torch.optim's: tools register through torch's API and
@@ -60,7 +62,7 @@ _NO_RANGE = contextlib.nullcontext()
 def _profiled(opt: Optimizer, method: str):
     """torch's profiler range ``Optimizer.<method>#<class>.<method>`` while a profiler runs, else
     nothing: entering a ``record_function`` costs ~6 us, ~40 us with cold caches, every step."""
-    if torch.autograd._profiler_enabled():
+    if not torch.compiler.is_compiling() and torch.autograd._profiler_enabled():
         name = opt.__class__.__name__
         return torch.autograd.profiler.record_function(f"Optimizer.{method}#{name}.{method}")
     return _NO_RANGE
@@ -130,16 +132,6 @@ def _apply_step(opt: Optimizer) -> None:
             plan.run()
 
 
-@functools.cache
-def _apply_step_outside_graphs() -> Callable:
-    """:func:`_apply_step` outside any ``torch.compile`` graph: dynamo cannot trace the kernels'
-    launchers (numba's dispatcher), and what a step reads (step counts, a scheduler's lr) then
-    never becomes a guard that recompiles the caller's graph every step. A compiled function
-    that calls ``step`` (a whole training step) has its graph break there and runs the step as
-    it runs eagerly. (Made on first use: ``torch.compiler.disable`` imports dynamo, ~0.8 s.)"""
-    return torch.compiler.disable(_apply_step)
-
-
 class Optimizer(torch.optim.Optimizer):
     r"""Base class for all fuseopt optimizers, with the API of :class:`torch.optim.Optimizer`.
 
@@ -180,6 +172,7 @@ class Optimizer(torch.optim.Optimizer):
             if defaults.get("foreach"):
                 raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         self._warned_capturable_if_run_uncaptured = True
+        _compile.register(self)
 
     # ----------------------------------------------------------------------------------- pickling
     def __getstate__(self) -> dict[str, Any]:
@@ -191,6 +184,7 @@ class Optimizer(torch.optim.Optimizer):
                 if p_state and "step" not in p_state:
                     raise KeyError("step")  # as torch, before anything changes
         self.__dict__.update(state)
+        _compile.register(self)
         # new groups and state (load_state_dict): the plans kept between steps are stale
         self.__dict__.pop("_plan_caches", None)
         for name in _HOOK_DICTS:
@@ -337,7 +331,7 @@ class Optimizer(torch.optim.Optimizer):
         """
         dense: defaultdict[tuple, list[torch.Tensor]] = defaultdict(list)
         with _profiled(self, "zero_grad"):
-            for group in self.param_groups:
+            for group in _compile.groups(self):  # (as dynamo may trace it: see ``groups``)
                 for p in group["params"]:
                     if p.grad is None:
                         continue
@@ -382,8 +376,8 @@ class Optimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if "torch._dynamo" in sys.modules:  # torch.compile may be tracing this step
-            _apply_step_outside_graphs()(self)
+        if torch.compiler.is_compiling():  # dynamo is tracing this code
+            _compile.graph_step(self)
         else:
             _apply_step(self)
         return loss

@@ -1,7 +1,8 @@
 """``torch.compile`` around fuseopt's ``step``: a compiled function that calls ``opt.step()`` (or a
-whole training step) works from its first call in a new process, compiles once however the step
-count and the lr change, and gives the eager step's numbers. Each case runs in a child process:
-dynamo's caches and the first call of a process are what is tested."""
+whole training step) works from its first call in a new process, with ``fullgraph=True`` where it
+calls only the step, compiles once however the step count and the lr change, and gives the eager
+step's numbers bitwise (the op runs the eager step). Each case runs in a child process: dynamo's
+caches and the first call of a process are what is tested."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
+
+import fuseopt  # noqa: F401  (defines the op fuseopt::step)
 
 ROOT = Path(__file__).parent.parent
 
@@ -38,7 +42,7 @@ kind = "{kind}"
 results = []
 for compiled in (True, False):
     model, opt, sched = problem(lr_of(kind))
-    step = torch.compile(lambda: opt.step(), backend=counting) if compiled else opt.step
+    step = torch.compile(lambda: opt.step(), backend=counting, fullgraph=True) if compiled else opt.step
     for i in range(6):
         for p in model.parameters():
             p.grad = torch.full_like(p, 0.1 * (i + 1))
@@ -90,10 +94,10 @@ def _run(script: str) -> str:
 
 @pytest.mark.parametrize("kind", ["float", "tensor"])
 def test_compiled_step_works_first_time_and_never_recompiles(kind):
-    """``torch.compile(lambda: opt.step())`` in a new process: it ran into numba's dispatcher
-    (an AssertionError inside dynamo) before; now the step runs outside dynamo's graph, with
-    the eager step's numbers, and nothing recompiles as the step count and a scheduler's lr
-    (a float, or a tensor written in place) change."""
+    """``torch.compile(lambda: opt.step(), fullgraph=True)`` in a new process: it ran into
+    numba's dispatcher (an AssertionError inside dynamo) before; now the graph is the one op
+    ``fuseopt::step``, with the eager step's numbers, and nothing recompiles as the step count
+    and a scheduler's lr (a float, or a tensor written in place) change."""
     assert "OK" in _run(_STEP_ONLY.format(kind=kind))
 
 
@@ -102,3 +106,80 @@ def test_compiled_training_step(kind):
     """A compiled forward + backward + ``opt.step()`` + ``zero_grad``: compiled once, with the
     eager losses."""
     assert "OK" in _run(_TRAIN_STEP.format(kind=kind))
+
+
+_EVERY_ALGORITHM = """
+import sys
+sys.path.insert(0, "tests")
+from torch._dynamo.utils import counters
+from algorithms import ALGORITHMS
+from conftest import make_grads, make_params
+
+configs = [(a, a.configs()[i][1]) for a in ALGORITHMS for i in (0, -1)]
+# one code object compiled for each optimizer in turn (its graph is guarded by the optimizer)
+torch._dynamo.config.recompile_limit = len(configs)
+for algo, kwargs in configs:
+    results = []
+    for compiled in (True, False):
+        params = make_params(torch.float32)
+        opt = algo.ours(params, **kwargs)
+        # aot_eager functionalizes the op: it is handed copies of the params, not the params
+        step = torch.compile(lambda: opt.step(), fullgraph=True, backend="aot_eager")
+        for grads in make_grads(params, 3):
+            for p, g in zip(params, grads):
+                p.grad = g
+            (step if compiled else opt.step)()
+        results.append((params, opt.state_dict()["state"]))
+    (ours, ours_state), (eager, eager_state) = results
+    assert all(torch.equal(a, b) for a, b in zip(ours, eager)), algo.name
+    for i, state in eager_state.items():
+        for key, value in state.items():
+            assert torch.equal(torch.as_tensor(ours_state[i][key]), torch.as_tensor(value)), key
+assert counters["stats"]["unique_graphs"] == len(configs), dict(counters["stats"])
+print("OK", len(configs))
+"""
+
+
+def test_fullgraph_every_algorithm_on_functionalized_copies():
+    """Every elementwise algorithm (its first and last option set) compiles with
+    ``fullgraph=True`` once, and 3 compiled steps equal 3 eager ones bitwise, params and state.
+    Under ``aot_eager`` the op receives functionalization's copies of the params: it steps the
+    live params and copies the values into what it was given, which the graph copies back."""
+    assert "OK" in _run(_EVERY_ALGORITHM)
+
+
+_ORDER = """
+def f(scale):
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():  # grads made inside the graph, assigned after it returns
+        p.grad = torch.ones_like(p) * scale
+    opt.step()
+    return before, [p.detach() * 1 for p in model.parameters()]
+
+outs = []
+for compiled in (True, False):
+    model, opt, sched = problem(0.01)
+    fn = torch.compile(f, fullgraph=True) if compiled else f
+    outs.append([fn(torch.tensor(0.1 * (i + 1))) for i in range(3)])
+for (b1, s1), (b2, s2) in zip(*outs):
+    assert all(torch.equal(x, y) for x, y in zip(b1, b2))  # read before the step: old values
+    assert all(torch.equal(x, y) for x, y in zip(s1, s2))  # read after it: new values
+assert not torch.equal(outs[0][0][0][0], outs[0][1][0][0])  # the compiled steps moved the params
+print("OK")
+"""
+
+
+def test_fullgraph_orders_reads_around_the_step():
+    """Inductor, ``fullgraph=True``: a read of a param before ``step`` in the same graph sees
+    the old value and one after it the new value, and grads computed in the graph (assigned to
+    ``.grad`` only when it returns) are the ones the step uses."""
+    assert "OK" in _run(_ORDER)
+
+
+def test_step_op_is_kept_out_of_cuda_graphs():
+    """The op's host side (checks, step counts read on the host) must run at every step: it is
+    tagged so that inductor never records it into a CUDA graph (``mode="reduce-overhead"``)."""
+    op = torch.ops.fuseopt.step.default
+    assert torch.Tag.cudagraph_unsafe in op.tags
+    assert op._schema.arguments[1].alias_info.is_write  # the params: written
+    assert not op._schema.arguments[2].alias_info  # the grads: only read
