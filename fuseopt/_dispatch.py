@@ -126,8 +126,8 @@ def init_state(opt, group: dict, params) -> None:
 def amp_scaling(opt) -> bool:
     """Whether every param of ``opt`` steps in the Triton kernels, which unscale grads and skip
     inf steps themselves: torch's ``_step_supports_amp_scaling``, read by GradScaler."""
-    if opt.rule is None:
-        return False
+    if opt.rule is None or any(g.get("max_grad_norm") is not None for g in opt.param_groups):
+        return False  # (a norm over scaled grads would be wrong: GradScaler unscales first)
     try:
         return all(
             backend_for(g, p, False) == "triton" for g in opt.param_groups for p in g["params"]

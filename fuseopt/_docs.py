@@ -19,6 +19,15 @@ capturable = """capturable (bool, optional): whether this instance is safe to ca
 differentiable = """differentiable (bool, optional): whether autograd should occur through the
             optimizer step; runs the reference implementation with grad enabled (default: False)"""
 
+clipping = """max_grad_norm (float, optional): clip the grads to this total norm inside the step,
+            with the numbers of ``torch.nn.utils.clip_grad_norm_`` over the params of every
+            group that clips followed by the step, but no grad is written; the total norm is
+            then ``opt.grad_norm`` (default: None, no clipping)
+        norm_type (float, optional): the p of the clipping p-norm, ``inf`` for the max norm
+            (default: 2.0)
+        error_if_nonfinite (bool, optional): raise, before anything changes, where the total
+            norm is inf or NaN (default: False)"""
+
 
 def fill(doc: str) -> str:
     """Replace ``{name}`` placeholders by the shared docs above (LaTeX braces stay untouched)."""

@@ -39,7 +39,7 @@ from operator import attrgetter
 import numpy as np
 import torch
 
-from fuseopt import _dtensor, kernels
+from fuseopt import _clip, _dtensor, kernels
 from fuseopt._dispatch import CAPTURABLE_DEVICES, KERNELS, backend_for, new_state
 from fuseopt._facts import (
     STEP_DTYPES,
@@ -304,7 +304,7 @@ class Launch:
 
     __slots__ = (
         "backend", "rule", "flags", "scalars", "operands", "tensors", "states", "odd", "numels",
-        "dtype", "table", "grad_scale", "found_inf",
+        "dtype", "table", "grad_scale", "found_inf", "grads", "real_view", "shards",
     )  # fmt: skip
 
     def __init__(self, backend, rule, flags, scalars, operands, tensors):
@@ -314,6 +314,9 @@ class Launch:
         self.numels = tuple(map(torch.Tensor.numel, tensors[0]))
         self.dtype = tensors[0][0].dtype if tensors[0] else None
         self.grad_scale = self.found_inf = None
+        # the params' own grads, and whether the kernel walks real views of complex params or
+        # DTensor shards instead of them (the clipping norm pass reads these)
+        self.grads, self.real_view, self.shards = None, False, False
 
     def address_table(self) -> np.ndarray:
         """The data addresses of a kernel launch's tensors (``operands`` x tensors), read now,
@@ -631,7 +634,7 @@ def _launches(rule, group, batch, names, scalar_names, on_tensors, made) -> list
         if key_step == "stacked" and len(es) > 1:
             # the rule's scalars, computed on a 1-D tensor of steps, give one value per param
             step = torch.stack([e.step_value for e in es])
-        flags = Flags(rule.flags(group, first, step, sv))
+        flags = launch_flags(rule, group, first, step, sv)
         scalars = rule.scalars(group, step, sv)
         if backend in KERNELS:
             views = [_with_firsts(e, made.get(id(e.state)), names) for e in es]
@@ -655,8 +658,20 @@ def _launches(rule, group, batch, names, scalar_names, on_tensors, made) -> list
             launch.odd = [e.odd for e in es]
             if any(launch.odd):  # torch's ops may refuse these dtypes: find out now
                 kernels.get("reference").check(launch)
+        launch.grads = [e.grad for e in es]
+        launch.real_view = es[0].param.is_complex()
+        launch.shards = any(_dtensor.is_dtensor(e.param) for e in es)
         launches.append(launch)
     return launches
+
+
+def launch_flags(rule, group: dict, first: bool, step, sv: dict) -> Flags:
+    """A launch's flags: the rule's, and the step-wide ones of the group's options (``clip``:
+    the grads are multiplied by the step's clip coefficient, see :mod:`fuseopt._clip`)."""
+    flags = rule.flags(group, first, step, sv)
+    if _clip.clips(group):
+        flags = dict(flags, clip=True)
+    return Flags(flags)
 
 
 def _with_firsts(e: Entry, made: dict | None, names: list[str]) -> list:
@@ -676,12 +691,16 @@ def _with_firsts(e: Entry, made: dict | None, names: list[str]) -> list:
     return out
 
 
-def plan_step(opt) -> list[tuple[dict, GroupPlan]]:
-    """Plans for every group of ``opt`` with grads, all checked before any group steps."""
+def plan_step(opt) -> tuple[list[tuple[dict, GroupPlan]], torch.Tensor | None]:
+    """Plans for every group of ``opt`` with grads, all checked before any group steps, and the
+    total grad norm of the groups that clip (None: none clips), computed after the checks and
+    before anything changes."""
     plans = []
     for group in opt.param_groups:
         with torch.set_grad_enabled(bool(group.get("differentiable", False))):
             plan = plan_group(opt, group)
         if plan is not None:
             plans.append((group, plan))
-    return plans
+    with torch.no_grad():
+        grad_norm = _clip.prepare(plans)
+    return plans, grad_norm

@@ -36,9 +36,8 @@ import numpy as np
 import torch
 
 from fuseopt import _dtensor, _facts
-from fuseopt._plan import Entry, GroupPlan, Launch, nan_safe, scalar_states
+from fuseopt._plan import Entry, GroupPlan, Launch, launch_flags, nan_safe, scalar_states
 from fuseopt.kernels import numba_cpu
-from fuseopt.rule import Flags
 
 _GRAD = attrgetter("grad")
 _NEG, _NUMEL = torch.Tensor.is_neg, torch.Tensor.numel
@@ -248,7 +247,7 @@ class PlanCache:
         all of them)."""
         operands, dtype, numels, _ = self.launch
         sv = dict(zip(self.scalar_names, sv))
-        flags = Flags(rule.flags(group, False, step, sv))
+        flags = launch_flags(rule, group, False, step, sv)
         launch = Launch("numba", rule, flags, rule.scalars(group, step, sv), operands, [[]])
         launch.dtype = dtype
         if idx is None:

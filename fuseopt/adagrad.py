@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fuseopt import _docs
+from fuseopt import _clip, _docs
 from fuseopt._dispatch import init_state
 from fuseopt._validate import check_lr, check_non_negative
 from fuseopt.optimizer import Optimizer
@@ -80,6 +80,7 @@ class Adagrad(Optimizer):
         {maximize}
         {differentiable}
         {fused}
+        {clipping}
     """
 
     rule = AdagradRule()
@@ -98,6 +99,9 @@ class Adagrad(Optimizer):
         maximize: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        max_grad_norm: float | None = None,
+        norm_type: float = 2.0,
+        error_if_nonfinite: bool = False,
     ) -> None:
         check_lr(lr)
         check_non_negative(
@@ -111,7 +115,8 @@ class Adagrad(Optimizer):
             initial_accumulator_value=initial_accumulator_value, foreach=foreach,
             maximize=maximize, differentiable=differentiable, fused=fused,
         )  # fmt: skip
-        super().__init__(params, defaults)
+        clipping = _clip.options(max_grad_norm, norm_type, error_if_nonfinite)
+        super().__init__(params, {**defaults, **clipping})
         for group in self.param_groups:
             init_state(self, group, group["params"])
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, is_tensor
 
-from fuseopt import _docs
+from fuseopt import _clip, _docs
 from fuseopt._validate import check_betas, check_lr, check_non_negative
 from fuseopt.optimizer import Optimizer
 from fuseopt.rule import Rule, Zeros
@@ -121,6 +121,7 @@ class Adam(Optimizer):
         {capturable}
         {differentiable}
         {fused}
+        {clipping}
         decoupled_weight_decay (bool, optional): decay the weights directly, as AdamW
             (default: False)
     """
@@ -146,6 +147,9 @@ class Adam(Optimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
+        max_grad_norm: float | None = None,
+        norm_type: float = 2.0,
+        error_if_nonfinite: bool = False,
     ) -> None:
         _check_adam_args(lr, betas, eps, weight_decay, foreach, capturable)
         defaults = dict(
@@ -154,7 +158,8 @@ class Adam(Optimizer):
             differentiable=differentiable, fused=fused,
             decoupled_weight_decay=decoupled_weight_decay,
         )  # fmt: skip
-        super().__init__(params, defaults)
+        clipping = _clip.options(max_grad_norm, norm_type, error_if_nonfinite)
+        super().__init__(params, {**defaults, **clipping})
 
 
 Adam.__doc__ = _docs.fill(Adam.__doc__)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from fuseopt import _docs
+from fuseopt import _clip, _docs
 from fuseopt._validate import check_betas, check_lr, check_non_negative
 from fuseopt.optimizer import Optimizer
 from fuseopt.rule import Rule, Zeros, to_scalar, with_fused
@@ -63,6 +63,7 @@ class Adamax(Optimizer):
         {differentiable}
         {capturable}
         {fused}
+        {clipping}
     """
 
     rule = AdamaxRule()
@@ -81,6 +82,9 @@ class Adamax(Optimizer):
         differentiable: bool = False,
         capturable: bool = False,
         fused: bool | None = None,
+        max_grad_norm: float | None = None,
+        norm_type: float = 2.0,
+        error_if_nonfinite: bool = False,
     ) -> None:
         check_lr(lr)
         check_non_negative(eps=eps)
@@ -90,7 +94,8 @@ class Adamax(Optimizer):
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach,
             maximize=maximize, differentiable=differentiable, capturable=capturable,
         )  # fmt: skip
-        super().__init__(params, with_fused(defaults, fused))
+        clipping = _clip.options(max_grad_norm, norm_type, error_if_nonfinite)
+        super().__init__(params, with_fused({**defaults, **clipping}, fused))
 
 
 Adamax.__doc__ = _docs.fill(Adamax.__doc__)

@@ -29,6 +29,7 @@ class AdamW(Adam):
         {capturable}
         {differentiable}
         {fused}
+        {clipping}
     """
 
     def __init__(
@@ -45,11 +46,15 @@ class AdamW(Adam):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        max_grad_norm: float | None = None,
+        norm_type: float = 2.0,
+        error_if_nonfinite: bool = False,
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
             capturable=capturable, differentiable=differentiable, fused=fused,
-            decoupled_weight_decay=True,
+            decoupled_weight_decay=True, max_grad_norm=max_grad_norm, norm_type=norm_type,
+            error_if_nonfinite=error_if_nonfinite,
         )  # fmt: skip
 
     def _after_setstate(self) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fuseopt import _docs
+from fuseopt import _clip, _docs
 from fuseopt._validate import check_lr, check_non_negative
 from fuseopt.optimizer import Optimizer
 from fuseopt.rule import Rule, ScalarState, Zeros, to_scalar, with_fused
@@ -75,6 +75,7 @@ class ASGD(Optimizer):
         {differentiable}
         {capturable}
         {fused}
+        {clipping}
     """
 
     rule = ASGDRule()
@@ -94,6 +95,9 @@ class ASGD(Optimizer):
         capturable: bool = False,
         *,
         fused: bool | None = None,
+        max_grad_norm: float | None = None,
+        norm_type: float = 2.0,
+        error_if_nonfinite: bool = False,
     ) -> None:
         check_lr(lr)
         check_non_negative(weight_decay=weight_decay)
@@ -101,7 +105,8 @@ class ASGD(Optimizer):
             lr=lr, lambd=lambd, alpha=alpha, t0=t0, weight_decay=weight_decay, foreach=foreach,
             maximize=maximize, differentiable=differentiable, capturable=capturable,
         )  # fmt: skip
-        super().__init__(params, with_fused(defaults, fused))
+        clipping = _clip.options(max_grad_norm, norm_type, error_if_nonfinite)
+        super().__init__(params, with_fused({**defaults, **clipping}, fused))
 
 
 ASGD.__doc__ = _docs.fill(ASGD.__doc__)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fuseopt import _docs
+from fuseopt import _clip, _docs
 from fuseopt._validate import check_betas, check_lr, check_non_negative
 from fuseopt.optimizer import Optimizer
 from fuseopt.rule import Rule, ScalarState, Zeros, to_scalar, with_fused
@@ -102,6 +102,7 @@ class NAdam(Optimizer):
         {capturable}
         {differentiable}
         {fused}
+        {clipping}
     """
 
     rule = NAdamRule()
@@ -125,6 +126,9 @@ class NAdam(Optimizer):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        max_grad_norm: float | None = None,
+        norm_type: float = 2.0,
+        error_if_nonfinite: bool = False,
     ) -> None:
         check_lr(lr)
         check_non_negative(eps=eps)
@@ -135,7 +139,8 @@ class NAdam(Optimizer):
             decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, foreach=foreach,
             capturable=capturable, differentiable=differentiable,
         )  # fmt: skip
-        super().__init__(params, with_fused(defaults, fused))
+        clipping = _clip.options(max_grad_norm, norm_type, error_if_nonfinite)
+        super().__init__(params, with_fused({**defaults, **clipping}, fused))
 
 
 NAdam.__doc__ = _docs.fill(NAdam.__doc__)

@@ -127,9 +127,12 @@ def _apply_step(opt: Optimizer) -> None:
     a step that fails changes nothing."""
     from fuseopt._plan import plan_step  # the plan imports this module's users
 
-    for group, plan in plan_step(opt):
+    plans, grad_norm = plan_step(opt)
+    for group, plan in plans:
         with torch.set_grad_enabled(bool(group.get("differentiable", False))):
             plan.run()
+    if grad_norm is not None:
+        opt.grad_norm = grad_norm
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -146,6 +149,8 @@ class Optimizer(torch.optim.Optimizer):
     """
 
     rule = None  # the elementwise update rule; None for optimizers that override ``_step``
+    #: the total grad norm of the last step that clipped (``max_grad_norm``), a 0-dim tensor
+    grad_norm: torch.Tensor | None = None
 
     def __init__(self, params: Iterable, defaults: dict[str, Any]) -> None:
         torch._C._log_api_usage_once("python.optimizer")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from fuseopt import _docs
+from fuseopt import _clip, _docs
 from fuseopt._validate import check_betas, check_lr, check_non_negative
 from fuseopt.optimizer import Optimizer
 from fuseopt.rule import Rule, Zeros, to_scalar, with_fused
@@ -93,6 +93,7 @@ class RAdam(Optimizer):
         {capturable}
         {differentiable}
         {fused}
+        {clipping}
     """
 
     rule = RAdamRule()
@@ -115,6 +116,9 @@ class RAdam(Optimizer):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        max_grad_norm: float | None = None,
+        norm_type: float = 2.0,
+        error_if_nonfinite: bool = False,
     ) -> None:
         check_lr(lr)
         check_non_negative(eps=eps)
@@ -125,7 +129,8 @@ class RAdam(Optimizer):
             foreach=foreach, capturable=capturable, decoupled_weight_decay=decoupled_weight_decay,
             differentiable=differentiable,
         )  # fmt: skip
-        super().__init__(params, with_fused(defaults, fused))
+        clipping = _clip.options(max_grad_norm, norm_type, error_if_nonfinite)
+        super().__init__(params, with_fused({**defaults, **clipping}, fused))
 
 
 RAdam.__doc__ = _docs.fill(RAdam.__doc__)

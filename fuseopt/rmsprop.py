@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from fuseopt import _docs
+from fuseopt import _clip, _docs
 from fuseopt._validate import check_lr, check_non_negative
 from fuseopt.optimizer import Optimizer
 from fuseopt.rule import Rule, Zeros, to_scalar, with_fused
@@ -90,6 +90,7 @@ class RMSprop(Optimizer):
         {maximize}
         {differentiable}
         {fused}
+        {clipping}
     """
 
     rule = RMSpropRule()
@@ -113,6 +114,9 @@ class RMSprop(Optimizer):
         differentiable: bool = False,
         *,
         fused: bool | None = None,
+        max_grad_norm: float | None = None,
+        norm_type: float = 2.0,
+        error_if_nonfinite: bool = False,
     ) -> None:
         check_lr(lr)
         check_non_negative(eps=eps, momentum=momentum, weight_decay=weight_decay, alpha=alpha)
@@ -121,7 +125,8 @@ class RMSprop(Optimizer):
             weight_decay=weight_decay, capturable=capturable, foreach=foreach, maximize=maximize,
             differentiable=differentiable,
         )  # fmt: skip
-        super().__init__(params, with_fused(defaults, fused))
+        clipping = _clip.options(max_grad_norm, norm_type, error_if_nonfinite)
+        super().__init__(params, with_fused({**defaults, **clipping}, fused))
 
 
 RMSprop.__doc__ = _docs.fill(RMSprop.__doc__)

@@ -6,7 +6,7 @@ import struct
 
 from torch import Tensor
 
-from fuseopt import _docs
+from fuseopt import _clip, _docs
 from fuseopt._validate import check_lr
 from fuseopt.optimizer import Optimizer
 from fuseopt.rule import Fill, Rule, Zeros, with_fused
@@ -85,6 +85,7 @@ class Rprop(Optimizer):
         {maximize}
         {differentiable}
         {fused}
+        {clipping}
     """
 
     rule = RpropRule()
@@ -102,6 +103,9 @@ class Rprop(Optimizer):
         maximize: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        max_grad_norm: float | None = None,
+        norm_type: float = 2.0,
+        error_if_nonfinite: bool = False,
     ) -> None:
         check_lr(lr)
         if not 0.0 < etas[0] < 1.0 < etas[1]:
@@ -110,7 +114,8 @@ class Rprop(Optimizer):
             lr=lr, etas=etas, step_sizes=step_sizes, foreach=foreach, maximize=maximize,
             differentiable=differentiable, capturable=capturable,
         )  # fmt: skip
-        super().__init__(params, with_fused(defaults, fused))
+        clipping = _clip.options(max_grad_norm, norm_type, error_if_nonfinite)
+        super().__init__(params, with_fused({**defaults, **clipping}, fused))
 
 
 Rprop.__doc__ = _docs.fill(Rprop.__doc__)

@@ -142,6 +142,14 @@ class Rule:
         """Return the new ``param`` and state values (a dict; a None value is not written)."""
         raise NotImplementedError
 
+    def apply(self, ops, f: Flags, s, param, grad, **state) -> dict:
+        """:meth:`update` on the grad as the step-wide options leave it (what every backend
+        calls): with ``f.clip`` (``max_grad_norm``), the grad times the step's clip coefficient,
+        the product ``clip_grad_norm_`` would have stored in the grad."""
+        if f.get("clip"):
+            grad = grad * s.clip_coef
+        return self.update(ops, f, s, param, grad, **state)
+
     def check_sparse(self, group: dict, param, grad) -> None:
         """Raise torch's error for a sparse ``grad`` the rule cannot step with this group's
         options; runs before any state changes. Dense grads need no check."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from fuseopt import _docs
+from fuseopt import _clip, _docs
 from fuseopt._validate import check_lr, check_non_negative
 from fuseopt.optimizer import Optimizer
 from fuseopt.rule import FirstValue, Rule
@@ -76,6 +76,7 @@ class SGD(Optimizer):
         {foreach}
         {differentiable}
         {fused}
+        {clipping}
     """
 
     rule = SGDRule()
@@ -96,6 +97,9 @@ class SGD(Optimizer):
         foreach: bool | None = None,
         differentiable: bool = False,
         fused: bool | None = None,
+        max_grad_norm: float | None = None,
+        norm_type: float = 2.0,
+        error_if_nonfinite: bool = False,
     ) -> None:
         check_lr(lr)
         check_non_negative(momentum=momentum, weight_decay=weight_decay)
@@ -106,7 +110,8 @@ class SGD(Optimizer):
         )  # fmt: skip
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-        super().__init__(params, defaults)
+        clipping = _clip.options(max_grad_norm, norm_type, error_if_nonfinite)
+        super().__init__(params, {**defaults, **clipping})
 
 
 SGD.__doc__ = _docs.fill(SGD.__doc__)

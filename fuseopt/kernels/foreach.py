@@ -144,7 +144,7 @@ def run(launch) -> None:
     state = {n: TensorList(ts) for n, ts in zip(names, launch.tensors[2:])}
     p = TensorList(launch.tensors[0])
     s = SimpleNamespace(**launch.scalars)
-    out = launch.rule.update(ForeachOps, launch.flags, s, p, TensorList(launch.tensors[1]), **state)
+    out = launch.rule.apply(ForeachOps, launch.flags, s, p, TensorList(launch.tensors[1]), **state)
     targets, values = [], []
     for name, value in out.items():
         target = p if name == "param" else state.get(name)

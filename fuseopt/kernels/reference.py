@@ -151,9 +151,9 @@ class InPlaceOps:
 def update(rule, flags, s, p, g, state: dict, odd: bool) -> dict:
     """``rule.update`` on one param's tensors (states missing on a first step are None)."""
     if not odd:
-        return rule.update(TorchOps, flags, s, p, g, **state)
+        return rule.apply(TorchOps, flags, s, p, g, **state)
     wrapped = {k: None if v is None else _InPlace(v, "state") for k, v in state.items()}
-    out = rule.update(InPlaceOps, flags, s, _InPlace(p, "param"), _InPlace(g, "grad"), **wrapped)
+    out = rule.apply(InPlaceOps, flags, s, _InPlace(p, "param"), _InPlace(g, "grad"), **wrapped)
     return {k: _raw(v) for k, v in out.items()}
 
 

@@ -179,7 +179,7 @@ def trace(rule, flags, operands: tuple[str, ...]) -> Graph:
         syms[name] = graph.add("input", name)
         graph.inputs[name] = syms[name].id
     state = {k: syms[k] for k in operands[2:]}
-    out = rule.update(SymOps, flags, SymScalars(graph), syms["param"], syms["grad"], **state)
+    out = rule.apply(SymOps, flags, SymScalars(graph), syms["param"], syms["grad"], **state)
     for name, value in out.items():
         if value is not None and not (
             isinstance(value, Sym) and value.id == graph.inputs.get(name)

@@ -1,0 +1,163 @@
+"""Global grad-norm clipping inside the step (``max_grad_norm=``): its options, and the norm pass.
+
+A step that clips gives the numbers of ``torch.nn.utils.clip_grad_norm_(params, max_grad_norm,
+norm_type, error_if_nonfinite, foreach=True)`` followed by the step, over the params of every
+group that clips (one norm over all of them, as one call over all their params), but it writes no
+grad: after every group is planned (checked) and before anything changes, one pass reads each grad
+once for its norm, and the rule multiplies each grad by the clip coefficient as it reads it
+(:meth:`fuseopt.rule.Rule.apply`). Bytes moved: one read of the grads more than the step, where
+``clip_grad_norm_`` reads them twice and writes them once.
+
+The norms: numba's reduction kernel over the grads' addresses in the plan's launches (what the
+plan checked for the step's kernel, K1-K5 of :mod:`fuseopt._plan`, holds for the reduction too:
+it reads the grad rows and nothing else), accumulated in float64; torch's ``_foreach_norm`` for
+the grads of every other backend, as ``clip_grad_norm_`` computes them. The host math after them
+is torch's, on the same tensors: the total norm of the per-tensor norms, the non-finite check,
+``max_norm / (total + 1e-6)`` clamped to 1.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["options", "prepare"]
+
+
+def check(max_grad_norm: Any, norm_type: Any, error_if_nonfinite: Any) -> None:
+    """A clear error for clipping options outside their range."""
+    if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)):
+        raise TypeError(
+            f"max_grad_norm must be a number or None, got {type(max_grad_norm).__name__}"
+        )
+    if not 0.0 < max_grad_norm < math.inf:
+        raise ValueError(
+            f"Invalid max_grad_norm value: {max_grad_norm} (a positive finite number, or None "
+            "for no clipping)"
+        )
+    if isinstance(norm_type, bool) or not isinstance(norm_type, (int, float)):
+        raise TypeError(f"norm_type must be a number, got {type(norm_type).__name__}")
+    if not norm_type > 0.0:  # (NaN too)
+        raise ValueError(f"Invalid norm_type value: {norm_type} (a positive number, or inf)")
+    if not isinstance(error_if_nonfinite, bool):
+        raise TypeError(
+            f"error_if_nonfinite must be a bool, got {type(error_if_nonfinite).__name__}"
+        )
+
+
+def options(max_grad_norm: Any, norm_type: Any, error_if_nonfinite: Any) -> dict:
+    """The group options for a constructor's clipping arguments, checked: none without clipping
+    (``max_grad_norm=None``), so that the groups stay torch's."""
+    if max_grad_norm is None:
+        return {}
+    check(max_grad_norm, norm_type, error_if_nonfinite)
+    return dict(
+        max_grad_norm=float(max_grad_norm), norm_type=float(norm_type),
+        error_if_nonfinite=error_if_nonfinite,
+    )  # fmt: skip
+
+
+def clips(group: dict) -> bool:
+    """Whether ``group``'s params take part in the step's clipping."""
+    return group.get("max_grad_norm") is not None
+
+
+def _settings(groups: list[dict]) -> tuple[float, float, bool]:
+    """The one (max_grad_norm, norm_type, error_if_nonfinite) of the clipping ``groups``."""
+    found = set()
+    for group in groups:
+        if group.get("capturable"):
+            raise ValueError(
+                "max_grad_norm is not supported with capturable=True: the clip coefficient is "
+                "read on the host"
+            )
+        norm_type = group.get("norm_type", 2.0)
+        error = group.get("error_if_nonfinite", False)
+        check(group["max_grad_norm"], norm_type, error)
+        found.add((float(group["max_grad_norm"]), float(norm_type), error))
+    if len(found) > 1:
+        raise ValueError(
+            "max_grad_norm, norm_type and error_if_nonfinite must be the same in every param "
+            f"group that clips (one norm over all of their grads), got {sorted(found)}"
+        )
+    return found.pop()
+
+
+def prepare(plans: list) -> torch.Tensor | None:
+    """For the step's ``plans`` (``(group, GroupPlan)``, all checked, nothing run): the total
+    grad norm of the groups that clip, with every launch of theirs given its ``clip_coef``;
+    None where no group clips. Reads grads only; raises (``error_if_nonfinite``) before anything
+    changes."""
+    clipping = [(group, plan) for group, plan in plans if clips(group)]
+    if not clipping:
+        return None
+    max_norm, norm_type, error_if_nonfinite = _settings([group for group, _ in clipping])
+    launches = [
+        launch for _, plan in clipping for _, _, round_launches in plan.rounds
+        for launch in round_launches
+    ]  # fmt: skip
+    pieces = _norms(launches, norm_type)
+    if not pieces:
+        return torch.tensor(0.0)  # (as clip_grad_norm_ without grads)
+    device = pieces[0].device
+    total = torch.linalg.vector_norm(torch.cat([p.to(device) for p in pieces]), norm_type)
+    if error_if_nonfinite and torch.logical_or(total.isnan(), total.isinf()):
+        raise RuntimeError(
+            f"The total norm of order {norm_type} for gradients from `parameters` is "
+            "non-finite, so it cannot be clipped. To disable this error and scale the gradients "
+            "by the non-finite norm anyway, set `error_if_nonfinite=False`"
+        )
+    coef = max_norm / (total + 1e-6)
+    value = torch.clamp(coef, max=1.0).item()
+    for launch in launches:
+        launch.scalars["clip_coef"] = value
+    return total
+
+
+def _norms(launches: list, norm_type: float) -> list[torch.Tensor]:
+    """The per-tensor norms of the launches' grads, each param's once (a param listed twice is in
+    two rounds), as 1-D tensors in the grads' dtypes."""
+    from fuseopt.kernels import numba_cpu
+
+    pieces = []
+    seen_addresses: set = set()
+    seen_grads: set = set()
+    by_kind: dict[tuple, list[torch.Tensor]] = {}  # (device, dtype) -> grads, in order
+    for launch in launches:
+        if launch.backend == "sparse":
+            raise RuntimeError("max_grad_norm does not support sparse gradients")
+        if launch.shards:  # the norm of a sharded grad needs the other ranks' shards
+            raise NotImplementedError(
+                "max_grad_norm with DTensor (FSDP2) params is not supported yet: clip with "
+                "torch.nn.utils.clip_grad_norm_ before the step"
+            )
+        if launch.backend == "numba" and (norm_type == 2.0 or not launch.real_view):
+            # (a complex param's kernel walks its real view: only its 2-norm is the same)
+            table = launch.address_table()
+            keep = []
+            for i, key in enumerate(zip(table[0].tolist(), launch.numels)):
+                if key not in seen_addresses:
+                    seen_addresses.add(key)
+                    keep.append(i)
+            if not keep:
+                continue
+            rows = table[1] if len(keep) == table.shape[1] else table[1][keep]
+            numels = tuple(launch.numels[i] for i in keep)
+            if norm_type == math.inf and 0 in numels:  # (torch's error: max of nothing)
+                raise RuntimeError(
+                    "_foreach_norm cannot compute the infinity norm on an empty tensor because "
+                    "the operation does not have an identity"
+                )
+            sums = numba_cpu.grad_norms(np.ascontiguousarray(rows), numels, launch.dtype, norm_type)
+            pieces.append(torch.from_numpy(sums).to(launch.dtype))
+            continue
+        for g in launch.grads:
+            if id(g) not in seen_grads:
+                seen_grads.add(id(g))
+                by_kind.setdefault((g.device, g.dtype), []).append(g)
+    for grads in by_kind.values():
+        pieces.append(torch.stack(torch._foreach_norm(grads, norm_type)))
+    return pieces
