@@ -19,6 +19,10 @@ the one place that establishes, at every step and before any address is read:
   tensor of the launch (grads are only read: they may share memory among themselves);
 - K6 *counters*: a ``step`` that the host bumps through its address is a CPU float32/float64
   tensor of one element, with K2 and K4.
+- K7 *norms* (``max_grad_norm``): the clipping pass (:mod:`fuseopt._clip`) reads, after every
+  group is planned, the grad rows of the numba launches' address tables and nothing else, so
+  K2-K5 of those launches are its assumptions too; it writes nothing (a reduction slot per chunk
+  of a host array it allocates).
 
 A step checked in full establishes K2-K5 per param (:func:`~fuseopt._facts.entry_check`, with
 its grad and state) and K6 per counter (:func:`~fuseopt._facts.standard_step`); a group seen

@@ -27,7 +27,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -53,11 +53,32 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Algorithm:
-    """One benchmarked algorithm: a class name that both fuseopt and torch.optim export."""
+    """One benchmarked algorithm: a class name that both fuseopt and torch.optim export.
+
+    With ``max_grad_norm``, each step clips the grads to that global norm: fuseopt inside its
+    step (the option of that name), torch as its users do, ``clip_grad_norm_(foreach=True)``
+    just before its step; ``optimizer`` then names the class (``name`` is the row's)."""
 
     name: str
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     bytes_per_element: int = 0  # float32 bytes read + written per param element and step
+    max_grad_norm: float | None = None
+    optimizer: str = ""
+
+    def make(self, library: str, params: list, flags: Mapping[str, Any]) -> Callable[[], Any]:
+        """The step function of ``library``'s optimizer over ``params`` with ``flags``."""
+        cls = getattr(LIBRARIES[library], self.optimizer or self.name)
+        if self.max_grad_norm is None:
+            return cls(params, **self.kwargs, **flags).step
+        if library == "fuseopt":
+            return cls(params, **self.kwargs, **flags, max_grad_norm=self.max_grad_norm).step
+        opt = cls(params, **self.kwargs, **flags)
+
+        def clipped_step() -> None:
+            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm, foreach=True)
+            opt.step()
+
+        return clipped_step
 
 
 # One line per algorithm. bytes_per_element counts the tensors a fused kernel must stream.
@@ -75,6 +96,8 @@ ALGORITHMS: dict[str, Algorithm] = {
         Algorithm("RAdam", {}, 7 * 4),  # as Adam
         Algorithm("RMSprop", {}, 5 * 4),  # read p, g, square_avg; write p, square_avg
         Algorithm("Rprop", {}, 7 * 4),  # read p, g, prev, step_size; write three
+        # + one read of the grads for their norm (torch: that read, then a read and a write)
+        Algorithm("AdamW+clip", {"lr": 1e-3}, 8 * 4, max_grad_norm=1.0, optimizer="AdamW"),
     )
 }
 
@@ -187,19 +210,18 @@ def _time_pair(
     opts: dict[str, Any] = {}
     results: dict[str, list[float] | Exception] = {}
     try:
-        for library, module in LIBRARIES.items():
+        for library in LIBRARIES:
             try:
-                opt = getattr(module, algorithm.name)(
-                    _make_params(shapes, dtype=dtype, device=device),
-                    **algorithm.kwargs,
-                    **IMPLEMENTATIONS[impl],
-                )
+                step = algorithm.make(
+                    library, _make_params(shapes, dtype=dtype, device=device),
+                    IMPLEMENTATIONS[impl],
+                )  # fmt: skip
                 for _ in range(WARMUP_STEPS):
-                    opt.step()
+                    step()
             except (RuntimeError, ValueError, TypeError) as e:
                 results[library] = e
             else:
-                opts[library] = opt
+                opts[library] = step
                 results[library] = []
         sync = _synchronizer(device)
         # Calibrate just before and after the timed steps; between rounds only for steps larger
@@ -208,10 +230,10 @@ def _time_pair(
         for _ in range(steps):
             if calibrate_each_round and calibration is not None:
                 gbps.append(calibration())
-            for library, opt in opts.items():
+            for library, step in opts.items():
                 sync()
                 start = time.perf_counter()
-                opt.step()
+                step()
                 sync()
                 results[library].append(time.perf_counter() - start)
         if calibration is not None:

@@ -14,6 +14,7 @@ import sys
 from importlib import resources
 
 import pytest
+import torch
 
 from fuseopt import bench, cli
 
@@ -88,6 +89,25 @@ def test_an_implementation_that_fails_is_reported_not_fatal(monkeypatch):
         assert r["ms"] is None and r["ratio"] is None
         assert "Invalid learning rate" in r["error"]
     assert "n/a" in bench.format_table(rows)
+
+
+def test_clipping_row_clips_in_each_library_as_its_users_do():
+    """``AdamW+clip``: fuseopt's step clips inside (its grads unwritten), torch's row runs
+    ``clip_grad_norm_`` before its step (the grads written), and both end at the same params."""
+    algorithm = bench.ALGORITHMS["AdamW+clip"]
+    runs = {}
+    for library in bench.LIBRARIES:
+        params = bench._make_params([(50, 40), (300,)])
+        for p in params:
+            p.grad.mul_(1e3)  # (a norm of ~50: clipped to 1)
+        grads = [p.grad.clone() for p in params]
+        step = algorithm.make(library, params, {"foreach": False})
+        step()
+        runs[library] = (params, grads)
+    (ours, our_grads), (theirs, their_grads) = runs["fuseopt"], runs["torch"]
+    assert all(torch.equal(p.grad, g) for p, g in zip(ours, our_grads))
+    assert not any(torch.equal(p.grad, g) for p, g in zip(theirs, their_grads))
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-9)  # (a rounding of the norm)
 
 
 def test_table_names_every_algorithm(tiny_rows):
