@@ -35,7 +35,11 @@ IMPLS = {
     "foreach": (dict(foreach=True), dict(foreach=True)),
     "fused": (dict(fused=True), dict(fused=True)),
     "default": ({}, dict(foreach=False)),
+    # clipping inside the fused step (its norm pass reads the grads the plan checked), against
+    # torch's clip_grad_norm_(foreach=True) before each of its steps; expectations as "fused"
+    "fused_clip": (dict(fused=True, max_grad_norm=1.0), dict(fused=True)),
 }
+CLIP = 1.0
 TORCH_FUSED = {"SGD", "Adam", "AdamW", "Adagrad"}
 # Each algorithm with options that give it every kind of state it can keep.
 BASE = {
@@ -258,7 +262,9 @@ FAULTS = [
           why=_UNSAFE_GRAD + "; torch's Rprop raises an IndexError (a boolean mask of another "
           "shape), fuseopt broadcasts as for every other algorithm"),
     Fault("grad_neg_view", _grad(lambda p: setattr(p, "grad", torch._neg_view(-p.grad))),
-          after_grads=True, expect={"fused": "forloop"}, why=_LOOP),
+          after_grads=True, expect={"fused": "forloop", "fused_clip": "runs"},
+          why=_LOOP + "; clip_grad_norm_ scales the grads in place, which torch refuses on a "
+          "negative view, where fuseopt's clipping never writes a grad"),
     Fault("grad_float64", _grad(lambda p: setattr(p.grad, "data", p.grad.double())),
           after_grads=True, expect={"fused": "forloop"}, why=_LOOP),
     Fault("grad_with_gaps",
@@ -340,6 +346,20 @@ def _unchanged(a: list, b: list) -> bool:
     return True
 
 
+class _Clipped:
+    """A torch optimizer whose ``step`` clips the grads of ``params`` first, as its users do."""
+
+    def __init__(self, opt, params):
+        self.opt, self.params = opt, params
+
+    def __getattr__(self, name):
+        return getattr(self.opt, name)
+
+    def step(self):
+        torch.nn.utils.clip_grad_norm_(self.params, CLIP, foreach=True)
+        self.opt.step()
+
+
 def _step(opt) -> str | None:
     """Step; the exception's type name, or None."""
     try:
@@ -395,15 +415,17 @@ def run_case(case: str) -> dict:
     fault_name, algo, impl = case.split("/")
     fault = BY_NAME[fault_name]
     kwargs = fault.algorithms[algo]
-    expect = next(
-        (fault.expect[k] for k in (f"{algo}/{impl}", algo, impl) if k in fault.expect), None
-    )
+    as_impl = "fused" if impl == "fused_clip" else impl  # (whose expectations apply)
+    keys = (f"{algo}/{impl}", f"{algo}/{as_impl}", algo, impl, as_impl)
+    expect = next((fault.expect[k] for k in keys if k in fault.expect), None)
     ours_flags, torch_flags = IMPLS[impl]
-    if expect == "forloop" or (impl == "fused" and algo not in TORCH_FUSED):
+    if expect == "forloop" or (as_impl == "fused" and algo not in TORCH_FUSED):
         torch_flags = dict(foreach=False)
     ours, theirs = _params(), _params()
     ours_opt = getattr(fuseopt, algo)(ours, **kwargs, **ours_flags)
     theirs_opt = getattr(torch.optim, algo)(theirs, **kwargs, **torch_flags)
+    if impl == "fused_clip":
+        theirs_opt = _Clipped(theirs_opt, theirs)
     for step in range(2):
         _set_grads(ours, step)
         _set_grads(theirs, step)

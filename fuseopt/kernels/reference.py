@@ -159,8 +159,9 @@ def update(rule, flags, s, p, g, state: dict, odd: bool) -> dict:
 
 def check(launch) -> None:
     """Run the rule of ``launch``'s odd params (tensors of several dtypes) on meta tensors, which
-    hold no data: torch's dtype and shape errors, raised before the step changes anything."""
-    s = SimpleNamespace(**launch.scalars)
+    hold no data: torch's dtype and shape errors, raised before the step changes anything. (The
+    clip coefficient comes after every group is planned: any number does for meta tensors.)"""
+    s = SimpleNamespace(**{"clip_coef": 1.0, **launch.scalars})
     names = launch.operands[2:]
 
     def meta(t):
