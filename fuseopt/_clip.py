@@ -1,4 +1,5 @@
-"""Global grad-norm clipping inside the step (``max_grad_norm=``): its options, and the norm pass.
+"""The step's pass over its grads before anything changes: global grad-norm clipping
+(``max_grad_norm=``) and skipping a step whose grads are not finite (``skip_if_nonfinite=``).
 
 A step that clips gives the numbers of ``torch.nn.utils.clip_grad_norm_(params, max_grad_norm,
 norm_type, error_if_nonfinite, foreach=True)`` followed by the step, over the params of every
@@ -14,6 +15,12 @@ it reads the grad rows and nothing else), accumulated in float64; torch's ``_for
 the grads of every other backend, as ``clip_grad_norm_`` computes them. The host math after them
 is torch's, on the same tensors: the total norm of the per-tensor norms, the non-finite check,
 ``max_norm / (total + 1e-6)`` clamped to 1.
+
+``skip_if_nonfinite=True`` (optax's ``apply_if_finite``): where a grad of a group that sets it
+holds an inf or a NaN, no group steps: params, state and step counts stay as they are, and
+``opt.stepped`` says so. A finite total norm of the clipping groups settles it without another
+pass (a sum of finite squares is finite only if each is); else one pass of ``x * 0`` sums (NaN
+exactly where an element is inf or NaN).
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["options", "prepare"]
+__all__ = ["clips", "options", "prepare"]
 
 
 def check(max_grad_norm: Any, norm_type: Any, error_if_nonfinite: Any) -> None:
@@ -48,15 +55,22 @@ def check(max_grad_norm: Any, norm_type: Any, error_if_nonfinite: Any) -> None:
         )
 
 
-def options(max_grad_norm: Any, norm_type: Any, error_if_nonfinite: Any) -> dict:
-    """The group options for a constructor's clipping arguments, checked: none without clipping
-    (``max_grad_norm=None``), so that the groups stay torch's."""
+def options(
+    max_grad_norm: Any, norm_type: Any, error_if_nonfinite: Any, skip_if_nonfinite: Any = False
+) -> dict:
+    """The group options for a constructor's arguments, checked: only those asked for (none by
+    default), so that the groups stay torch's."""
+    if not isinstance(skip_if_nonfinite, bool):
+        raise TypeError(
+            f"skip_if_nonfinite must be a bool, got {type(skip_if_nonfinite).__name__}"
+        )
+    out = {"skip_if_nonfinite": True} if skip_if_nonfinite else {}
     if max_grad_norm is None:
-        return {}
+        return out
     check(max_grad_norm, norm_type, error_if_nonfinite)
     return dict(
         max_grad_norm=float(max_grad_norm), norm_type=float(norm_type),
-        error_if_nonfinite=error_if_nonfinite,
+        error_if_nonfinite=error_if_nonfinite, **out,
     )  # fmt: skip
 
 
@@ -86,19 +100,55 @@ def _settings(groups: list[dict]) -> tuple[float, float, bool]:
     return found.pop()
 
 
-def prepare(plans: list) -> torch.Tensor | None:
+def _launches(plans: list) -> list:
+    return [launch for _, plan in plans for _, _, launches in plan.rounds for launch in launches]
+
+
+def prepare(plans: list) -> tuple[torch.Tensor | None, bool]:
     """For the step's ``plans`` (``(group, GroupPlan)``, all checked, nothing run): the total
-    grad norm of the groups that clip, with every launch of theirs given its ``clip_coef``;
-    None where no group clips. Reads grads only; raises (``error_if_nonfinite``) before anything
-    changes."""
+    grad norm of the groups that clip (None where none clips), with every launch of theirs
+    given its ``clip_coef``, and whether the step is to be skipped (a non-finite grad in a group
+    with ``skip_if_nonfinite``). Reads grads only; raises (``error_if_nonfinite``) before
+    anything changes."""
+    total = _clip(plans)
+    guarded = [(group, plan) for group, plan in plans if group.get("skip_if_nonfinite")]
+    if not guarded:
+        return total, False
+    if total is not None and bool(torch.isfinite(total)):
+        covered = {id(group) for group, _ in plans if clips(group)}
+        if all(id(group) in covered for group, _ in guarded):
+            return total, False  # (finite: every grad it summed is)
+    return total, _nonfinite(_launches(guarded))
+
+
+def _nonfinite(launches: list) -> bool:
+    """Whether a grad of ``launches`` holds an inf or a NaN."""
+    from fuseopt.kernels import numba_cpu
+
+    for launch in launches:
+        if launch.backend == "numba":
+            table = launch.address_table()
+            flags = numba_cpu.grad_norms(
+                np.ascontiguousarray(table[1]), launch.numels, launch.dtype, None
+            )
+            if np.isnan(flags).any():
+                return True
+            continue
+        for g in launch.grads:
+            values = g._values() if g.is_sparse else g
+            if not bool(torch.isfinite(values).all()):
+                return True
+    return False
+
+
+def _clip(plans: list) -> torch.Tensor | None:
+    """The total grad norm of the groups that clip, each of their launches given its
+    ``clip_coef``; None where no group clips."""
     clipping = [(group, plan) for group, plan in plans if clips(group)]
     if not clipping:
         return None
     max_norm, norm_type, error_if_nonfinite = _settings([group for group, _ in clipping])
-    launches = [
-        launch for _, plan in clipping for _, _, round_launches in plan.rounds
-        for launch in round_launches
-    ]  # fmt: skip
+    launches = _launches(clipping)
     pieces = _norms(launches, norm_type)
     if not pieces:
         return torch.tensor(0.0)  # (as clip_grad_norm_ without grads)

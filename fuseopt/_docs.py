@@ -26,7 +26,9 @@ clipping = """max_grad_norm (float, optional): clip the grads to this total norm
         norm_type (float, optional): the p of the clipping p-norm, ``inf`` for the max norm
             (default: 2.0)
         error_if_nonfinite (bool, optional): raise, before anything changes, where the total
-            norm is inf or NaN (default: False)"""
+            norm is inf or NaN (default: False)
+        skip_if_nonfinite (bool, optional): where a grad holds an inf or a NaN, change nothing
+            (params, state, step counts) and set ``opt.stepped`` to False (default: False)"""
 
 
 def fill(doc: str) -> str:

@@ -19,10 +19,10 @@ the one place that establishes, at every step and before any address is read:
   tensor of the launch (grads are only read: they may share memory among themselves);
 - K6 *counters*: a ``step`` that the host bumps through its address is a CPU float32/float64
   tensor of one element, with K2 and K4.
-- K7 *norms* (``max_grad_norm``): the clipping pass (:mod:`fuseopt._clip`) reads, after every
-  group is planned, the grad rows of the numba launches' address tables and nothing else, so
-  K2-K5 of those launches are its assumptions too; it writes nothing (a reduction slot per chunk
-  of a host array it allocates).
+- K7 *norms* (``max_grad_norm``, ``skip_if_nonfinite``): the pass over the grads
+  (:mod:`fuseopt._clip`) reads, after every group is planned, the grad rows of the numba
+  launches' address tables and nothing else, so K2-K5 of those launches are its assumptions
+  too; it writes nothing (a reduction slot per chunk of a host array it allocates).
 
 A step checked in full establishes K2-K5 per param (:func:`~fuseopt._facts.entry_check`, with
 its grad and state) and K6 per counter (:func:`~fuseopt._facts.standard_step`); a group seen
@@ -695,10 +695,11 @@ def _with_firsts(e: Entry, made: dict | None, names: list[str]) -> list:
     return out
 
 
-def plan_step(opt) -> tuple[list[tuple[dict, GroupPlan]], torch.Tensor | None]:
-    """Plans for every group of ``opt`` with grads, all checked before any group steps, and the
-    total grad norm of the groups that clip (None: none clips), computed after the checks and
-    before anything changes."""
+def plan_step(opt) -> tuple[list[tuple[dict, GroupPlan]], torch.Tensor | None, bool]:
+    """Plans for every group of ``opt`` with grads, all checked before any group steps; the
+    total grad norm of the groups that clip (None: none clips); and whether the step is skipped
+    (a non-finite grad where ``skip_if_nonfinite``). The last two come from one read-only pass
+    over the grads (:mod:`fuseopt._clip`), after the checks and before anything changes."""
     plans = []
     for group in opt.param_groups:
         with torch.set_grad_enabled(bool(group.get("differentiable", False))):
@@ -706,5 +707,5 @@ def plan_step(opt) -> tuple[list[tuple[dict, GroupPlan]], torch.Tensor | None]:
         if plan is not None:
             plans.append((group, plan))
     with torch.no_grad():
-        grad_norm = _clip.prepare(plans)
-    return plans, grad_norm
+        grad_norm, skip = _clip.prepare(plans)
+    return plans, grad_norm, skip

@@ -88,6 +88,7 @@ class Adadelta(Optimizer):
         max_grad_norm: float | None = None,
         norm_type: float = 2.0,
         error_if_nonfinite: bool = False,
+        skip_if_nonfinite: bool = False,
     ) -> None:
         check_lr(lr)
         if not 0.0 <= rho <= 1.0:
@@ -97,8 +98,8 @@ class Adadelta(Optimizer):
             lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize,
             capturable=capturable, foreach=foreach, differentiable=differentiable,
         )  # fmt: skip
-        clipping = _clip.options(max_grad_norm, norm_type, error_if_nonfinite)
-        super().__init__(params, with_fused({**defaults, **clipping}, fused))
+        grad_options = _clip.options(max_grad_norm, norm_type, error_if_nonfinite, skip_if_nonfinite)
+        super().__init__(params, with_fused({**defaults, **grad_options}, fused))
 
 
 Adadelta.__doc__ = _docs.fill(Adadelta.__doc__)

@@ -102,6 +102,7 @@ class Adagrad(Optimizer):
         max_grad_norm: float | None = None,
         norm_type: float = 2.0,
         error_if_nonfinite: bool = False,
+        skip_if_nonfinite: bool = False,
     ) -> None:
         check_lr(lr)
         check_non_negative(
@@ -115,8 +116,8 @@ class Adagrad(Optimizer):
             initial_accumulator_value=initial_accumulator_value, foreach=foreach,
             maximize=maximize, differentiable=differentiable, fused=fused,
         )  # fmt: skip
-        clipping = _clip.options(max_grad_norm, norm_type, error_if_nonfinite)
-        super().__init__(params, {**defaults, **clipping})
+        grad_options = _clip.options(max_grad_norm, norm_type, error_if_nonfinite, skip_if_nonfinite)
+        super().__init__(params, {**defaults, **grad_options})
         for group in self.param_groups:
             init_state(self, group, group["params"])
 

@@ -150,6 +150,7 @@ class Adam(Optimizer):
         max_grad_norm: float | None = None,
         norm_type: float = 2.0,
         error_if_nonfinite: bool = False,
+        skip_if_nonfinite: bool = False,
     ) -> None:
         _check_adam_args(lr, betas, eps, weight_decay, foreach, capturable)
         defaults = dict(
@@ -158,8 +159,8 @@ class Adam(Optimizer):
             differentiable=differentiable, fused=fused,
             decoupled_weight_decay=decoupled_weight_decay,
         )  # fmt: skip
-        clipping = _clip.options(max_grad_norm, norm_type, error_if_nonfinite)
-        super().__init__(params, {**defaults, **clipping})
+        grad_options = _clip.options(max_grad_norm, norm_type, error_if_nonfinite, skip_if_nonfinite)
+        super().__init__(params, {**defaults, **grad_options})
 
 
 Adam.__doc__ = _docs.fill(Adam.__doc__)

@@ -85,6 +85,7 @@ class Adamax(Optimizer):
         max_grad_norm: float | None = None,
         norm_type: float = 2.0,
         error_if_nonfinite: bool = False,
+        skip_if_nonfinite: bool = False,
     ) -> None:
         check_lr(lr)
         check_non_negative(eps=eps)
@@ -94,8 +95,8 @@ class Adamax(Optimizer):
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach,
             maximize=maximize, differentiable=differentiable, capturable=capturable,
         )  # fmt: skip
-        clipping = _clip.options(max_grad_norm, norm_type, error_if_nonfinite)
-        super().__init__(params, with_fused({**defaults, **clipping}, fused))
+        grad_options = _clip.options(max_grad_norm, norm_type, error_if_nonfinite, skip_if_nonfinite)
+        super().__init__(params, with_fused({**defaults, **grad_options}, fused))
 
 
 Adamax.__doc__ = _docs.fill(Adamax.__doc__)

@@ -49,12 +49,13 @@ class AdamW(Adam):
         max_grad_norm: float | None = None,
         norm_type: float = 2.0,
         error_if_nonfinite: bool = False,
+        skip_if_nonfinite: bool = False,
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
             capturable=capturable, differentiable=differentiable, fused=fused,
             decoupled_weight_decay=True, max_grad_norm=max_grad_norm, norm_type=norm_type,
-            error_if_nonfinite=error_if_nonfinite,
+            error_if_nonfinite=error_if_nonfinite, skip_if_nonfinite=skip_if_nonfinite,
         )  # fmt: skip
 
     def _after_setstate(self) -> None:

@@ -292,7 +292,9 @@ class LBFGS(Optimizer):
         """
         # Defined only for torch's signature (the closure is required, and omitting it raises
         # torch's TypeError); the base class runs the hooks around it.
-        return self._step(closure)
+        loss = self._step(closure)
+        self._record_plain_step()
+        return loss
 
     @torch.no_grad()
     def _step(self, closure: Callable[[], Any] | None = None) -> Any:

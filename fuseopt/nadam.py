@@ -129,6 +129,7 @@ class NAdam(Optimizer):
         max_grad_norm: float | None = None,
         norm_type: float = 2.0,
         error_if_nonfinite: bool = False,
+        skip_if_nonfinite: bool = False,
     ) -> None:
         check_lr(lr)
         check_non_negative(eps=eps)
@@ -139,8 +140,8 @@ class NAdam(Optimizer):
             decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, foreach=foreach,
             capturable=capturable, differentiable=differentiable,
         )  # fmt: skip
-        clipping = _clip.options(max_grad_norm, norm_type, error_if_nonfinite)
-        super().__init__(params, with_fused({**defaults, **clipping}, fused))
+        grad_options = _clip.options(max_grad_norm, norm_type, error_if_nonfinite, skip_if_nonfinite)
+        super().__init__(params, with_fused({**defaults, **grad_options}, fused))
 
 
 NAdam.__doc__ = _docs.fill(NAdam.__doc__)

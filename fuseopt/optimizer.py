@@ -127,12 +127,15 @@ def _apply_step(opt: Optimizer) -> None:
     a step that fails changes nothing."""
     from fuseopt._plan import plan_step  # the plan imports this module's users
 
-    plans, grad_norm = plan_step(opt)
-    for group, plan in plans:
-        with torch.set_grad_enabled(bool(group.get("differentiable", False))):
-            plan.run()
+    plans, grad_norm, skip = plan_step(opt)
+    if not skip:
+        for group, plan in plans:
+            with torch.set_grad_enabled(bool(group.get("differentiable", False))):
+                plan.run()
     if grad_norm is not None:
         opt.grad_norm = grad_norm
+    ran = bool(plans) and not skip
+    opt._record_step(ran, next((p.found_inf for _, p in plans if p.found_inf is not None), None))
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -151,6 +154,12 @@ class Optimizer(torch.optim.Optimizer):
     rule = None  # the elementwise update rule; None for optimizers that override ``_step``
     #: the total grad norm of the last step that clipped (``max_grad_norm``), a 0-dim tensor
     grad_norm: torch.Tensor | None = None
+    # what ``stepped`` and ``steps_taken`` read (not in state dicts: a loaded optimizer starts
+    # counting again)
+    _ran_last = False
+    _steps_ran = 0
+    _found_inf_last: torch.Tensor | None = None  # GradScaler's, read by the last step's kernels
+    _skipped_on_device: torch.Tensor | None = None  # of those, the steps they skipped
 
     def __init__(self, params: Iterable, defaults: dict[str, Any]) -> None:
         torch._C._log_api_usage_once("python.optimizer")
@@ -371,7 +380,17 @@ class Optimizer(torch.optim.Optimizer):
             closure (Callable, optional): a closure that re-evaluates the model and returns the loss;
                 it runs with gradients enabled.
         """
-        return self._step(closure)
+        if self.rule is not None:
+            return self._step(closure)  # (it records what it did: see ``stepped``)
+        loss = self._step(closure)
+        self._record_plain_step()
+        return loss
+
+    def _record_plain_step(self) -> None:
+        """:meth:`_record_step` after the step of an optimizer without a rule (plain code): it
+        ran where a param has a grad."""
+        groups = _compile.groups(self)
+        self._record_step(any(p.grad is not None for g in groups for p in g["params"]))
 
     def _step(self, closure: Callable[[], Any] | None = None) -> Any:
         """The algorithm's step, without hooks: evaluate the closure, then apply the rule per group."""
@@ -386,6 +405,37 @@ class Optimizer(torch.optim.Optimizer):
         else:
             _apply_step(self)
         return loss
+
+    def _record_step(self, ran: bool, found_inf: torch.Tensor | None = None) -> None:
+        """Record what the step just taken did: whether it ran the update (``ran``), and
+        GradScaler's ``found_inf`` where the kernels skip on it themselves (read lazily: on a
+        device it is not brought to the host now)."""
+        self._ran_last = ran
+        self._found_inf_last = found_inf if ran else None
+        if ran:
+            self._steps_ran += 1
+            if found_inf is not None:
+                skipped = found_inf.detach().to(torch.int64)
+                prior = self._skipped_on_device
+                self._skipped_on_device = skipped if prior is None else prior + skipped
+
+    @property
+    def stepped(self) -> bool:
+        """Whether the last :meth:`step` updated the params: False where it found no grad, where
+        ``skip_if_nonfinite`` skipped it, or where GradScaler's ``found_inf`` did (a step
+        GradScaler skips without calling :meth:`step` leaves this as the previous step set it:
+        compare :attr:`steps_taken` before and after ``scaler.step``)."""
+        if not self._ran_last:
+            return False
+        return self._found_inf_last is None or not bool(self._found_inf_last.item())
+
+    @property
+    def steps_taken(self) -> int:
+        """The number of :meth:`step` calls that updated the params since construction (or
+        unpickling): a scheduler that must advance only with the optimizer steps when this
+        grows."""
+        skipped = self._skipped_on_device
+        return self._steps_ran - (0 if skipped is None else int(skipped.item()))
 
     @staticmethod
     def profile_hook_step(func: Callable) -> Callable:

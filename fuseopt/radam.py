@@ -119,6 +119,7 @@ class RAdam(Optimizer):
         max_grad_norm: float | None = None,
         norm_type: float = 2.0,
         error_if_nonfinite: bool = False,
+        skip_if_nonfinite: bool = False,
     ) -> None:
         check_lr(lr)
         check_non_negative(eps=eps)
@@ -129,8 +130,8 @@ class RAdam(Optimizer):
             foreach=foreach, capturable=capturable, decoupled_weight_decay=decoupled_weight_decay,
             differentiable=differentiable,
         )  # fmt: skip
-        clipping = _clip.options(max_grad_norm, norm_type, error_if_nonfinite)
-        super().__init__(params, with_fused({**defaults, **clipping}, fused))
+        grad_options = _clip.options(max_grad_norm, norm_type, error_if_nonfinite, skip_if_nonfinite)
+        super().__init__(params, with_fused({**defaults, **grad_options}, fused))
 
 
 RAdam.__doc__ = _docs.fill(RAdam.__doc__)

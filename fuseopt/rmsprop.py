@@ -117,6 +117,7 @@ class RMSprop(Optimizer):
         max_grad_norm: float | None = None,
         norm_type: float = 2.0,
         error_if_nonfinite: bool = False,
+        skip_if_nonfinite: bool = False,
     ) -> None:
         check_lr(lr)
         check_non_negative(eps=eps, momentum=momentum, weight_decay=weight_decay, alpha=alpha)
@@ -125,8 +126,8 @@ class RMSprop(Optimizer):
             weight_decay=weight_decay, capturable=capturable, foreach=foreach, maximize=maximize,
             differentiable=differentiable,
         )  # fmt: skip
-        clipping = _clip.options(max_grad_norm, norm_type, error_if_nonfinite)
-        super().__init__(params, with_fused({**defaults, **clipping}, fused))
+        grad_options = _clip.options(max_grad_norm, norm_type, error_if_nonfinite, skip_if_nonfinite)
+        super().__init__(params, with_fused({**defaults, **grad_options}, fused))
 
 
 RMSprop.__doc__ = _docs.fill(RMSprop.__doc__)

@@ -106,6 +106,7 @@ class Rprop(Optimizer):
         max_grad_norm: float | None = None,
         norm_type: float = 2.0,
         error_if_nonfinite: bool = False,
+        skip_if_nonfinite: bool = False,
     ) -> None:
         check_lr(lr)
         if not 0.0 < etas[0] < 1.0 < etas[1]:
@@ -114,8 +115,8 @@ class Rprop(Optimizer):
             lr=lr, etas=etas, step_sizes=step_sizes, foreach=foreach, maximize=maximize,
             differentiable=differentiable, capturable=capturable,
         )  # fmt: skip
-        clipping = _clip.options(max_grad_norm, norm_type, error_if_nonfinite)
-        super().__init__(params, with_fused({**defaults, **clipping}, fused))
+        grad_options = _clip.options(max_grad_norm, norm_type, error_if_nonfinite, skip_if_nonfinite)
+        super().__init__(params, with_fused({**defaults, **grad_options}, fused))
 
 
 Rprop.__doc__ = _docs.fill(Rprop.__doc__)

@@ -100,6 +100,7 @@ class SGD(Optimizer):
         max_grad_norm: float | None = None,
         norm_type: float = 2.0,
         error_if_nonfinite: bool = False,
+        skip_if_nonfinite: bool = False,
     ) -> None:
         check_lr(lr)
         check_non_negative(momentum=momentum, weight_decay=weight_decay)
@@ -110,8 +111,8 @@ class SGD(Optimizer):
         )  # fmt: skip
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-        clipping = _clip.options(max_grad_norm, norm_type, error_if_nonfinite)
-        super().__init__(params, {**defaults, **clipping})
+        grad_options = _clip.options(max_grad_norm, norm_type, error_if_nonfinite, skip_if_nonfinite)
+        super().__init__(params, {**defaults, **grad_options})
 
 
 SGD.__doc__ = _docs.fill(SGD.__doc__)

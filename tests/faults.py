@@ -38,6 +38,9 @@ IMPLS = {
     # clipping inside the fused step (its norm pass reads the grads the plan checked), against
     # torch's clip_grad_norm_(foreach=True) before each of its steps; expectations as "fused"
     "fused_clip": (dict(fused=True, max_grad_norm=1.0), dict(fused=True)),
+    # the finiteness pass over the grads before the fused step (skip_if_nonfinite; the grads
+    # here are finite, so torch's plain step is the oracle); expectations as "fused"
+    "fused_skip": (dict(fused=True, skip_if_nonfinite=True), dict(fused=True)),
 }
 CLIP = 1.0
 TORCH_FUSED = {"SGD", "Adam", "AdamW", "Adagrad"}
@@ -415,7 +418,7 @@ def run_case(case: str) -> dict:
     fault_name, algo, impl = case.split("/")
     fault = BY_NAME[fault_name]
     kwargs = fault.algorithms[algo]
-    as_impl = "fused" if impl == "fused_clip" else impl  # (whose expectations apply)
+    as_impl = "fused" if impl.startswith("fused_") else impl  # (whose expectations apply)
     keys = (f"{algo}/{impl}", f"{algo}/{as_impl}", algo, impl, as_impl)
     expect = next((fault.expect[k] for k in keys if k in fault.expect), None)
     ours_flags, torch_flags = IMPLS[impl]

@@ -163,8 +163,9 @@ def norm_source(dtype: torch.dtype, kind: str, parallel: bool = True) -> str:
     """Python source of the reduction kernel ``reduce(ptrs, chunks, p, out)``: for each chunk
     ``c`` of the tensors at ``ptrs`` (of ``dtype``), ``out[c]`` = the sum of ``x * x`` (``kind``
     "sq"), of ``|x|`` ("abs"), of ``|x| ** p`` ("pow"), or the max of ``|x|`` ("max", NaN
-    sticky), accumulated in float64. ``reassoc`` lets LLVM vectorise the sums (the order is then
-    the vector lanes', fixed for a machine); NaN and inf still propagate."""
+    sticky), or of ``x * 0`` ("finite": 0, or NaN where any element is inf or NaN), accumulated
+    in float64. ``reassoc`` lets LLVM vectorise the sums (the order is then the vector lanes',
+    fixed for a machine); NaN and inf still propagate."""
     storage, _ = DTYPES[dtype]
     if storage in ("bf16", "f16"):
         pointer, load = "uint16", f"load_{storage}(a[j])"
@@ -175,6 +176,7 @@ def norm_source(dtype: torch.dtype, kind: str, parallel: bool = True) -> str:
         "abs": "acc += abs(x)",
         "pow": "acc += abs(x) ** p",
         "max": "ax = abs(x)\n            if ax > acc or ax != ax:\n                acc = ax",
+        "finite": "acc += x * 0.0",
     }[kind]
     return "\n".join(
         [
@@ -340,18 +342,22 @@ def norm_kernel(dtype: torch.dtype, kind: str, parallel: bool = True):
     return fn
 
 
-def grad_norms(ptrs: np.ndarray, numels: tuple[int, ...], dtype: torch.dtype, p: float):
+def grad_norms(ptrs: np.ndarray, numels: tuple[int, ...], dtype: torch.dtype, p: float | None):
     """The ``p``-norm (``math.inf``: the max norm) of each tensor of ``dtype`` at ``ptrs`` (grads
-    of a launch the plan checked: dense, inside their storage), as float64."""
-    kind = "max" if p == math.inf else {2.0: "sq", 1.0: "abs"}.get(p, "pow")
+    of a launch the plan checked: dense, inside their storage), as float64; ``p=None``: 0 for
+    each tensor whose elements are all finite, NaN for the others."""
+    if p is None:
+        kind = "finite"
+    else:
+        kind = "max" if p == math.inf else {2.0: "sq", 1.0: "abs"}.get(p, "pow")
     fn = norm_kernel(dtype, kind, not _forked)
     chunks = chunk_table(numels)
     out = np.empty(len(chunks), dtype=np.float64)
     with _launch_lock:
         if _forked:  # (the serial kernel: a reduction's chunks write their own slots)
-            fn(ptrs, chunks, float(p), out)
+            fn(ptrs, chunks, float(p or 0.0), out)
         else:
-            _launch(fn, ptrs, chunks, float(p), out, serial=sum(numels) < SERIAL_BELOW)
+            _launch(fn, ptrs, chunks, float(p or 0.0), out, serial=sum(numels) < SERIAL_BELOW)
     n = len(numels)
     if kind == "max":
         per_tensor = np.zeros(n)
@@ -359,6 +365,8 @@ def grad_norms(ptrs: np.ndarray, numels: tuple[int, ...], dtype: torch.dtype, p:
             np.maximum.at(per_tensor, chunks[:, 0], out)
         return per_tensor
     per_tensor = np.bincount(chunks[:, 0], weights=out, minlength=n)
+    if kind == "finite":
+        return per_tensor
     if kind == "sq":
         return np.sqrt(per_tensor)
     return per_tensor if kind == "abs" else per_tensor ** (1.0 / p)
