@@ -124,13 +124,14 @@ def init_state(opt, group: dict, params) -> None:
 
 
 def amp_scaling(opt) -> bool:
-    """Whether every param of ``opt`` steps in the Triton kernels, which unscale grads and skip
-    inf steps themselves: torch's ``_step_supports_amp_scaling``, read by GradScaler."""
+    """Whether every param of ``opt`` steps in the fused kernels (numba's or Triton's), which
+    unscale grads and skip inf steps themselves: torch's ``_step_supports_amp_scaling``, read by
+    GradScaler (torch answers yes for its fused optimizers, on CPU too)."""
     if opt.rule is None or any(g.get("max_grad_norm") is not None for g in opt.param_groups):
         return False  # (a norm over scaled grads would be wrong: GradScaler unscales first)
     try:
         return all(
-            backend_for(g, p, False) == "triton" for g in opt.param_groups for p in g["params"]
+            backend_for(g, p, False) in KERNELS for g in opt.param_groups for p in g["params"]
         )
     except RuntimeError:  # fused=True on a param no fused kernel covers: step() will say so
         return False

@@ -411,14 +411,23 @@ class GroupPlan:
                 torch._foreach_copy_(targets, values)
 
 
-def _amp(opt, entries: list[Entry]) -> tuple:
+def _amp(opt, group: dict, entries: list[Entry]) -> tuple:
     """GradScaler's ``grad_scale`` and ``found_inf`` (attributes it sets on the optimizer around
-    ``step``): only the Triton kernels take them, as in torch only the fused kernels do."""
+    ``step``): only the fused kernels take them, as in torch (numba's on the host: a CPU
+    ``found_inf`` skips the step before anything changes, ``grad_scale`` divides the grads as the
+    kernel reads them; Triton's on the device)."""
     grad_scale, found_inf = getattr(opt, "grad_scale", None), getattr(opt, "found_inf", None)
-    if (grad_scale is not None or found_inf is not None) and any(
-        e.backend != "triton" for e in entries
-    ):
+    if grad_scale is None and found_inf is None:
+        return None, None
+    # (torch's error where the options do not ask for fused kernels; a param the kernels cannot
+    # take goes to the for-loop math, which unscales and skips as the kernel would)
+    if any(backend_for(group, e.param, e.kind[2]) not in KERNELS for e in entries):
         raise AssertionError("Expected grad_scale and found_inf to be None")
+    if grad_scale is not None and _clip.clips(group):
+        raise RuntimeError(
+            "max_grad_norm needs unscaled grads: GradScaler unscales them itself for an "
+            "optimizer that clips; do not set grad_scale on it"
+        )
     return grad_scale, found_inf
 
 
@@ -465,9 +474,13 @@ def plan_group(opt, group: dict) -> GroupPlan | None:
         ):
             raise RuntimeError("`requires_grad` is not supported for `step` in differentiable mode")
         n_rounds = _rounds(entries)
-    grad_scale, found_inf = _amp(opt, entries)
-    if found_inf is not None and scalar_names and found_inf.item():
-        return None  # host scalar state (NAdam's mu_product) must not advance: one host read
+    grad_scale, found_inf = _amp(opt, group, entries)
+    on_host = any(e.backend != "triton" for e in entries)
+    if found_inf is not None and (scalar_names or on_host) and found_inf.item():
+        # one host read: host scalar state (NAdam's mu_product) must not advance, and numba's
+        # kernels skip on the host (a CPU tensor: no device to wait for)
+        return None
+    unscale = float(grad_scale) if grad_scale is not None and on_host else None
     plan = GroupPlan(opt, group, rule)
     plan.attach = list(pending.values())
     # capturable computes the per-step scalars from the step tensors, as torch does, and so does
@@ -509,7 +522,7 @@ def plan_group(opt, group: dict) -> GroupPlan | None:
                     if n not in e.state:
                         have[n] = torch.empty_like(e.param)  # (preserves a dense layout)
                         new_firsts.append((e.state, n, have[n]))
-        launches = _launches(rule, group, batch, names, scalar_names, on_tensors, made)
+        launches = _launches(rule, group, batch, names, scalar_names, on_tensors, made, unscale)
         for launch in launches:
             launch.grad_scale, launch.found_inf = grad_scale, found_inf
         plan.rounds.append((new_firsts, bumps, launches))
@@ -617,9 +630,13 @@ def _stacked(ts: list[torch.Tensor]) -> list[torch.Tensor]:
     return torch._foreach_clone(ts)
 
 
-def _launches(rule, group, batch, names, scalar_names, on_tensors, made) -> list[Launch]:
+def _launches(
+    rule, group, batch, names, scalar_names, on_tensors, made, unscale=None
+) -> list[Launch]:
     """The round's launches: entries that share backend, kind, first-step-ness, odd-ness, step and
-    scalar states run as one (usually all of them), each with its flags and scalars."""
+    scalar states run as one (usually all of them), each with its flags and scalars; all but
+    Triton's (which read the scale on the device) divide the grads by ``unscale`` (GradScaler's
+    scale) where it is given."""
     keyed: dict[tuple, list[Entry]] = {}
     for e in batch:
         if on_tensors:
@@ -638,8 +655,11 @@ def _launches(rule, group, batch, names, scalar_names, on_tensors, made) -> list
         if key_step == "stacked" and len(es) > 1:
             # the rule's scalars, computed on a 1-D tensor of steps, give one value per param
             step = torch.stack([e.step_value for e in es])
-        flags = launch_flags(rule, group, first, step, sv)
+        unscaled = unscale is not None and backend != "triton"
+        flags = launch_flags(rule, group, first, step, sv, unscaled)
         scalars = rule.scalars(group, step, sv)
+        if unscaled:
+            scalars["grad_scale"] = unscale
         if backend in KERNELS:
             views = [_with_firsts(e, made.get(id(e.state)), names) for e in es]
             tensors = [list(ts) for ts in zip(*views)] if views else [[] for _ in operands]
@@ -669,12 +689,15 @@ def _launches(rule, group, batch, names, scalar_names, on_tensors, made) -> list
     return launches
 
 
-def launch_flags(rule, group: dict, first: bool, step, sv: dict) -> Flags:
-    """A launch's flags: the rule's, and the step-wide ones of the group's options (``clip``:
-    the grads are multiplied by the step's clip coefficient, see :mod:`fuseopt._clip`)."""
+def launch_flags(rule, group: dict, first: bool, step, sv: dict, unscale: bool = False) -> Flags:
+    """A launch's flags: the rule's, and the step-wide ones: ``clip`` (the group's
+    ``max_grad_norm``: the grads times the step's clip coefficient, see :mod:`fuseopt._clip`) and
+    ``unscale`` (GradScaler's: the grads divided by its scale)."""
     flags = rule.flags(group, first, step, sv)
     if _clip.clips(group):
         flags = dict(flags, clip=True)
+    if unscale:
+        flags = dict(flags, unscale=True)
     return Flags(flags)
 
 

@@ -144,8 +144,11 @@ class Rule:
 
     def apply(self, ops, f: Flags, s, param, grad, **state) -> dict:
         """:meth:`update` on the grad as the step-wide options leave it (what every backend
-        calls): with ``f.clip`` (``max_grad_norm``), the grad times the step's clip coefficient,
-        the product ``clip_grad_norm_`` would have stored in the grad."""
+        calls): with ``f.unscale`` (GradScaler's), divided by its scale, as torch's fused
+        kernels divide it; with ``f.clip`` (``max_grad_norm``), times the step's clip
+        coefficient, the product ``clip_grad_norm_`` would have stored in the grad."""
+        if f.get("unscale"):
+            grad = grad / s.grad_scale
         if f.get("clip"):
             grad = grad * s.clip_coef
         return self.update(ops, f, s, param, grad, **state)
