@@ -10,6 +10,7 @@ from fuseopt.adam import Adam
 from fuseopt.adamax import Adamax
 from fuseopt.adamw import AdamW
 from fuseopt.asgd import ASGD
+from fuseopt.lars import LARS
 from fuseopt.lbfgs import LBFGS
 from fuseopt.nadam import NAdam
 from fuseopt.optimizer import Optimizer
@@ -29,6 +30,7 @@ __all__ = [
     "Adam",
     "AdamW",
     "Adamax",
+    "LARS",
     "LBFGS",
     "Muon",
     "NAdam",

@@ -111,6 +111,7 @@ def prepare(plans: list) -> tuple[torch.Tensor | None, bool]:
     with ``skip_if_nonfinite``). Reads grads only; raises (``error_if_nonfinite``) before
     anything changes."""
     total = _clip(plans)
+    _tensor_scalars(plans)
     guarded = [(group, plan) for group, plan in plans if group.get("skip_if_nonfinite")]
     if not guarded:
         return total, False
@@ -119,6 +120,49 @@ def prepare(plans: list) -> tuple[torch.Tensor | None, bool]:
         if all(id(group) in covered for group, _ in guarded):
             return total, False  # (finite: every grad it summed is)
     return total, _nonfinite(_launches(guarded))
+
+
+def _tensor_scalars(plans: list) -> None:
+    """Each launch of a rule with reductions (LARS's norms) gets the per-tensor scalars they give
+    (after clipping: the sums see the grads as the update does)."""
+    for group, plan in plans:
+        rule = plan.rule
+        if not rule.has_reductions:
+            continue
+        for launch in _launches([(group, plan)]):
+            sums = _sums(launch)
+            if sums:
+                ndims = torch.tensor(launch.ndims)
+                launch.scalars.update(rule.tensor_scalars(group, launch.flags, sums, ndims))
+
+
+def _sums(launch) -> dict[str, torch.Tensor]:
+    """The rule's per-tensor sums over ``launch``: numba's reduction kernel over the launch's
+    checked addresses, torch's ops (float64 sums) over the tensors of any other backend."""
+    from types import SimpleNamespace
+
+    from fuseopt.kernels import numba_cpu
+    from fuseopt.kernels.reference import TorchOps
+
+    if launch.backend == "numba":
+        return {k: torch.from_numpy(v) for k, v in numba_cpu.reduce(launch).items()}
+    if launch.backend == "sparse":
+        raise RuntimeError(f"{type(launch.rule).__name__}: sparse gradients are not supported")
+    names = launch.operands[2:]
+    rows: dict[str, list] = {}
+    s = SimpleNamespace(**launch.scalars)
+    for i, (p, g) in enumerate(zip(launch.tensors[0], launch.tensors[1])):
+        state = {n: launch.tensors[2 + k][i] for k, n in enumerate(names)}
+        if p.is_complex():
+            p, g = torch.view_as_real(p), torch.view_as_real(g)
+            state = {n: None if t is None else torch.view_as_real(t) for n, t in state.items()}
+        out = launch.rule.reduce_apply(TorchOps, launch.flags, s, p, g, **state)
+        for name, value in out.items():
+            # (in float32 or float64, as the tensor: a float64 sum of float32 values, as numba's,
+            # takes torch three times as long)
+            wide = torch.float32 if value.dtype.itemsize < 4 else value.dtype
+            rows.setdefault(name, []).append(value.sum(dtype=wide).to(torch.float64))
+    return {name: torch.stack(values) for name, values in rows.items()}
 
 
 def _nonfinite(launches: list) -> bool:

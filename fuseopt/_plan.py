@@ -308,7 +308,7 @@ class Launch:
 
     __slots__ = (
         "backend", "rule", "flags", "scalars", "operands", "tensors", "states", "odd", "numels",
-        "dtype", "table", "grad_scale", "found_inf", "grads", "real_view", "shards",
+        "dtype", "table", "grad_scale", "found_inf", "grads", "real_view", "shards", "ndims",
     )  # fmt: skip
 
     def __init__(self, backend, rule, flags, scalars, operands, tensors):
@@ -321,6 +321,7 @@ class Launch:
         # the params' own grads, and whether the kernel walks real views of complex params or
         # DTensor shards instead of them (the clipping norm pass reads these)
         self.grads, self.real_view, self.shards = None, False, False
+        self.ndims = None  # each param's dim (a rule's per-tensor scalars may depend on it)
 
     def address_table(self) -> np.ndarray:
         """The data addresses of a kernel launch's tensors (``operands`` x tensors), read now,
@@ -489,8 +490,13 @@ def plan_group(opt, group: dict) -> GroupPlan | None:
     on_tensors = bool(
         group.get("capturable") or (group.get("differentiable") and rule.differentiable_on_tensors)
     )
+    # fused=True on a GPU: the Triton kernels read device steps, with no host read; their
+    # scalars are then computed from the float32 step tensors widened to float64, as torch's
+    # fused kernels compute them in double (capturable and differentiable keep torch's own:
+    # the step's dtype)
+    widen = False
     if rule.has_step and not on_tensors:
-        on_tensors = all(e.backend == "triton" and not e.step.is_cpu for e in entries)
+        on_tensors = widen = all(map(_device_step, entries))
     if found_inf is not None and rule.has_step:
         plan.found_inf, plan.steps = found_inf, [e.step for e in entries]
     # id(state) -> its scalar states as they stand after a round (when there are several)
@@ -504,6 +510,9 @@ def plan_group(opt, group: dict) -> GroupPlan | None:
             bumps = []
         if scalar_names:
             states, values = [e.state for e in batch], [e.step_value for e in batch]
+            if widen:  # (scalar states read the host anyway: their hooks get the step as
+                # a number, as torch's for-loop computes them; torch has no fused NAdam, ASGD)
+                values = [v.item() for v in values]
             svs, writes = scalar_states(
                 rule, group, states, values, scalar_names, scalar_state, in_graph
             )
@@ -522,7 +531,9 @@ def plan_group(opt, group: dict) -> GroupPlan | None:
                     if n not in e.state:
                         have[n] = torch.empty_like(e.param)  # (preserves a dense layout)
                         new_firsts.append((e.state, n, have[n]))
-        launches = _launches(rule, group, batch, names, scalar_names, on_tensors, made, unscale)
+        launches = _launches(
+            rule, group, batch, names, scalar_names, on_tensors, made, unscale, widen
+        )
         for launch in launches:
             launch.grad_scale, launch.found_inf = grad_scale, found_inf
         plan.rounds.append((new_firsts, bumps, launches))
@@ -630,13 +641,18 @@ def _stacked(ts: list[torch.Tensor]) -> list[torch.Tensor]:
     return torch._foreach_clone(ts)
 
 
+def _device_step(e: Entry) -> bool:
+    """Whether ``e`` takes a Triton kernel that reads its ``step`` on the device."""
+    return e.backend == "triton" and not e.step.is_cpu
+
+
 def _launches(
-    rule, group, batch, names, scalar_names, on_tensors, made, unscale=None
+    rule, group, batch, names, scalar_names, on_tensors, made, unscale=None, widen=False
 ) -> list[Launch]:
     """The round's launches: entries that share backend, kind, first-step-ness, odd-ness, step and
     scalar states run as one (usually all of them), each with its flags and scalars; all but
     Triton's (which read the scale on the device) divide the grads by ``unscale`` (GradScaler's
-    scale) where it is given."""
+    scale) where it is given; ``widen``: the scalars from the device steps in float64."""
     keyed: dict[tuple, list[Entry]] = {}
     for e in batch:
         if on_tensors:
@@ -655,6 +671,8 @@ def _launches(
         if key_step == "stacked" and len(es) > 1:
             # the rule's scalars, computed on a 1-D tensor of steps, give one value per param
             step = torch.stack([e.step_value for e in es])
+        if widen:
+            step = step.to(torch.float64)
         unscaled = unscale is not None and backend != "triton"
         flags = launch_flags(rule, group, first, step, sv, unscaled)
         scalars = rule.scalars(group, step, sv)
@@ -683,6 +701,7 @@ def _launches(
             if any(launch.odd):  # torch's ops may refuse these dtypes: find out now
                 kernels.get("reference").check(launch)
         launch.grads = [e.grad for e in es]
+        launch.ndims = tuple(e.param.dim() for e in es)
         launch.real_view = es[0].param.is_complex()
         launch.shards = any(_dtensor.is_dtensor(e.param) for e in es)
         launches.append(launch)

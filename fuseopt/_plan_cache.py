@@ -53,7 +53,7 @@ class PlanCache:
     __slots__ = (
         "names", "options", "ids", "mask", "getters", "steps", "at", "facts", "expect",
         "itemsize", "numels", "starts", "stops", "step_ptrs", "step_dtype", "launch",
-        "backends", "kind", "scalar_names",
+        "backends", "kind", "scalar_names", "ndims",
     )  # fmt: skip
 
     @staticmethod
@@ -116,6 +116,7 @@ class PlanCache:
         cache.step_ptrs = cache.facts[len(tensors) - len(states) :, 0].copy() if has_step else None
         cache.step_dtype = states[0]["step"].dtype if has_step else None
         cache.backends = [e.backend for e in entries]
+        cache.ndims = tuple(p.dim() for p in params)
         cache.kind = entries[0].kind
         cache.launch = None
         if all(launch.backend == "numba" for launch in launches):
@@ -251,9 +252,10 @@ class PlanCache:
         launch = Launch("numba", rule, flags, rule.scalars(group, step, sv), operands, [[]])
         launch.dtype = dtype
         if idx is None:
-            launch.numels, launch.table = numels, table
+            launch.numels, launch.table, launch.ndims = numels, table, self.ndims
         else:
             launch.numels = tuple(numels[i] for i in idx)
             launch.table = np.ascontiguousarray(table[:, idx])
+            launch.ndims = tuple(self.ndims[i] for i in idx)
         numba_cpu.kernel(rule, flags, operands, dtype)  # compiled before anything changes
         return launch

@@ -142,16 +142,42 @@ class Rule:
         """Return the new ``param`` and state values (a dict; a None value is not written)."""
         raise NotImplementedError
 
+    #: whether :meth:`reduce` may name per-tensor sums (the plan then runs a first pass)
+    has_reductions: bool = False
+
+    def reduce(self, ops, f: Flags, s, param, grad, **state) -> dict:
+        """Per-element expressions whose sums over each tensor the step needs before its update
+        (e.g. LARS's ``param * param``, ``grad * grad``): ``{name: expression}``, computed in a
+        first pass that writes nothing; :meth:`tensor_scalars` turns the sums into per-tensor
+        scalars that :meth:`update` reads from ``s``. The default: none."""
+        return {}
+
+    def tensor_scalars(self, group: dict, f: Flags, sums: dict, ndims) -> dict:
+        """Per-tensor scalars from the sums of :meth:`reduce` (1-D float64 tensors, one value per
+        tensor of a batch) and each param's ``ndims``: ``{name: 1-D tensor}``, read in
+        :meth:`update` as ``s.<name>`` (each tensor its own value)."""
+        return {}
+
     def apply(self, ops, f: Flags, s, param, grad, **state) -> dict:
         """:meth:`update` on the grad as the step-wide options leave it (what every backend
-        calls): with ``f.unscale`` (GradScaler's), divided by its scale, as torch's fused
-        kernels divide it; with ``f.clip`` (``max_grad_norm``), times the step's clip
-        coefficient, the product ``clip_grad_norm_`` would have stored in the grad."""
+        calls, see :meth:`grad_in`)."""
+        return self.update(ops, f, s, param, self.grad_in(f, s, grad), **state)
+
+    def reduce_apply(self, ops, f: Flags, s, param, grad, **state) -> dict:
+        """:meth:`reduce` on the grad as :meth:`apply` gives it to :meth:`update`."""
+        return self.reduce(ops, f, s, param, self.grad_in(f, s, grad), **state)
+
+    @staticmethod
+    def grad_in(f: Flags, s, grad):
+        """The grad as the step-wide options leave it: with ``f.unscale`` (GradScaler's),
+        divided by its scale, as torch's fused kernels divide it; with ``f.clip``
+        (``max_grad_norm``), times the step's clip coefficient, the product ``clip_grad_norm_``
+        would have stored in the grad."""
         if f.get("unscale"):
             grad = grad / s.grad_scale
         if f.get("clip"):
             grad = grad * s.clip_coef
-        return self.update(ops, f, s, param, grad, **state)
+        return grad
 
     def check_sparse(self, group: dict, param, grad) -> None:
         """Raise torch's error for a sparse ``grad`` the rule cannot step with this group's

@@ -50,7 +50,10 @@ class ForeachOps:
 
     @staticmethod
     def add(a, b, alpha=1):
-        """``a + alpha * b``."""
+        """``a + alpha * b`` (``alpha`` a value per tensor: one ATen add per tensor, as foreach
+        ops take one alpha)."""
+        if isinstance(alpha, list):
+            return TensorList(map(lambda x, y, w: torch.add(x, y, alpha=w), a, b, alpha))
         return TensorList(torch._foreach_add(a, b, alpha=alpha))
 
     @staticmethod
@@ -143,7 +146,13 @@ def run(launch) -> None:
     names = launch.operands[2:]
     state = {n: TensorList(ts) for n, ts in zip(names, launch.tensors[2:])}
     p = TensorList(launch.tensors[0])
-    s = SimpleNamespace(**launch.scalars)
+    # (a scalar with a value per tensor, e.g. LARS's trust ratio: foreach ops take a list)
+    s = SimpleNamespace(
+        **{
+            k: v.tolist() if isinstance(v, torch.Tensor) and v.dim() == 1 else v
+            for k, v in launch.scalars.items()
+        }
+    )
     out = launch.rule.apply(ForeachOps, launch.flags, s, p, TensorList(launch.tensors[1]), **state)
     targets, values = [], []
     for name, value in out.items():

@@ -157,11 +157,19 @@ def update(rule, flags, s, p, g, state: dict, odd: bool) -> dict:
     return {k: _raw(v) for k, v in out.items()}
 
 
+class _Placeholders(SimpleNamespace):
+    """Scalars where those not known yet read as 1.0."""
+
+    def __getattr__(self, name: str) -> float:
+        return 1.0
+
+
 def check(launch) -> None:
     """Run the rule of ``launch``'s odd params (tensors of several dtypes) on meta tensors, which
     hold no data: torch's dtype and shape errors, raised before the step changes anything. (The
-    clip coefficient comes after every group is planned: any number does for meta tensors.)"""
-    s = SimpleNamespace(**{"clip_coef": 1.0, **launch.scalars})
+    clip coefficient and per-tensor scalars come after every group is planned: any number does
+    for meta tensors.)"""
+    s = _Placeholders(**launch.scalars)
     names = launch.operands[2:]
 
     def meta(t):
@@ -179,14 +187,22 @@ def check(launch) -> None:
                 update(launch.rule, launch.flags, s, p, g, state, True)
 
 
+def _per_tensor(scalars: dict) -> list:
+    """The scalars that hold one value per tensor (1-D tensors): ``[(name, values)]``."""
+    return [(k, v) for k, v in scalars.items() if isinstance(v, torch.Tensor) and v.dim() == 1]
+
+
 def run(launch) -> None:
     """Apply the rule of ``launch`` (a :class:`fuseopt._plan.Launch`) to each param in turn,
     writing params and states in place; a state a first update creates goes in its state dict."""
     rule, flags = launch.rule, launch.flags
     s = SimpleNamespace(**launch.scalars)
+    per_tensor = _per_tensor(launch.scalars)
     names = launch.operands[2:]
     differentiable = torch.is_grad_enabled()
     for i, (p, g) in enumerate(zip(launch.tensors[0], launch.tensors[1])):
+        if per_tensor:  # (each param its own value of a per-tensor scalar, e.g. LARS's trust)
+            s = SimpleNamespace(**{**launch.scalars, **{k: float(v[i]) for k, v in per_tensor}})
         home = launch.states[i] if launch.states is not None else None
         if home is not None:  # read now: an earlier round may have made a first value
             state = {n: home.get(n) for n in names}

@@ -171,6 +171,22 @@ class SymOps:
 
 
 @cache
+def trace_reduce(rule, flags, operands: tuple[str, ...]) -> Graph:
+    """Trace ``rule.reduce`` (through :meth:`~fuseopt.rule.Rule.reduce_apply`): the graph's
+    outputs are the per-tensor sums it names, in order."""
+    graph = Graph()
+    syms = {}
+    for name in operands:
+        syms[name] = graph.add("input", name)
+        graph.inputs[name] = syms[name].id
+    state = {k: syms[k] for k in operands[2:]}
+    out = rule.reduce_apply(SymOps, flags, SymScalars(graph), syms["param"], syms["grad"], **state)
+    for name, value in out.items():
+        graph.outputs[name] = value.id
+    return graph
+
+
+@cache
 def trace(rule, flags, operands: tuple[str, ...]) -> Graph:
     """Trace ``rule.update`` for one flag combination; ``operands`` = param, grad, then state names."""
     graph = Graph()
