@@ -27,9 +27,28 @@ IMPLS = {
 # a transposed (dense, non-contiguous) matrix, and one larger than a kernel chunk.
 SHAPES = [(4, 3), (7,), (2, 3, 2), (), (0,), "transposed", (70_001,)]
 
+# The devices of the tests that compare with torch.optim: the CPU always, and CUDA where torch sees
+# a GPU (``pytest -m cuda`` selects exactly those cases; elsewhere they skip, saying why).
+NO_CUDA = "no CUDA device: run the GPU command in the README (CUDA: Triton kernels)"
+CUDA_MARKS = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)]
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=CUDA_MARKS)]
+CUDA_ONLY = DEVICES[1:]  # what only a GPU can check (a CUDA graph): indirect=True on ``device``
 
-def make_params(dtype: torch.dtype, seed: int = 0, shapes=SHAPES) -> list[torch.Tensor]:
-    """Leaf params of ``shapes`` (same values for a given seed)."""
+
+@pytest.fixture(params=DEVICES)
+def device(request, monkeypatch) -> str:
+    """``"cpu"`` or ``"cuda"``. On CUDA, ``fused=True`` runs the compiled Triton kernels: never
+    the interpreter, whatever the shell or an earlier test set."""
+    if request.param == "cuda":
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    return request.param
+
+
+def make_params(
+    dtype: torch.dtype, seed: int = 0, shapes=SHAPES, device: str = "cpu"
+) -> list[torch.Tensor]:
+    """Leaf params of ``shapes`` on ``device`` (same values for a given seed on every device:
+    drawn on the CPU, then moved, transposed ones still transposed)."""
     gen = torch.Generator().manual_seed(seed)
     out = []
     for shape in shapes:
@@ -37,18 +56,22 @@ def make_params(dtype: torch.dtype, seed: int = 0, shapes=SHAPES) -> list[torch.
             t = torch.randn(3, 5, generator=gen, dtype=dtype).t()
         else:
             t = torch.randn(shape, generator=gen, dtype=dtype)
-        out.append(t.detach().requires_grad_())
+        out.append(t.to(device).detach().requires_grad_())
     return out
 
 
 def _randn_like(p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Drawn on the CPU (``gen``), moved to ``p``'s device."""
     if p.is_contiguous():
-        return torch.randn(p.shape, generator=gen, dtype=p.dtype)
-    return torch.randn(p.t().shape, generator=gen, dtype=p.dtype).t()  # laid out like p
+        t = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+    else:
+        t = torch.randn(p.t().shape, generator=gen, dtype=p.dtype).t()  # laid out like p
+    return t.to(p.device)
 
 
 def make_grads(params, steps: int, seed: int = 1) -> list[list[torch.Tensor]]:
-    """``steps`` lists of gradients for ``params``, each laid out like its param."""
+    """``steps`` lists of gradients for ``params``, each laid out like its param, on its device
+    (the same values on every device)."""
     gen = torch.Generator().manual_seed(seed)
     return [[_randn_like(p, gen) for p in params] for _ in range(steps)]
 

@@ -272,12 +272,13 @@ INTERCHANGE_KWARGS = dict(
 
 
 @pytest.mark.parametrize("direction", ["torch_to_fuseopt", "fuseopt_to_torch"])
-def test_state_dict_interchange(direction):
-    """Save after 10 steps in one library, load into the other, continue 10: same as torch alone."""
+def test_state_dict_interchange(direction, device):
+    """Save after 10 steps in one library, load into the other, continue 10: same as torch alone
+    (on CUDA too: the same ATen calls, bitwise there as well)."""
     first, second = torch.optim.Muon, Muon
     if direction == "fuseopt_to_torch":
         first, second = second, first
-    params = make_params(torch.float32, shapes=SHAPES)
+    params = make_params(torch.float32, shapes=SHAPES, device=device)
     ref_params = clone_params(params)
     grads = make_grads(params, STEPS)
     ref = _run(torch.optim.Muon, ref_params, grads, **INTERCHANGE_KWARGS)

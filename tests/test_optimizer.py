@@ -37,9 +37,12 @@ CASE_IDS = [c[0] for c in CASES]
 
 
 # --------------------------------------------------------------------------------------- helpers
-def make_params(seed: int = 0, shapes=SHAPES, dtype=torch.float32) -> list[torch.Tensor]:
+def make_params(
+    seed: int = 0, shapes=SHAPES, dtype=torch.float32, device="cpu"
+) -> list[torch.Tensor]:
+    """Drawn on the CPU, then moved: the same values on every device."""
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=gen, dtype=dtype).requires_grad_() for s in shapes]
+    return [torch.randn(s, generator=gen, dtype=dtype).to(device).requires_grad_() for s in shapes]
 
 
 def clone(params) -> list[torch.Tensor]:
@@ -53,12 +56,12 @@ def names_for(params) -> list[str]:
 def set_grads(params, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     for p in params:
-        p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+        p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device)
 
 
-def build_pair(fuse_cls, torch_cls, kwargs, *, named=False, groups=False, seed=0):
+def build_pair(fuse_cls, torch_cls, kwargs, *, named=False, groups=False, seed=0, device="cpu"):
     """(fuseopt optimizer, its params, torch optimizer, its params) on equal params."""
-    ours = make_params(seed)
+    ours = make_params(seed, device=device)
     theirs = clone(ours)
 
     def spec(params):
@@ -867,15 +870,19 @@ def test_load_state_dict_param_names_override_or_kept():
 @pytest.mark.parametrize("direction", ["torch_to_fuseopt", "fuseopt_to_torch"])
 @pytest.mark.parametrize("named", [False, True], ids=["unnamed", "named"])
 @pytest.mark.parametrize("name,fuse_cls,torch_cls,kwargs", CASES, ids=CASE_IDS)
-def test_state_dict_interchange(name, fuse_cls, torch_cls, kwargs, named, direction):
+def test_state_dict_interchange(name, fuse_cls, torch_cls, kwargs, named, direction, device):
     kwargs = dict(kwargs, foreach=False)
     # A reference torch run of 8 steps, and a run that switches library after 3 steps.
-    _, _, reference, ref_params = build_pair(fuse_cls, torch_cls, kwargs, named=named, groups=True)
+    _, _, reference, ref_params = build_pair(
+        fuse_cls, torch_cls, kwargs, named=named, groups=True, device=device
+    )
     run_steps(reference, ref_params, 8)
     first_cls, second_cls = (
         (torch_cls, fuse_cls) if direction == "torch_to_fuseopt" else (fuse_cls, torch_cls)
     )
-    fo, ours, to, theirs = build_pair(fuse_cls, torch_cls, kwargs, named=named, groups=True)
+    fo, ours, to, theirs = build_pair(
+        fuse_cls, torch_cls, kwargs, named=named, groups=True, device=device
+    )
     first, first_params = (to, theirs) if first_cls is torch_cls else (fo, ours)
     run_steps(first, first_params, 3)
     saved = pickle.loads(pickle.dumps(first.state_dict()))

@@ -1,15 +1,24 @@
 """Trajectories, state and state dicts of every algorithm x option set x implementation x dtype,
-compared with torch.optim's for-loop implementation (the oracle) over 20 steps.
+compared with torch.optim's for-loop implementation (the oracle) over 20 steps: on the CPU and,
+where torch sees a GPU, on CUDA (the oracle on the same device).
 
-Tolerances: the reference (for-loop) and foreach implementations evaluate the same ATen ops in the
-same order as torch's for-loop, so they must be bitwise equal. The fused kernels round like ATen
-(FMA where ATen uses it) but compute sqrt correctly rounded, where torch's vectorised float32 sqrt
-is not: float32 ``rtol=1e-5, atol=1e-6`` (torch's own fused-vs-for-loop distance is of the same
-order), float64 ``rtol=1e-12, atol=1e-14``. Complex params are viewed as real before any backend
-runs, while torch does part of some algorithms (weight decay, SGD's whole update) in complex
-arithmetic, which rounds without FMA: complex is compared with the float32 tolerance everywhere.
+Tolerances: the reference (for-loop) implementation evaluates the same ATen ops in the same order
+as torch's for-loop, so it must be bitwise equal on every device; so must foreach on the CPU, where
+torch's foreach ops run ATen's per-tensor kernels. On CUDA they are multi-tensor kernels of their
+own, which may round otherwise (a divide by a scalar is a true division there, a multiply by the
+reciprocal in the per-tensor kernel; FMA contraction may differ): foreach is compared there with
+torch's foreach implementation, bitwise, where that evaluates its for-loop's ops in the same order
+(``SAME_OPS_FOREACH``; Rprop's ops all round exactly), else with the for-loop at the fused
+tolerance (Adagrad scales the grad before dividing, NAdam divides after the sqrt, ASGD and RAdam
+regroup their updates). The fused kernels (numba on the CPU, Triton compiled on CUDA) round like
+ATen (FMA where ATen uses it) but compute sqrt and division correctly rounded (Triton's float32
+``/`` and ``sqrt`` are approximate: the kernels call ``div_rn`` and ``sqrt_rn``), where torch's
+vectorised float32 sqrt and its CUDA divide by a scalar are not: float32 ``rtol=1e-5, atol=1e-6``
+(torch's own fused-vs-for-loop distance is of the same order), float64 ``rtol=1e-12, atol=1e-14``,
+on both devices. Complex params are viewed as real before any backend runs, while torch does part
+of some algorithms (weight decay, SGD's whole update) in complex arithmetic, which rounds without
+FMA: complex is compared with the float32 tolerance everywhere.
 """
-
 from __future__ import annotations
 
 import re
@@ -22,6 +31,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fuseopt
+from fuseopt.kernels import triton_gpu
 from fuseopt.rule import ScalarState
 
 STEPS = 20
@@ -30,7 +40,20 @@ TOL = {
     torch.float64: dict(rtol=1e-12, atol=1e-14),
     torch.complex64: dict(rtol=1e-5, atol=1e-6),
 }
-BITWISE = {"forloop", "foreach"}
+# torch's foreach implementations that evaluate their for-loop's ops in the same order (see the top)
+SAME_OPS_FOREACH = {"SGD", "Adam", "AdamW", "Adadelta", "Adamax", "RMSprop", "Rprop"}
+
+
+def _oracle(algo, impl: str, device: str) -> tuple[dict, bool]:
+    """torch's implementation flags that fuseopt's ``impl`` is compared with on ``device``, and
+    whether the comparison is bitwise."""
+    if impl == "default":  # the fused kernel, or foreach on CUDA without Triton
+        impl = "fused" if device == "cpu" or triton_gpu.available() else "foreach"
+    if impl == "forloop" or (impl == "foreach" and device == "cpu"):
+        return dict(foreach=False), True
+    if impl == "foreach" and algo.name in SAME_OPS_FOREACH:
+        return dict(foreach=True), True
+    return dict(foreach=False), False
 
 
 def _assert_same(ours, theirs, exact: bool, tol: dict, torch_alt=None) -> None:
@@ -81,9 +104,23 @@ PARAMS = [
 ]
 
 
+def test_problem_is_the_same_on_every_device(device):
+    """Params and grads are drawn on the CPU, then moved: every device gets the same values and
+    layouts (the transposed param and its grads stay transposed)."""
+    for dtype in (torch.float32, torch.complex64):
+        params, cpu_params = make_params(dtype, device=device), make_params(dtype)
+        for p, q in zip(params, cpu_params):
+            assert p.device.type == device and p.is_leaf and p.requires_grad
+            assert p.stride() == q.stride() and torch.equal(p.detach().cpu(), q.detach())
+        for grads, cpu_grads in zip(make_grads(params, 2), make_grads(cpu_params, 2)):
+            for g, h, p in zip(grads, cpu_grads, params):
+                assert g.device == p.device and g.stride() == p.stride()
+                assert torch.equal(g.cpu(), h)
+
+
 @pytest.mark.parametrize(("algo", "kwargs", "dtype"), PARAMS)
-def test_parity_with_torch(algo, kwargs, dtype, impl):
-    params = make_params(dtype)
+def test_parity_with_torch(algo, kwargs, dtype, impl, device):
+    params = make_params(dtype, device=device)
     ref_params = clone_params(params)
     grads = make_grads(params, STEPS)
     tensor_option = any(isinstance(v, torch.Tensor) for v in _flat(kwargs))
@@ -95,16 +132,17 @@ def test_parity_with_torch(algo, kwargs, dtype, impl):
             with pytest.raises(ValueError, match=re.escape(str(e))):
                 algo.ours(params, **kwargs, **IMPLS[impl])
             return
+    oracle, exact = _oracle(algo, impl, device)
     opt = run_steps(algo.ours, params, grads, **kwargs, **IMPLS[impl])
-    ref = run_steps(algo.theirs, ref_params, grads, **kwargs, foreach=False)
+    ref = run_steps(algo.theirs, ref_params, grads, **kwargs, **oracle)
     alt = None
     if dtype.is_complex and not tensor_option:
         # torch's for-loop does some complex steps (weight decay) in complex arithmetic, its
         # foreach (like fuseopt) on the real view: ill-conditioned elements (centered RMSprop)
         # then differ in torch itself, and fuseopt may differ as much.
-        alt_params = clone_params(make_params(dtype))
+        alt_params = clone_params(make_params(dtype, device=device))
         alt = (run_steps(algo.theirs, alt_params, grads, **kwargs, foreach=True), alt_params)
-    _compare(opt, ref, params, ref_params, impl in BITWISE and not dtype.is_complex, dtype, alt)
+    _compare(opt, ref, params, ref_params, exact and not dtype.is_complex, dtype, alt)
 
 
 def _flat(kwargs):
@@ -114,7 +152,7 @@ def _flat(kwargs):
 
 @pytest.mark.parametrize("algo", ALGORITHMS, ids=lambda a: a.name)
 @pytest.mark.parametrize("direction", ["torch_to_fuseopt", "fuseopt_to_torch"])
-def test_state_dict_interchange(algo, direction, impl):
+def test_state_dict_interchange(algo, direction, impl, device):
     """Save after 10 steps in one library, load into the other, continue 10 steps: same result."""
     desc, kwargs = algo.configs()[-1]
     if impl == "foreach" and any(isinstance(v, torch.Tensor) for v in _flat(kwargs)):
@@ -122,24 +160,25 @@ def test_state_dict_interchange(algo, direction, impl):
     first, second = (algo.theirs, algo.ours)
     if direction == "fuseopt_to_torch":
         first, second = second, first
-    params = make_params(torch.float32)
+    params = make_params(torch.float32, device=device)
     grads = make_grads(params, 2 * STEPS // 2)
     ref_params = clone_params(params)
-    ref = run_steps(algo.theirs, ref_params, grads, **kwargs, foreach=False)
+    oracle, exact = _oracle(algo, impl, device)
+    ref = run_steps(algo.theirs, ref_params, grads, **kwargs, **oracle)
 
-    flags = lambda cls: IMPLS[impl] if cls is algo.ours else dict(foreach=False)
+    flags = lambda cls: IMPLS[impl] if cls is algo.ours else oracle
     opt = run_steps(first, params, grads[: STEPS // 2], **kwargs, **flags(first))
     saved = opt.state_dict()
     resumed = second(params, **kwargs, **flags(second))
     resumed.load_state_dict(saved)
-    if second is algo.theirs:  # the saved groups carry our flags: torch resumes on its for-loop
+    if second is algo.theirs:  # the saved groups carry our flags: torch resumes on the oracle's
         for group in resumed.param_groups:
-            group.update(foreach=False, fused=None)
+            group.update(fused=None, **oracle)
     for step_grads in grads[STEPS // 2 :]:
         for p, g in zip(params, step_grads):
             p.grad = g.clone()
         resumed.step()
-    _compare(resumed, ref, params, ref_params, impl in BITWISE, torch.float32)
+    _compare(resumed, ref, params, ref_params, exact, torch.float32)
 
 
 @pytest.mark.parametrize("algo", ALGORITHMS, ids=lambda a: a.name)

@@ -207,14 +207,20 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@cache
 def kernel(rule, flags, operands: tuple[str, ...], dtype: torch.dtype, table: bool):
     """The Triton kernel for ``rule`` with ``flags`` on ``operands`` of ``dtype``, and the names of
-    the scalars it takes, in order."""
+    the scalars it takes, in order: compiled, or interpreted under ``TRITON_INTERPRET=1`` (one
+    cache entry per mode: a process may run both, and each kernel reads only its own kind of
+    addresses)."""
+    return _kernel(rule, flags, operands, dtype, table, _interpreting())
+
+
+@cache
+def _kernel(rule, flags, operands, dtype, table, interpreting: bool):
     graph = trace(rule, flags, operands)
     src = source(graph, operands, dtype, table)
     # @triton.jit reads TRITON_INTERPRET when the module runs: one module per mode
-    prefix = "fuseopt_triton_interp_" if _interpreting() else "fuseopt_triton_"
+    prefix = "fuseopt_triton_interp_" if interpreting else "fuseopt_triton_"
     return import_source(src, prefix).kernel, tuple(graph.scalars)
 
 

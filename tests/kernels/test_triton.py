@@ -1,11 +1,13 @@
-"""The Triton kernels, run on CPU tensors by Triton's interpreter, against torch.optim's for-loop.
+"""The Triton kernels against torch.optim's for-loop: on CPU tensors through Triton's interpreter,
+and, where torch sees a GPU, compiled on CUDA tensors (the tests taking ``device``).
 
 ``FUSEOPT_FUSED_BACKEND=triton`` sends CPU params to the Triton backend and ``TRITON_INTERPRET=1``
 makes ``@triton.jit`` interpret the generated kernels (read when a kernel module is loaded, so
-both are set before the first kernel is built). The interpreter rounds like the GPU except for
-``tl.fma`` (a multiply and an add there), so float32 uses the fused kernels' tolerance of
-test_parity. Half-precision params compute in float32 and round once per stored value, where
-torch's for-loop on the same dtype rounds after every op: see ``HALF_TOL``.
+both are set before the first kernel is built); CUDA params take the backend without either. The
+interpreter rounds like the GPU except for ``tl.fma`` (a multiply and an add there), so float32
+uses the fused kernels' tolerance of test_parity on both devices. Half-precision params compute in
+float32 and round once per stored value, where torch's for-loop on the same dtype rounds after
+every op: see ``HALF_TOL``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import sys
 import pytest
 import torch
 from algorithms import ALGORITHMS, BY_NAME, cases
-from conftest import clone_params, make_grads, make_params
+from conftest import CUDA_ONLY, clone_params, make_grads, make_params
 from conftest import run_steps as _run
 from test_parity import TOL, _compare
 
@@ -27,12 +29,18 @@ from fuseopt.kernels import triton_gpu
 pytest.importorskip("triton")
 
 STEPS = 7  # torch's choice: RAdam's rectification starts at step 6
-# Several chunks and loop iterations at the interpreter's block sizes (64, 128).
+# Several chunks and loop iterations at the interpreter's block sizes (64, 128) on the CPU, and at
+# the compiled kernels' (1024, 8192) on CUDA.
 SHAPES = [(4, 3), (7,), (2, 3, 2), (), (0,), "transposed", (300,)]
+CUDA_SHAPES = SHAPES[:-1] + [(20_000,)]
 
 
 @pytest.fixture(autouse=True)
-def _triton_on_cpu(monkeypatch):
+def _triton_on_cpu(request, monkeypatch):
+    """CPU tensors: the interpreter (tests without ``device`` run there); CUDA tensors: the
+    compiled kernels (the ``device`` fixture keeps the interpreter off)."""
+    if "device" in request.fixturenames and request.getfixturevalue("device") != "cpu":
+        return
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("FUSEOPT_FUSED_BACKEND", "triton")
 
@@ -46,8 +54,9 @@ def launches(monkeypatch):
     return calls
 
 
-def _problem(dtype, steps=STEPS):
-    params = make_params(dtype, shapes=SHAPES)
+def _problem(dtype, steps=STEPS, device="cpu"):
+    shapes = SHAPES if device == "cpu" else CUDA_SHAPES
+    params = make_params(dtype, shapes=shapes, device=device)
     return params, clone_params(params), make_grads(params, steps)
 
 
@@ -62,6 +71,41 @@ def test_float32_parity(algo, kwargs, launches):
     _compare(opt, ref, params, ref_params, False, torch.float32)
     assert len(launches) == STEPS
     assert all(len(call[0].numels) == len(params) for call in launches)  # transposed too
+
+
+@pytest.mark.parametrize("name", ["Adam", "Adagrad", "ASGD", "NAdam", "RAdam", "Adamax"])
+def test_device_steps_give_float64_scalars(name, monkeypatch):
+    """fused=True on a GPU keeps each ``step`` on the device as float32 and the kernels read it
+    there; the per-step scalars (bias corrections, RAdam's rectification) are then computed from
+    it widened to float64, as torch's fused kernels compute them in double. Here the CPU steps
+    are taken for device steps: float64 params must match torch's for-loop at the float64
+    tolerance (float32 scalars missed it by 1e-9 to 3e-6)."""
+    from fuseopt import _plan
+
+    monkeypatch.setattr(_plan, "_device_step", lambda e: e.backend == "triton")
+    params, ref_params, grads = _problem(torch.float64)
+    opt = _run(BY_NAME[name].ours, params, grads, fused=True)
+    ref = _run(BY_NAME[name].theirs, ref_params, grads, foreach=False)
+    assert all(s["step"].dtype == torch.float32 for s in opt.state.values())
+    _compare(opt, ref, params, ref_params, False, torch.float64)
+
+
+def test_kernel_cache_keeps_the_modes_apart(monkeypatch):
+    """One process may build a kernel compiled for the GPU and the same kernel interpreted (the
+    CUDA tests and the CPU ones): each mode has its own, never the other's."""
+    args = (BY_NAME["SGD"].ours.rule, _sgd_flags(), ("param", "grad"), torch.float32, False)
+    interpreted = triton_gpu.kernel(*args)[0]
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    compiled = triton_gpu.kernel(*args)[0]
+    assert compiled is not interpreted and compiled is triton_gpu.kernel(*args)[0]
+    assert "interp" in interpreted.__module__ and "interp" not in compiled.__module__
+
+
+def _sgd_flags():
+    from fuseopt.rule import Flags
+
+    group = dict(maximize=False, weight_decay=0.0, momentum=0.0, nesterov=False)
+    return Flags(BY_NAME["SGD"].ours.rule.flags(group, False, None, {}))
 
 
 def test_default_is_triton_and_float64(launches):
@@ -138,12 +182,12 @@ CAPTURABLE = [a for a in ALGORITHMS if a.name not in ("SGD", "Adagrad")]  # torc
 
 
 @pytest.mark.parametrize("algo", CAPTURABLE, ids=lambda a: a.name)
-def test_capturable(algo, launches):
+def test_capturable(algo, launches, device):
     """capturable=True: scalars computed from the device steps (no host read of them), all params
     in one launch (RAdam, whose flags read the step, one launch per param), torch's numbers."""
     desc, kwargs = algo.configs()[-1]
     kwargs = {k: v for k, v in kwargs.items() if not torch.is_tensor(v)}
-    params, ref_params, grads = _problem(torch.float32)
+    params, ref_params, grads = _problem(torch.float32, device=device)
     opt = _run(algo.ours, params, grads, **kwargs, capturable=True)
     ref = _run(algo.theirs, ref_params, grads, **kwargs, foreach=False)
     _compare_capturable(opt, ref, params, ref_params)
@@ -153,12 +197,16 @@ def test_capturable(algo, launches):
         assert any(torch.is_tensor(v) for v in launches[-1][0].scalars.values())
 
 
-@pytest.mark.parametrize("name", ["Adam", "AdamW", "Adamax", "Adadelta", "RMSprop", "Rprop"])
-def test_capturable_step_reads_nothing_back(name, monkeypatch):
-    """A capturable step never reads a tensor back to the host (what a CUDA graph forbids);
-    NAdam and ASGD (host scalar state) and RAdam (a flag from the step) still do."""
+# capturable without a host read: NAdam and ASGD (host scalar state) and RAdam (a flag from the
+# step) still read one
+NO_HOST_READ = ["Adam", "AdamW", "Adamax", "Adadelta", "RMSprop", "Rprop"]
+
+
+@pytest.mark.parametrize("name", NO_HOST_READ)
+def test_capturable_step_reads_nothing_back(name, monkeypatch, device):
+    """A capturable step never reads a tensor back to the host (what a CUDA graph forbids)."""
     desc, kwargs = BY_NAME[name].configs()[-1]
-    params, _, grads = _problem(torch.float32, steps=3)
+    params, _, grads = _problem(torch.float32, steps=3, device=device)
     opt = BY_NAME[name].ours(params, **kwargs, capturable=True)
 
     def host_read(*args, **kwargs):
@@ -173,9 +221,48 @@ def test_capturable_step_reads_nothing_back(name, monkeypatch):
             opt.step()
 
 
-def test_capturable_params_with_different_steps():
+@pytest.mark.parametrize("device", CUDA_ONLY, indirect=True)
+@pytest.mark.parametrize("name", NO_HOST_READ)
+def test_capturable_step_replays_in_a_cuda_graph(name, device):
+    """A capturable step captured in a CUDA graph (where any host read or sync fails) and replayed
+    gives the eager steps' params and state, bitwise: each replay bumps the device steps and
+    computes its scalars from them again."""
+    algo = BY_NAME[name]
+    desc, kwargs = algo.configs()[-1]
+    kwargs = {k: v for k, v in kwargs.items() if not torch.is_tensor(v)}
+    params, twins, grads = _problem(torch.float32, steps=5, device=device)
+    eager = _run(algo.ours, twins, grads, **kwargs, capturable=True)
+    opt = algo.ours(params, **kwargs, capturable=True)
+    static = [g.clone() for g in grads[0]]  # a graph reads the grads it was captured with
+    for p, g in zip(params, static):
+        p.grad = g
+    side = torch.cuda.Stream()  # warm-up (state, device tables) off the default stream, as
+    side.wait_stream(torch.cuda.current_stream())  # torch's CUDA-graph recipe does
+    with torch.cuda.stream(side):
+        for step_grads in grads[:2]:
+            torch._foreach_copy_(static, step_grads)
+            opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()  # recorded, not run
+    for step_grads in grads[2:]:
+        torch._foreach_copy_(static, step_grads)
+        graph.replay()
+    torch.cuda.synchronize()
+    for p, q in zip(params, twins):
+        assert torch.equal(p.detach(), q.detach())
+    theirs = eager.state_dict()["state"]
+    for i, state in opt.state_dict()["state"].items():
+        assert list(state) == list(theirs[i])
+        for key, value in state.items():
+            assert torch.equal(value, theirs[i][key]), key
+        assert state["step"].item() == len(grads)  # two warm-up steps and three replays
+
+
+def test_capturable_params_with_different_steps(device):
     """Stacked steps give each tensor its own bias corrections."""
-    params, ref_params, grads = _problem(torch.float32)
+    params, ref_params, grads = _problem(torch.float32, device=device)
     opt = fuseopt.Adam(params, capturable=True)
     ref = torch.optim.Adam(ref_params, foreach=False)
     for i, step_grads in enumerate(grads):
@@ -197,28 +284,28 @@ def _compare_capturable(opt, ref, params, ref_params):
 
 
 @pytest.mark.parametrize("name", ["Adam", "AdamW", "SGD", "Adagrad", "RMSprop", "NAdam"])
-def test_grad_scale_and_found_inf(name):
+def test_grad_scale_and_found_inf(name, device):
     """GradScaler's attributes: grads divided by ``grad_scale`` in the kernel; a step with
     ``found_inf`` leaves params, state and the step count unchanged."""
     algo = BY_NAME[name]
     desc, kwargs = algo.configs()[-1]
     kwargs = {k: v for k, v in kwargs.items() if not torch.is_tensor(v)}
-    params, ref_params, grads = _problem(torch.float32)
+    params, ref_params, grads = _problem(torch.float32, device=device)
     opt = algo.ours(params, **kwargs, fused=True)
     assert opt._step_supports_amp_scaling
     ref = algo.theirs(ref_params, **kwargs, foreach=False)
-    scale = torch.tensor(1024.0)
+    scale = torch.tensor(1024.0, device=device)  # (GradScaler's are on the params' device)
     for step_grads in grads:
         for p, q, g in zip(params, ref_params, step_grads):
             p.grad, q.grad = g * scale, g.clone()
-        opt.grad_scale, opt.found_inf = scale, torch.tensor(0.0)
+        opt.grad_scale, opt.found_inf = scale, torch.tensor(0.0, device=device)
         opt.step()
         ref.step()
     _compare(opt, ref, params, ref_params, False, torch.float32)
     before = ([p.detach().clone() for p in params], opt.state_dict())
     for p in params:
         p.grad = torch.full_like(p, float("inf"))
-    opt.found_inf = torch.tensor(1.0)
+    opt.found_inf = torch.tensor(1.0, device=device)
     opt.step()
     del opt.grad_scale, opt.found_inf
     for p, q in zip(params, before[0]):
@@ -229,17 +316,19 @@ def test_grad_scale_and_found_inf(name):
             assert torch.equal(after[i][key], value), key
 
 
-def test_grad_scaler_end_to_end():
+def test_grad_scaler_end_to_end(device):
     """torch.amp.GradScaler drives fuseopt's fused step (no unscale pass of its own) to the same
     params as torch's for-loop Adam under the same scaler, inf steps included."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(8, 5, generator=gen)
+    x = torch.randn(8, 5, generator=gen).to(device)
     results = []
     for cls, flags in ((fuseopt.Adam, dict(fused=True)), (torch.optim.Adam, dict(foreach=False))):
         torch.manual_seed(0)
-        model = torch.nn.Linear(5, 3)
+        model = torch.nn.Linear(5, 3).to(device)  # (initialised on the CPU: the same weights)
         opt = cls(model.parameters(), lr=0.01, **flags)
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        # (what GradScaler reads: torch's for-loop has no such attribute)
+        assert getattr(opt, "_step_supports_amp_scaling", False) == (cls is fuseopt.Adam)
+        scaler = torch.amp.GradScaler(device, init_scale=2.0**10)
         for i in range(4):
             loss = model(x).square().mean() * (float("inf") if i == 2 else 1.0)
             scaler.scale(loss).backward()
@@ -248,19 +337,22 @@ def test_grad_scaler_end_to_end():
             opt.zero_grad()
         results.append((list(model.parameters()), opt.state_dict()["state"][0]["step"]))
     for p, q in zip(results[0][0], results[1][0]):
+        assert p.device.type == device
         torch.testing.assert_close(p, q, **TOL[torch.float32])
-    assert results[0][1] == results[1][1] == 3
+    assert results[0][1].item() == results[1][1].item() == 3
 
 
-def test_amp_scaling_only_where_triton_runs(monkeypatch):
+def test_amp_scaling_where_fused_kernels_run(monkeypatch):
+    """GradScaler hands the scaling to the fused kernels, Triton's and (as torch's fused CPU
+    optimizers) numba's; never to foreach or plain-code optimizers (tests/test_amp.py runs it)."""
     p = torch.zeros(3, requires_grad=True)
     assert amp_scaling(fuseopt.Adam([p], fused=True))
     assert amp_scaling(fuseopt.Adam([p]))  # the default is the Triton kernel here
     assert not amp_scaling(fuseopt.Adam([p], foreach=True))
     assert not fuseopt.LBFGS([p])._step_supports_amp_scaling
     monkeypatch.delenv("FUSEOPT_FUSED_BACKEND")
-    assert not amp_scaling(fuseopt.Adam([p], fused=True))  # numba: GradScaler unscales first
-    opt = fuseopt.Adam([p], fused=True)
+    assert amp_scaling(fuseopt.Adam([p], fused=True))  # numba
+    opt = fuseopt.Adam([p], foreach=True)
     p.grad = torch.ones(3)
     opt.grad_scale = torch.tensor(2.0)
     with pytest.raises(AssertionError, match="Expected grad_scale and found_inf to be None"):
@@ -275,7 +367,7 @@ def test_without_triton_the_numba_kernel_runs(monkeypatch, launches):
     opt = _run(fuseopt.Adam, params, grads, fused=True)
     ref = _run(torch.optim.Adam, ref_params, grads, foreach=False)
     _compare(opt, ref, params, ref_params, False, torch.float32)
-    assert not launches and not opt._step_supports_amp_scaling
+    assert not launches and opt._step_supports_amp_scaling  # (numba's kernel unscales too)
     half = torch.zeros(2, dtype=torch.bfloat16, requires_grad=True)
     half.grad = torch.ones_like(half)
     fuseopt.Adam([half], lr=0.5, fused=True).step()  # bfloat16 too: numba's kernel
