@@ -10,6 +10,7 @@ from fuseopt.adam import Adam
 from fuseopt.adamax import Adamax
 from fuseopt.adamw import AdamW
 from fuseopt.asgd import ASGD
+from fuseopt.lamb import Lamb
 from fuseopt.lars import LARS
 from fuseopt.lbfgs import LBFGS
 from fuseopt.nadam import NAdam
@@ -31,6 +32,7 @@ __all__ = [
     "AdamW",
     "Adamax",
     "LARS",
+    "Lamb",
     "LBFGS",
     "Muon",
     "NAdam",

@@ -133,7 +133,9 @@ def _tensor_scalars(plans: list) -> None:
             sums = _sums(launch)
             if sums:
                 ndims = torch.tensor(launch.ndims)
-                launch.scalars.update(rule.tensor_scalars(group, launch.flags, sums, ndims))
+                launch.scalars.update(
+                    rule.tensor_scalars(group, launch.flags, sums, ndims, launch.scalars)
+                )
 
 
 def _sums(launch) -> dict[str, torch.Tensor]:

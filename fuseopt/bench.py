@@ -110,6 +110,8 @@ ALGORITHMS: dict[str, Algorithm] = {
         Algorithm("AdamW+clip", {"lr": 1e-3}, 8 * 4, max_grad_norm=1.0, optimizer="AdamW"),
         # a first pass reads p and g for their norms; then read p, g, buf; write p, buf
         Algorithm("LARS", {"lr": 1e-3}, 7 * 4, reference="pytorch_optimizer"),
+        # a first pass reads p, g, m, v for the norms; then read them again, write p, m, v
+        Algorithm("Lamb", {"lr": 1e-3}, 11 * 4, reference="pytorch_optimizer"),
     )
 }
 

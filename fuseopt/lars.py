@@ -31,7 +31,7 @@ class LARSRule(Rule):
     def reduce(self, ops, f, s, param, grad, **state):
         return dict(param_sq=param * param, grad_sq=grad * grad)
 
-    def tensor_scalars(self, group, f, sums, ndims):
+    def tensor_scalars(self, group, f, sums, ndims, scalars):
         p_norm, g_norm = sums["param_sq"].sqrt(), sums["grad_sq"].sqrt()
         denom = g_norm + group["weight_decay"] * p_norm
         trust = torch.where(

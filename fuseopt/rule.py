@@ -152,10 +152,10 @@ class Rule:
         scalars that :meth:`update` reads from ``s``. The default: none."""
         return {}
 
-    def tensor_scalars(self, group: dict, f: Flags, sums: dict, ndims) -> dict:
+    def tensor_scalars(self, group: dict, f: Flags, sums: dict, ndims, scalars: dict) -> dict:
         """Per-tensor scalars from the sums of :meth:`reduce` (1-D float64 tensors, one value per
-        tensor of a batch) and each param's ``ndims``: ``{name: 1-D tensor}``, read in
-        :meth:`update` as ``s.<name>`` (each tensor its own value)."""
+        tensor of a batch), each param's ``ndims`` and the batch's ``scalars``: ``{name: 1-D
+        tensor}``, read in :meth:`update` as ``s.<name>`` (each tensor its own value)."""
         return {}
 
     def apply(self, ops, f: Flags, s, param, grad, **state) -> dict:

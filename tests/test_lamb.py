@@ -1,0 +1,208 @@
+"""LAMB against its oracle, ``pytorch-optimizer``'s ``Lamb`` (its for-loop, ``foreach=False``), on
+every implementation and dtype; its state dicts across implementations; its errors; and its
+reduction pass (the direction's norm: moments read, nothing written) under hostile layouts, in
+child processes. Tolerances as for LARS (tests/test_lars.py): the norms are float64 sums here,
+in the param's dtype there.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import clone_params, make_grads
+
+import fuseopt
+
+reference = pytest.importorskip("pytorch_optimizer")
+
+IMPLS = {"forloop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
+TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-6),
+    torch.float64: dict(rtol=1e-10, atol=1e-12),
+    torch.bfloat16: dict(rtol=2**-6, atol=2**-6),
+}
+SHAPES = [(20, 10), (10,), (), (5, 4, 3), (0, 3), (3, 7), (70_001,)]
+CONFIGS = {
+    "default": {},
+    "decoupled": dict(weight_decay=0.1),
+    "coupled": dict(weight_decay=0.1, weight_decouple=False),
+    "fixed-maximize": dict(weight_decay=0.05, fixed_decay=True, grad_averaging=False, maximize=True),
+    "adam": dict(adam=True, weight_decay=0.01, betas=(0.8, 0.99)),
+}
+
+
+def _params(dtype, shapes=SHAPES):
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(s, generator=gen).to(dtype).requires_grad_() for s in shapes]
+
+
+def _run(kwargs, impl, dtype, steps=5, shapes=SHAPES, **extra):
+    params = _params(dtype, shapes)
+    ref_params = clone_params(params)
+    ours = fuseopt.Lamb(params, lr=0.01, **kwargs, **IMPLS[impl], **extra)
+    theirs = reference.Lamb(ref_params, lr=0.01, foreach=False, **kwargs)
+    grads = make_grads(params, steps)
+    for step_grads in grads:
+        for p, q, g in zip(params, ref_params, step_grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        theirs.step()
+        for p, g in zip(params, step_grads):  # never written (pytorch-optimizer scales them)
+            assert torch.equal(p.grad, g)
+    return ours, params, theirs, ref_params
+
+
+def _compare(ours, params, theirs, ref_params, tol):
+    for p, q in zip(params, ref_params):
+        torch.testing.assert_close(p.detach(), q.detach(), **tol)
+        if theirs.state.get(q):
+            for key in ("exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(ours.state[p][key], theirs.state[q][key], **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_lamb_is_pytorch_optimizers(config, impl, dtype):
+    _compare(*_run(CONFIGS[config], impl, dtype), TOL[dtype])
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_bfloat16(impl):
+    """bfloat16: pytorch-optimizer rounds each norm and op to bfloat16, fuseopt's kernels compute
+    in float32 and round once: 99% of the elements within 2**-6, none beyond 2**-3."""
+    ours, params, theirs, ref_params = _run(dict(weight_decay=0.01), impl, torch.bfloat16)
+    for p, q in zip(params, ref_params):
+        p, q = p.detach().float(), q.detach().float()
+        if p.numel():
+            assert torch.isclose(p, q, **TOL[torch.bfloat16]).float().mean() >= 0.99
+            assert (p - q).abs().max() <= 2**-3
+
+
+def test_triton_kernels(monkeypatch):
+    """The fused kernels on CUDA (here Triton's interpreter): the trust ratios reach the kernel
+    as a per-tensor scalar table."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("FUSEOPT_FUSED_BACKEND", "triton")
+    shapes = [(20, 10), (10,), (3, 7), (300,)]
+    _compare(*_run(CONFIGS["coupled"], "fused", torch.float32, shapes=shapes), TOL[torch.float32])
+
+
+def test_the_trust_ratio_is_what_the_paper_says():
+    """One step from zero moments: the direction is g / (|g| + eps) elementwise, the step
+    lr / (1 - b1) * min(|p|, 10) / (|u| + eps) * (1 - b1) u (the first moment's correction)."""
+    w = torch.full((2, 2), 2.0, requires_grad=True)
+    opt = fuseopt.Lamb([w], lr=0.1, eps=0.0)
+    w.grad = torch.full((2, 2), 3.0)
+    opt.step()
+    u = torch.full((2, 2), 0.1 / (0.001**0.5 * 3.0) * 3.0)  # m = 0.1 g, sqrt(v) = sqrt(0.001) g
+    trust = 4.0 / u.norm()  # |w| = 4
+    expected = 2.0 - 0.1 / 0.1 * trust * u
+    torch.testing.assert_close(w, expected)
+
+
+@pytest.mark.parametrize("first", list(IMPLS))
+@pytest.mark.parametrize("second", list(IMPLS))
+def test_state_dict_interchange_across_implementations(first, second):
+    """Save after 3 steps on one implementation, load into another, 3 more: as 6 on one."""
+    params = _params(torch.float32)
+    twins = clone_params(params)
+    grads = make_grads(params, 6)
+    straight = fuseopt.Lamb(twins, lr=0.01, weight_decay=0.1, **IMPLS[second])
+    opt = fuseopt.Lamb(params, lr=0.01, weight_decay=0.1, **IMPLS[first])
+    for i, step_grads in enumerate(grads):
+        if i == 3:
+            saved = opt.state_dict()
+            opt = fuseopt.Lamb(params, lr=0.01, weight_decay=0.1, **IMPLS[second])
+            opt.load_state_dict(saved)
+        for p, q, g in zip(params, twins, step_grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        straight.step()
+    for p, q in zip(params, twins):
+        torch.testing.assert_close(p, q, **TOL[torch.float32])
+    assert list(saved["state"][0]) == ["step", "exp_avg", "exp_avg_sq"]
+    assert saved["param_groups"][0]["weight_decouple"] is True
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(lr=-0.1), ValueError, "Invalid learning rate: -0.1"),
+        (dict(weight_decay=-1.0), ValueError, "Invalid weight_decay value: -1.0"),
+        (dict(eps=-1.0), ValueError, "Invalid epsilon value: -1.0"),
+        (dict(betas=(1.0, 0.9)), ValueError, "Invalid beta parameter at index 0: 1.0"),
+        (dict(rectify=True), NotImplementedError, "rectify=True is not implemented"),
+        (dict(pre_norm=True), NotImplementedError, "pre_norm=True is not implemented"),
+        (dict(lr=torch.tensor(0.1)), TypeError, "lr must be a number"),
+        (dict(max_grad_norm=-1.0), ValueError, "Invalid max_grad_norm value"),
+    ],
+)
+def test_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        fuseopt.Lamb([torch.zeros(2, 2, requires_grad=True)], **kwargs)
+
+
+def test_sparse_grads_are_refused_before_anything_changes():
+    p = torch.ones(4, 2, requires_grad=True)
+    opt = fuseopt.Lamb([p], foreach=False)
+    p.grad = torch.ones(4, 2).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    assert torch.equal(p, torch.ones(4, 2))
+
+
+# The reduction kernel reads params and grads through the addresses the plan checked: the
+# plan's layout faults (a grad with gaps or of another layout, a param's storage shrunk, a grad
+# broadcast) must end as the foreach implementation ends (its numbers, or its error with nothing
+# changed), never in a crash.
+_FAULT = """
+import torch, fuseopt
+def make(impl):
+    gen = torch.Generator().manual_seed(0)
+    ps = [torch.randn(s, generator=gen).requires_grad_() for s in [(6, 5), (5,), (4, 3)]]
+    opt = fuseopt.Lamb(ps, lr=0.01, weight_decay=0.1, **impl)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    return opt, ps
+outcomes = []
+for impl in (dict(fused=True), dict(foreach=True)):
+    opt, ps = make(impl)
+    {fault}
+    before = [p.detach().clone() for p in ps]
+    try:
+        opt.step()
+        outcomes.append([p.detach().clone() for p in ps])
+    except Exception as e:
+        assert all(torch.equal(a, b.detach()) for a, b in zip(before, ps)), "changed"
+        outcomes.append(type(e).__name__)
+a, b = outcomes
+assert (a == b) if isinstance(a, str) else all(torch.allclose(x, y) for x, y in zip(a, b)), (a, b)
+print("OK", a if isinstance(a, str) else "same numbers")
+"""
+FAULTS = {
+    "grad_with_gaps": "ps[0].grad = torch.ones(6, 10)[:, ::2]",
+    "grad_transposed": "ps[0].grad = torch.ones(5, 6).t()",
+    "grad_broadcast": "ps[2].grad.data = torch.full((3,), 0.5)",
+    "param_storage_shrunk": "ps[0].data.untyped_storage().resize_(8)",
+    "state_resized": "opt.state[ps[0]]['exp_avg'].resize_(3)",
+    "grad_other_dtype": "ps[1].grad.data = torch.ones(5, dtype=torch.float64)",
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_reduction_pass_under_layout_faults(fault):
+    code = textwrap.dedent(_FAULT).replace("{fault}", FAULTS[fault])
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+        cwd=Path(__file__).parent.parent,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "OK" in proc.stdout
