@@ -19,10 +19,15 @@ the one place that establishes, at every step and before any address is read:
   tensor of the launch (grads are only read: they may share memory among themselves);
 - K6 *counters*: a ``step`` that the host bumps through its address is a CPU float32/float64
   tensor of one element, with K2 and K4.
-- K7 *norms* (``max_grad_norm``, ``skip_if_nonfinite``): the pass over the grads
-  (:mod:`fuseopt._clip`) reads, after every group is planned, the grad rows of the numba
-  launches' address tables and nothing else, so K2-K5 of those launches are its assumptions
-  too; it writes nothing (a reduction slot per chunk of a host array it allocates).
+- K7 *reductions* (``max_grad_norm``, ``skip_if_nonfinite``, a rule's ``reduce``: LARS, Lamb):
+  the first pass (:mod:`fuseopt._clip`) runs after every group is planned and reads, through
+  the numba launches' address tables, only rows those launches hold (the grads for the norms;
+  a rule's sums read its operands), so K1-K5 of those launches are its assumptions too; it
+  writes nothing but a float64 slot per chunk of a host array it allocates.
+- K8 *per-tensor scalars*: a scalar with a value per tensor (a rule's ``tensor_scalars``)
+  reaches a kernel as a table with exactly one row per tensor of the launch
+  (:func:`~fuseopt.kernels.numba_cpu.scalar_table` raises otherwise), which the kernel indexes
+  by the chunk's tensor.
 
 A step checked in full establishes K2-K5 per param (:func:`~fuseopt._facts.entry_check`, with
 its grad and state) and K6 per counter (:func:`~fuseopt._facts.standard_step`); a group seen
