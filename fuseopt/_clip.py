@@ -127,9 +127,9 @@ def _tensor_scalars(plans: list) -> None:
     (after clipping: the sums see the grads as the update does)."""
     for group, plan in plans:
         rule = plan.rule
-        if not rule.has_reductions:
-            continue
         for launch in _launches([(group, plan)]):
+            if launch.backend == "sparse" or not rule.reduces(launch.flags):
+                continue
             sums = _sums(launch)
             if sums:
                 ndims = torch.tensor(launch.ndims)
@@ -148,8 +148,6 @@ def _sums(launch) -> dict[str, torch.Tensor]:
 
     if launch.backend == "numba":
         return {k: torch.from_numpy(v) for k, v in numba_cpu.reduce(launch).items()}
-    if launch.backend == "sparse":
-        raise RuntimeError(f"{type(launch.rule).__name__}: sparse gradients are not supported")
     names = launch.operands[2:]
     rows: dict[str, list] = {}
     s = SimpleNamespace(**launch.scalars)

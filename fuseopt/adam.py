@@ -33,7 +33,36 @@ class AdamRule(Rule):
             # step tensors (capturable, differentiable): torch folds the step size into the
             # denominator, with scalars that are 0-dim tensors
             on_tensors=is_tensor(step),
+            cautious=g.get("cautious", False),
         )
+
+    def reduces(self, f):
+        return f.cautious
+
+    def _moments(self, ops, f, s, param, grad, exp_avg, exp_avg_sq):
+        """The grad as the update uses it (maximize, coupled decay), the decayed param and the
+        new moments."""
+        if f.maximize:
+            grad = -grad
+        if f.wd and f.decoupled:
+            param = param * s.decay
+        elif f.wd:
+            grad = ops.add(grad, param, alpha=s.wd)
+        exp_avg = ops.lerp(exp_avg, grad, s.omb1)
+        exp_avg_sq = ops.addcmul(exp_avg_sq * s.b2, grad, grad, value=s.omb2)
+        return grad, param, exp_avg, exp_avg_sq
+
+    def reduce(self, ops, f, s, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None):
+        # cautious: the elements whose update agrees in sign with the grad (the update's sign is
+        # the new first moment's: its denominator is positive), and the tensor's size
+        grad, _, exp_avg, _ = self._moments(ops, f, s, param, grad, exp_avg, exp_avg_sq)
+        kept = ops.where(ops.gt(exp_avg * grad, 0.0), 1.0, 0.0)
+        return dict(kept=kept, size=kept * 0.0 + 1.0)
+
+    def tensor_scalars(self, group, f, sums, ndims, scalars):
+        # the masked update rescaled by size / (kept + 1) (Liang et al., 2024; C-Optim's and
+        # pytorch-optimizer's ``apply_cautious``)
+        return dict(caution=sums["size"] / (sums["kept"] + 1.0))
 
     def scalars(self, g, step, sv):
         lr, (b1, b2), wd = _scalar(g["lr"]), map(_scalar, g["betas"]), g["weight_decay"]
@@ -47,21 +76,19 @@ class AdamRule(Rule):
         return out
 
     def update(self, ops, f, s, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None):
-        if f.maximize:
-            grad = -grad
-        if f.wd and f.decoupled:
-            param = param * s.decay
-        elif f.wd:
-            grad = ops.add(grad, param, alpha=s.wd)
-        exp_avg = ops.lerp(exp_avg, grad, s.omb1)
-        exp_avg_sq = ops.addcmul(exp_avg_sq * s.b2, grad, grad, value=s.omb2)
+        grad, param, exp_avg, exp_avg_sq = self._moments(
+            ops, f, s, param, grad, exp_avg, exp_avg_sq
+        )
         if f.amsgrad:
             max_exp_avg_sq = ops.maximum(max_exp_avg_sq, exp_avg_sq)
         root = ops.sqrt(max_exp_avg_sq if f.amsgrad else exp_avg_sq)
+        step = exp_avg  # (cautious: zero where the update's sign is not the grad's, rescaled)
+        if f.cautious:
+            step = ops.where(ops.gt(exp_avg * grad, 0.0), exp_avg * s.caution, 0.0)
         if f.on_tensors:
-            param = ops.addcdiv(param, exp_avg, root / s.denom_scale + s.denom_eps)
+            param = ops.addcdiv(param, step, root / s.denom_scale + s.denom_eps)
         else:
-            param = ops.addcdiv(param, exp_avg, root / s.bc2_sqrt + s.eps, value=s.neg_step_size)
+            param = ops.addcdiv(param, step, root / s.bc2_sqrt + s.eps, value=s.neg_step_size)
         return dict(
             param=param, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, max_exp_avg_sq=max_exp_avg_sq
         )
@@ -124,6 +151,9 @@ class Adam(Optimizer):
         {clipping}
         decoupled_weight_decay (bool, optional): decay the weights directly, as AdamW
             (default: False)
+        cautious (bool, optional): beyond torch: C-Adam(W) (Liang et al., 2024), the update
+            zeroed where its sign is not the grad's and rescaled by ``numel / (kept + 1)`` per
+            tensor, from a first pass of the same step (default: False)
     """
 
     rule = AdamRule()
@@ -147,18 +177,27 @@ class Adam(Optimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
+        cautious: bool = False,
         max_grad_norm: float | None = None,
         norm_type: float = 2.0,
         error_if_nonfinite: bool = False,
         skip_if_nonfinite: bool = False,
     ) -> None:
         _check_adam_args(lr, betas, eps, weight_decay, foreach, capturable)
+        if not isinstance(cautious, bool):
+            raise TypeError(f"cautious must be a bool, got {type(cautious).__name__}")
+        if cautious and (capturable or differentiable):
+            raise ValueError(
+                "cautious=True is not supported with capturable=True or differentiable=True"
+            )
         defaults = dict(
             lr=lr, betas=tuple(map(_scalar, betas)), eps=eps, weight_decay=weight_decay,
             amsgrad=amsgrad, maximize=maximize, foreach=foreach, capturable=capturable,
             differentiable=differentiable, fused=fused,
             decoupled_weight_decay=decoupled_weight_decay,
         )  # fmt: skip
+        if cautious:  # (only where asked for: the groups stay torch's)
+            defaults["cautious"] = True
         grad_options = _clip.options(max_grad_norm, norm_type, error_if_nonfinite, skip_if_nonfinite)
         super().__init__(params, {**defaults, **grad_options})
 

@@ -29,6 +29,8 @@ class AdamW(Adam):
         {capturable}
         {differentiable}
         {fused}
+        cautious (bool, optional): beyond torch: C-AdamW (Liang et al., 2024), see
+            :class:`~fuseopt.Adam` (default: False)
         {clipping}
     """
 
@@ -46,6 +48,7 @@ class AdamW(Adam):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        cautious: bool = False,
         max_grad_norm: float | None = None,
         norm_type: float = 2.0,
         error_if_nonfinite: bool = False,
@@ -54,7 +57,8 @@ class AdamW(Adam):
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
             capturable=capturable, differentiable=differentiable, fused=fused,
-            decoupled_weight_decay=True, max_grad_norm=max_grad_norm, norm_type=norm_type,
+            decoupled_weight_decay=True, cautious=cautious, max_grad_norm=max_grad_norm,
+            norm_type=norm_type,
             error_if_nonfinite=error_if_nonfinite, skip_if_nonfinite=skip_if_nonfinite,
         )  # fmt: skip
 

@@ -22,7 +22,9 @@ class LambRule(Rule):
     same direction again and steps by the trust ratio."""
 
     state = (Zeros("exp_avg"), Zeros("exp_avg_sq"))
-    has_reductions = True
+
+    def reduces(self, f):
+        return not f.adam  # (no trust ratio: no norms)
 
     def flags(self, g, first, step, sv):
         wd = g["weight_decay"] > 0
@@ -54,8 +56,6 @@ class LambRule(Rule):
         return param, direction, exp_avg, exp_avg_sq
 
     def reduce(self, ops, f, s, param, grad, exp_avg, exp_avg_sq):
-        if f.adam:  # (no trust ratio: no norms)
-            return {}
         param, direction, _, _ = self._direction(ops, f, s, param, grad, exp_avg, exp_avg_sq)
         return dict(param_sq=param * param, direction_sq=direction * direction)
 

@@ -20,7 +20,9 @@ class LARSRule(Rule):
 
     state = (Zeros("momentum_buffer", when=lambda g: g["momentum"] > 0),)
     has_step = False
-    has_reductions = True
+
+    def reduces(self, f):
+        return True
 
     def flags(self, g, first, step, sv):
         return dict(maximize=g["maximize"], momentum=g["momentum"] > 0, nesterov=g["nesterov"])

@@ -142,8 +142,10 @@ class Rule:
         """Return the new ``param`` and state values (a dict; a None value is not written)."""
         raise NotImplementedError
 
-    #: whether :meth:`reduce` may name per-tensor sums (the plan then runs a first pass)
-    has_reductions: bool = False
+    def reduces(self, f: Flags) -> bool:
+        """Whether :meth:`reduce` names per-tensor sums under the flags ``f`` (the step then
+        runs its first pass over the batch; none by default)."""
+        return False
 
     def reduce(self, ops, f: Flags, s, param, grad, **state) -> dict:
         """Per-element expressions whose sums over each tensor the step needs before its update
