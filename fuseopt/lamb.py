@@ -109,8 +109,9 @@ class Lamb(Optimizer):
             ``lr * weight_decay`` (default: False)
         grad_averaging (bool, optional): scale the grad by ``1 - beta1`` in the first moment
             (default: True)
-        adam (bool, optional): no trust ratio: Adam's step without the second bias correction
-            (default: False)
+        adam (bool, optional): no trust ratio: Adam's step without the second bias correction;
+            a param group with ``adam=True`` excludes its params (biases, norm weights) from the
+            layer-wise adaptation (default: False)
         eps (float, optional): term added to the denominators (default: 1e-6)
         {maximize}
         {foreach}

@@ -210,3 +210,19 @@ def test_reduction_pass_under_layout_faults(fault):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "OK" in proc.stdout
+
+
+def test_a_group_excluded_from_adaptation():
+    """Biases and norm weights in a group with ``adam=True`` take Adam's step (no trust ratio)
+    while the matrices adapt, as pytorch-optimizer's groups do."""
+    params = _params(torch.float32, shapes=[(20, 10), (10,), (70_001,)])
+    ref_params = clone_params(params)
+    groups = lambda ps: [{"params": [ps[0], ps[2]]}, {"params": [ps[1]], "adam": True}]
+    ours = fuseopt.Lamb(groups(params), lr=0.01, weight_decay=0.1, fused=True)
+    theirs = reference.Lamb(groups(ref_params), lr=0.01, weight_decay=0.1, foreach=False)
+    for step_grads in make_grads(params, 4):
+        for p, q, g in zip(params, ref_params, step_grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        theirs.step()
+    _compare(ours, params, theirs, ref_params, TOL[torch.float32])
