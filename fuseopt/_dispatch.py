@@ -123,12 +123,29 @@ def init_state(opt, group: dict, params) -> None:
             opt.state[p].update(new_state(opt.rule, group, p, specs))
 
 
+def _reduces(opt) -> bool:
+    """Whether a step of ``opt`` may run its rule's first pass (LARS, Lamb, cautious Adam)."""
+    from fuseopt.rule import Flags, Rule
+
+    rule = opt.rule
+    if type(rule).reduces is Rule.reduces:  # (no rule of this kind ever reduces)
+        return False
+    try:
+        return any(
+            rule.reduces(Flags(rule.flags(g, False, 1.0, {}))) for g in opt.param_groups
+        )
+    except (KeyError, TypeError):  # (a group that cannot step: the step will say so)
+        return True
+
+
 def amp_scaling(opt) -> bool:
     """Whether every param of ``opt`` steps in the fused kernels (numba's or Triton's), which
     unscale grads and skip inf steps themselves: torch's ``_step_supports_amp_scaling``, read by
     GradScaler (torch answers yes for its fused optimizers, on CPU too)."""
     if opt.rule is None or any(g.get("max_grad_norm") is not None for g in opt.param_groups):
         return False  # (a norm over scaled grads would be wrong: GradScaler unscales first)
+    if _reduces(opt):
+        return False  # (the first pass's sums read the grads as GradScaler left them: likewise)
     try:
         return all(
             backend_for(g, p, False) in KERNELS for g in opt.param_groups for p in g["params"]

@@ -122,3 +122,30 @@ def test_clipping_optimizers_leave_unscaling_to_grad_scaler():
         scaler.update()
     for p, q in zip(ours_model.parameters(), model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "make", [lambda ps: fuseopt.LARS(ps, lr=0.1, weight_decay=0.01, fused=True),
+             lambda ps: fuseopt.Adam(ps, lr=0.01, cautious=True, fused=True)],
+    ids=["LARS", "cautious-Adam"],
+)  # fmt: skip
+def test_rules_with_a_first_pass_leave_unscaling_to_grad_scaler(make):
+    """LARS's norms and cautious Adam's signs read the grads in a first pass: the optimizer
+    does not claim the scaling (GradScaler unscales the grads first), so the numbers are those
+    of the same optimizer without GradScaler."""
+    runs = []
+    for scaled in (True, False):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 3))
+        opt = make(list(model.parameters()))
+        assert not opt._step_supports_amp_scaling
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, enabled=scaled)
+        x = torch.randn(32, 8, generator=torch.Generator().manual_seed(1))
+        for _ in range(4):
+            opt.zero_grad()
+            scaler.scale(model(x).square().mean()).backward()
+            scaler.step(opt)
+            scaler.update()
+        runs.append([p.detach() for p in model.parameters()])
+    for p, q in zip(*runs):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
