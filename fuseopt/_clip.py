@@ -139,8 +139,8 @@ def _tensor_scalars(plans: list) -> None:
 
 
 def _sums(launch) -> dict[str, torch.Tensor]:
-    """The rule's per-tensor sums over ``launch``: numba's reduction kernel over the launch's
-    checked addresses, torch's ops (float64 sums) over the tensors of any other backend."""
+    """The rule's per-tensor sums over ``launch``: numba's or Triton's reduction kernel over the
+    launch's checked addresses, torch's ops over the tensors of the for-loop and foreach."""
     from types import SimpleNamespace
 
     from fuseopt.kernels import numba_cpu
@@ -148,6 +148,10 @@ def _sums(launch) -> dict[str, torch.Tensor]:
 
     if launch.backend == "numba":
         return {k: torch.from_numpy(v) for k, v in numba_cpu.reduce(launch).items()}
+    if launch.backend == "triton":
+        from fuseopt.kernels import triton_gpu
+
+        return triton_gpu.reduce(launch)
     names = launch.operands[2:]
     rows: dict[str, list] = {}
     s = SimpleNamespace(**launch.scalars)

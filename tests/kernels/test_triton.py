@@ -450,3 +450,48 @@ def test_imports_triton_lazily():
     )
     env = {k: v for k, v in __import__("os").environ.items() if k != "FUSEOPT_FUSED_BACKEND"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+@pytest.mark.parametrize(
+    ("make", "dtype"),
+    [
+        (lambda ps: fuseopt.LARS(ps, weight_decay=0.1, fused=True), torch.float32),
+        (lambda ps: fuseopt.Lamb(ps, weight_decay=0.1, fused=True), torch.bfloat16),
+        (lambda ps: fuseopt.AdamW(ps, cautious=True, fused=True), torch.float32),
+    ],
+    ids=["LARS", "Lamb", "cautious-AdamW"],
+)
+def test_reduction_kernel_compiles_for_sm90(make, dtype, monkeypatch):
+    """A rule's first pass (its sums, one program per chunk, float64 accumulators) compiles to
+    PTX for an H100 without a GPU, with correctly rounded division and sqrt."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from fuseopt._plan import launch_flags
+    from fuseopt.kernels.trace import trace_reduce
+
+    params = make_params(torch.float32, shapes=[(4, 3), (7,)])
+    opt = make(params)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()  # (the flags and operands of a real step)
+    rule, group = opt.rule, opt.param_groups[0]
+    flags = launch_flags(rule, group, False, 2.0, {})
+    operands = ("param", "grad", *(s.name for s in rule.state if s.wanted(group)))
+    graph = trace_reduce(rule, flags, operands)
+    assert graph.outputs  # the rule has sums to take
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    fn = triton_gpu.import_source(
+        triton_gpu.reduce_source(graph, operands, dtype), "fuseopt_triton_reduce_"
+    ).sums
+    signature = {"ptrs": "*i64", "chunks": "*i64", "NT": "i32", "scal": "*fp64",
+                 "scal_stride": "i32", "out": "*fp64"}  # fmt: skip
+    constexprs = dict(NOUT=len(graph.outputs), BLOCK=triton_gpu.BLOCK, CHUNK=triton_gpu.CHUNK)
+    signature.update(dict.fromkeys(constexprs, "constexpr"))
+    compiled = triton.compile(
+        ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+        target=GPUTarget("cuda", 90, 32),
+        options={"enable_fp_fusion": False},
+    )
+    assert ".approx" not in compiled.asm["ptx"]
