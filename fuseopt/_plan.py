@@ -20,7 +20,7 @@ the one place that establishes, at every step and before any address is read:
 - K6 *counters*: a ``step`` that the host bumps through its address is a CPU float32/float64
   tensor of one element, with K2 and K4.
 - K7 *reductions* (``max_grad_norm``, ``skip_if_nonfinite``, a rule's ``reduce``: LARS, Lamb):
-  the first pass (:mod:`fuseopt._clip`) runs after every group is planned and reads, through
+  the first pass (:mod:`fuseopt._first_pass`) runs after every group is planned and reads, through
   the numba launches' address tables, only rows those launches hold (the grads for the norms;
   a rule's sums read its operands), so K1-K5 of those launches are its assumptions too; it
   writes nothing but a float64 slot per chunk of a host array it allocates.
@@ -48,7 +48,7 @@ from operator import attrgetter
 import numpy as np
 import torch
 
-from fuseopt import _clip, _dtensor, kernels
+from fuseopt import _dtensor, _first_pass, kernels
 from fuseopt._dispatch import CAPTURABLE_DEVICES, KERNELS, backend_for, new_state
 from fuseopt._facts import (
     STEP_DTYPES,
@@ -429,7 +429,7 @@ def _amp(opt, group: dict, entries: list[Entry]) -> tuple:
     # take goes to the for-loop math, which unscales and skips as the kernel would)
     if any(backend_for(group, e.param, e.kind[2]) not in KERNELS for e in entries):
         raise AssertionError("Expected grad_scale and found_inf to be None")
-    if grad_scale is not None and _clip.clips(group):
+    if grad_scale is not None and _first_pass.clips(group):
         raise RuntimeError(
             "max_grad_norm needs unscaled grads: GradScaler unscales them itself for an "
             "optimizer that clips; do not set grad_scale on it"
@@ -715,10 +715,10 @@ def _launches(
 
 def launch_flags(rule, group: dict, first: bool, step, sv: dict, unscale: bool = False) -> Flags:
     """A launch's flags: the rule's, and the step-wide ones: ``clip`` (the group's
-    ``max_grad_norm``: the grads times the step's clip coefficient, see :mod:`fuseopt._clip`) and
+    ``max_grad_norm``: the grads times the step's clip coefficient, see :mod:`fuseopt._first_pass`) and
     ``unscale`` (GradScaler's: the grads divided by its scale)."""
     flags = rule.flags(group, first, step, sv)
-    if _clip.clips(group):
+    if _first_pass.clips(group):
         flags = dict(flags, clip=True)
     if unscale:
         flags = dict(flags, unscale=True)
@@ -746,7 +746,7 @@ def plan_step(opt) -> tuple[list[tuple[dict, GroupPlan]], torch.Tensor | None, b
     """Plans for every group of ``opt`` with grads, all checked before any group steps; the
     total grad norm of the groups that clip (None: none clips); and whether the step is skipped
     (a non-finite grad where ``skip_if_nonfinite``). The last two come from one read-only pass
-    over the grads (:mod:`fuseopt._clip`), after the checks and before anything changes."""
+    over the grads (:mod:`fuseopt._first_pass`), after the checks and before anything changes."""
     plans = []
     for group in opt.param_groups:
         with torch.set_grad_enabled(bool(group.get("differentiable", False))):
@@ -754,5 +754,5 @@ def plan_step(opt) -> tuple[list[tuple[dict, GroupPlan]], torch.Tensor | None, b
         if plan is not None:
             plans.append((group, plan))
     with torch.no_grad():
-        grad_norm, skip = _clip.prepare(plans)
+        grad_norm, skip = _first_pass.prepare(plans)
     return plans, grad_norm, skip

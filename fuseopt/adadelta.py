@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from fuseopt import _clip, _docs
+from fuseopt import _docs, _first_pass
 from fuseopt._validate import check_lr, check_non_negative
 from fuseopt.optimizer import Optimizer
 from fuseopt.rule import Rule, Zeros, to_scalar, with_fused
@@ -98,7 +98,9 @@ class Adadelta(Optimizer):
             lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize,
             capturable=capturable, foreach=foreach, differentiable=differentiable,
         )  # fmt: skip
-        grad_options = _clip.options(max_grad_norm, norm_type, error_if_nonfinite, skip_if_nonfinite)
+        grad_options = _first_pass.options(
+            max_grad_norm, norm_type, error_if_nonfinite, skip_if_nonfinite
+        )
         super().__init__(params, with_fused({**defaults, **grad_options}, fused))
 
 

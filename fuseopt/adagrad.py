@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fuseopt import _clip, _docs
+from fuseopt import _docs, _first_pass
 from fuseopt._dispatch import init_state
 from fuseopt._validate import check_lr, check_non_negative
 from fuseopt.optimizer import Optimizer
@@ -116,7 +116,9 @@ class Adagrad(Optimizer):
             initial_accumulator_value=initial_accumulator_value, foreach=foreach,
             maximize=maximize, differentiable=differentiable, fused=fused,
         )  # fmt: skip
-        grad_options = _clip.options(max_grad_norm, norm_type, error_if_nonfinite, skip_if_nonfinite)
+        grad_options = _first_pass.options(
+            max_grad_norm, norm_type, error_if_nonfinite, skip_if_nonfinite
+        )
         super().__init__(params, {**defaults, **grad_options})
         for group in self.param_groups:
             init_state(self, group, group["params"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, is_tensor
 
-from fuseopt import _clip, _docs
+from fuseopt import _docs, _first_pass
 from fuseopt._validate import check_betas, check_lr, check_non_negative
 from fuseopt.optimizer import Optimizer
 from fuseopt.rule import Rule, Zeros
@@ -198,7 +198,9 @@ class Adam(Optimizer):
         )  # fmt: skip
         if cautious:  # (only where asked for: the groups stay torch's)
             defaults["cautious"] = True
-        grad_options = _clip.options(max_grad_norm, norm_type, error_if_nonfinite, skip_if_nonfinite)
+        grad_options = _first_pass.options(
+            max_grad_norm, norm_type, error_if_nonfinite, skip_if_nonfinite
+        )
         super().__init__(params, {**defaults, **grad_options})
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fuseopt import _clip, _docs
+from fuseopt import _docs, _first_pass
 from fuseopt._validate import check_betas, check_lr, check_non_negative
 from fuseopt.optimizer import Optimizer
 from fuseopt.rule import Rule, Zeros
@@ -163,7 +163,9 @@ class Lamb(Optimizer):
             fixed_decay=fixed_decay, grad_averaging=grad_averaging, adam=adam, eps=eps,
             maximize=maximize, foreach=foreach, fused=fused,
         )  # fmt: skip
-        grad_options = _clip.options(max_grad_norm, norm_type, error_if_nonfinite, skip_if_nonfinite)
+        grad_options = _first_pass.options(
+            max_grad_norm, norm_type, error_if_nonfinite, skip_if_nonfinite
+        )
         super().__init__(params, {**defaults, **grad_options})
 
 

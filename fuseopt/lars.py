@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fuseopt import _clip, _docs
+from fuseopt import _docs, _first_pass
 from fuseopt._validate import check_lr, check_non_negative
 from fuseopt.optimizer import Optimizer
 from fuseopt.rule import Rule, Zeros
@@ -125,7 +125,9 @@ class LARS(Optimizer):
             trust_coefficient=trust_coefficient, nesterov=nesterov, maximize=maximize,
             foreach=foreach, fused=fused,
         )  # fmt: skip
-        grad_options = _clip.options(max_grad_norm, norm_type, error_if_nonfinite, skip_if_nonfinite)
+        grad_options = _first_pass.options(
+            max_grad_norm, norm_type, error_if_nonfinite, skip_if_nonfinite
+        )
         super().__init__(params, {**defaults, **grad_options})
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fuseopt import _clip, _docs
+from fuseopt import _docs, _first_pass
 from fuseopt._validate import check_betas, check_lr, check_non_negative
 from fuseopt.optimizer import Optimizer
 from fuseopt.rule import Rule, ScalarState, Zeros, to_scalar, with_fused
@@ -140,7 +140,9 @@ class NAdam(Optimizer):
             decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, foreach=foreach,
             capturable=capturable, differentiable=differentiable,
         )  # fmt: skip
-        grad_options = _clip.options(max_grad_norm, norm_type, error_if_nonfinite, skip_if_nonfinite)
+        grad_options = _first_pass.options(
+            max_grad_norm, norm_type, error_if_nonfinite, skip_if_nonfinite
+        )
         super().__init__(params, with_fused({**defaults, **grad_options}, fused))
 
 

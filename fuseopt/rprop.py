@@ -6,7 +6,7 @@ import struct
 
 from torch import Tensor
 
-from fuseopt import _clip, _docs
+from fuseopt import _docs, _first_pass
 from fuseopt._validate import check_lr
 from fuseopt.optimizer import Optimizer
 from fuseopt.rule import Fill, Rule, Zeros, with_fused
@@ -115,7 +115,9 @@ class Rprop(Optimizer):
             lr=lr, etas=etas, step_sizes=step_sizes, foreach=foreach, maximize=maximize,
             differentiable=differentiable, capturable=capturable,
         )  # fmt: skip
-        grad_options = _clip.options(max_grad_norm, norm_type, error_if_nonfinite, skip_if_nonfinite)
+        grad_options = _first_pass.options(
+            max_grad_norm, norm_type, error_if_nonfinite, skip_if_nonfinite
+        )
         super().__init__(params, with_fused({**defaults, **grad_options}, fused))
 
 

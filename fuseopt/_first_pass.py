@@ -1,5 +1,6 @@
-"""The step's pass over its grads before anything changes: global grad-norm clipping
-(``max_grad_norm=``) and skipping a step whose grads are not finite (``skip_if_nonfinite=``).
+"""The step's first pass, before anything changes: global grad-norm clipping
+(``max_grad_norm=``), skipping a step whose grads are not finite (``skip_if_nonfinite=``), and
+a rule's per-tensor sums (:meth:`fuseopt.rule.Rule.reduce`: LARS, Lamb, cautious Adam).
 
 A step that clips gives the numbers of ``torch.nn.utils.clip_grad_norm_(params, max_grad_norm,
 norm_type, error_if_nonfinite, foreach=True)`` followed by the step, over the params of every
