@@ -170,17 +170,23 @@ class SymOps:
         return a
 
 
-@cache
-def trace_reduce(rule, flags, operands: tuple[str, ...]) -> Graph:
-    """Trace ``rule.reduce`` (through :meth:`~fuseopt.rule.Rule.reduce_apply`): the graph's
-    outputs are the per-tensor sums it names, in order."""
+def _traced(method, flags, operands: tuple[str, ...]) -> tuple[Graph, dict]:
+    """A new graph with an input per operand, and what ``method`` (a rule's ``apply`` or
+    ``reduce_apply``) returns on them."""
     graph = Graph()
     syms = {}
     for name in operands:
         syms[name] = graph.add("input", name)
         graph.inputs[name] = syms[name].id
     state = {k: syms[k] for k in operands[2:]}
-    out = rule.reduce_apply(SymOps, flags, SymScalars(graph), syms["param"], syms["grad"], **state)
+    return graph, method(SymOps, flags, SymScalars(graph), syms["param"], syms["grad"], **state)
+
+
+@cache
+def trace_reduce(rule, flags, operands: tuple[str, ...]) -> Graph:
+    """Trace ``rule.reduce`` (through :meth:`~fuseopt.rule.Rule.reduce_apply`): the graph's
+    outputs are the per-tensor sums it names, in order."""
+    graph, out = _traced(rule.reduce_apply, flags, operands)
     for name, value in out.items():
         graph.outputs[name] = value.id
     return graph
@@ -189,13 +195,7 @@ def trace_reduce(rule, flags, operands: tuple[str, ...]) -> Graph:
 @cache
 def trace(rule, flags, operands: tuple[str, ...]) -> Graph:
     """Trace ``rule.update`` for one flag combination; ``operands`` = param, grad, then state names."""
-    graph = Graph()
-    syms = {}
-    for name in operands:
-        syms[name] = graph.add("input", name)
-        graph.inputs[name] = syms[name].id
-    state = {k: syms[k] for k in operands[2:]}
-    out = rule.apply(SymOps, flags, SymScalars(graph), syms["param"], syms["grad"], **state)
+    graph, out = _traced(rule.apply, flags, operands)
     for name, value in out.items():
         if value is not None and not (
             isinstance(value, Sym) and value.id == graph.inputs.get(name)

@@ -139,13 +139,13 @@ def _expr(op: str, a: list[str], f64: bool) -> str:
     raise ValueError(f"triton backend: unknown op {op!r}")
 
 
-def source(graph: Graph, operands: tuple[str, ...], dtype: torch.dtype, table: bool) -> str:
-    """Python source of the Triton kernel for ``graph`` on tensors of ``dtype``; ``table``: the
-    scalars come from a device table instead of kernel arguments."""
+def _evaluate(graph: Graph, operands, dtype: torch.dtype, table: bool, unscale: bool):
+    """The lines that evaluate ``graph``'s nodes in a kernel, for an update or a reduction:
+    ``(hoisted, body)``, before and inside the loop over a chunk's blocks. ``unscale``: the grad
+    is divided by GradScaler's scale where the kernel's ``SCALE`` says so."""
     storage, compute = DTYPES[dtype]
     f64 = dtype == torch.float64
     names = list(graph.scalars)
-    args = ["scal, scal_stride"] if table else [f"s{k}" for k in range(len(names))]
     hoisted, body = [], []
     for k, name in enumerate(operands):
         hoisted.append(
@@ -163,7 +163,7 @@ def source(graph: Graph, operands: tuple[str, ...], dtype: torch.dtype, table: b
             else:
                 load = f"tl.load(a{k} + offs, mask=m).to({compute})"
             body.append(f"        v{i} = {load}")
-            if a[0] == "grad":  # GradScaler: unscale first, as torch's fused kernels
+            if a[0] == "grad" and unscale:  # GradScaler: unscale first, as torch's fused kernels
                 unscaled = _expr("div", [f"v{i}", "scale"], f64)
                 body.append(f"        if SCALE:\n            v{i} = {unscaled}")
         elif op == "scalar":
@@ -174,6 +174,16 @@ def source(graph: Graph, operands: tuple[str, ...], dtype: torch.dtype, table: b
             hoisted.append(f"    v{i} = tl.full([BLOCK], {a[0]!r}, {compute})")
         else:
             body.append(f"        v{i} = {_expr(op, [f'v{x}' for x in a], f64)}")
+    return hoisted, body
+
+
+def source(graph: Graph, operands: tuple[str, ...], dtype: torch.dtype, table: bool) -> str:
+    """Python source of the Triton kernel for ``graph`` on tensors of ``dtype``; ``table``: the
+    scalars come from a device table instead of kernel arguments."""
+    storage, compute = DTYPES[dtype]
+    names = list(graph.scalars)
+    args = ["scal, scal_stride"] if table else [f"s{k}" for k in range(len(names))]
+    hoisted, body = _evaluate(graph, operands, dtype, table, unscale=True)
     for name, node in graph.outputs.items():
         k = operands.index(name)
         if dtype == torch.bfloat16:
@@ -213,33 +223,7 @@ def reduce_source(graph: Graph, operands: tuple[str, ...], dtype: torch.dtype) -
     """Python source of a rule's reduction kernel (a traced :meth:`~fuseopt.rule.Rule.reduce`):
     program ``c`` stores in ``out[c, k]`` the float64 sum over its chunk of the ``k``-th output,
     reading its operands only. Scalars come from the device table."""
-    storage, compute = DTYPES[dtype]
-    f64 = dtype == torch.float64
-    names = list(graph.scalars)
-    hoisted, body = [], []
-    for k, name in enumerate(operands):
-        hoisted.append(
-            f"    a{k} = tl.load(ptrs + {k} * NT + t).to(tl.pointer_type({storage}))  # {name}"
-        )
-    used = {x for op, a in graph.nodes if op not in ("input", "scalar", "const") for x in a}
-    used |= set(graph.outputs.values())
-    for i, (op, a) in enumerate(graph.nodes):
-        if op == "input":
-            if i not in used:
-                continue
-            k = operands.index(a[0])
-            if dtype == torch.bfloat16:
-                body.append(f"        v{i} = bf16_load(a{k}, offs, m)")
-            else:
-                body.append(f"        v{i} = tl.load(a{k} + offs, mask=m, other=0).to({compute})")
-        elif op == "scalar":
-            k = names.index(a[0])
-            value = f"tl.load(scal + t * scal_stride + {k})"
-            hoisted.append(f"    v{i} = tl.cast({value}, {compute})  # {a[0]}")
-        elif op == "const":
-            hoisted.append(f"    v{i} = tl.full([BLOCK], {a[0]!r}, {compute})")
-        else:
-            body.append(f"        v{i} = {_expr(op, [f'v{x}' for x in a], f64)}")
+    hoisted, body = _evaluate(graph, operands, dtype, table=True, unscale=False)
     outputs = list(graph.outputs.items())
     hoisted += [f"    acc{k} = tl.full([BLOCK], 0.0, tl.float64)" for k in range(len(outputs))]
     body += [
