@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib
+import inspect
 import json
 import math
 import os
@@ -78,11 +79,19 @@ class Algorithm:
             except ImportError as e:
                 raise TypeError(f"{self.reference} is not installed") from e
         cls = getattr(module, self.optimizer or self.name)
-        if self.max_grad_norm is None:
-            return cls(params, **self.kwargs, **flags).step
-        if library == "fuseopt":
-            return cls(params, **self.kwargs, **flags, max_grad_norm=self.max_grad_norm).step
-        opt = cls(params, **self.kwargs, **flags)
+        if module is not LIBRARIES[library] and "foreach" not in inspect.signature(cls).parameters:
+            # a reference with one implementation (lion-pytorch, prodigyopt): a for-loop
+            if flags.get("foreach"):
+                raise TypeError(f"{self.reference} has no foreach {self.name}")
+            flags = {}
+        extra = {} if self.max_grad_norm is None or library == "torch" else {
+            "max_grad_norm": self.max_grad_norm
+        }  # fmt: skip
+        opt = cls(params, **self.kwargs, **flags, **extra)
+        if callable(getattr(opt, "train", None)):  # Schedule-Free steps only in train mode
+            opt.train()
+        if self.max_grad_norm is None or library == "fuseopt":
+            return opt.step
 
         def clipped_step() -> None:
             torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm, foreach=True)
