@@ -602,21 +602,52 @@ class Optimizer(torch.optim.Optimizer):
                 state_dict = result
         return state_dict
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def load_state_dict(
+        self, state_dict: dict[str, Any], *, by_name: bool = False, strict: bool = True
+    ) -> Any:
         r"""Load an optimizer state saved by :meth:`state_dict` (of fuseopt or of torch.optim).
 
-        Group count and sizes must match, else ``ValueError`` and nothing changes. State tensors are
-        moved to each param's device, and floating ones cast to its dtype; ``step`` is kept as saved
-        (moved to the param's device as float32 where the group is ``fused`` or ``capturable``).
+        By default the load is torch's, by position: group count and sizes must match, else
+        ``ValueError`` and nothing changes; the saved groups' options replace ours. State tensors
+        are moved to each param's device, and floating ones cast to its dtype; ``step`` is kept as
+        saved (moved to the param's device as float32 where the group is ``fused`` or
+        ``capturable``). The load hooks run before and after, either way.
 
         Args:
-            state_dict (dict): optimizer state, as returned by :meth:`state_dict`.
+            state_dict (dict): optimizer state, as returned by :meth:`state_dict`, or a name-keyed
+                one from ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict``
+                (with ``by_name=True``).
+            by_name (bool, keyword-only): match saved params to ours by the names in each group's
+                ``param_names`` (an optimizer built from ``model.named_parameters()``), not by
+                position: groups may be split, merged or reordered, params added or removed
+                (docs/checkpoints.md says what happens to the groups' options) (default: False)
+            strict (bool, keyword-only): with ``by_name``, raise ``RuntimeError`` (and change
+                nothing) where a param of either side has no match or a saved state does not fit
+                its param's shape; with False, load what matches and leave the rest fresh
+                (default: True)
+
+        Returns:
+            None for the positional load; with ``by_name``, a named tuple
+            ``(missing_keys, unexpected_keys)`` of param names, as
+            :meth:`torch.nn.Module.load_state_dict` returns.
         """
         state_dict = state_dict.copy()  # shallow, as nn.Module does
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
+        if by_name:
+            from fuseopt._by_name import load_by_name  # it imports this module
+
+            loaded = load_by_name(self, state_dict, strict=strict)
+        else:
+            loaded = self._load_by_position(state_dict)
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+        return loaded
+
+    def _load_by_position(self, state_dict: dict[str, Any]) -> None:
+        """torch's load: the saved groups and params, in order, are ours."""
         groups = self.param_groups
         saved_groups = deepcopy(state_dict["param_groups"])
         if len(groups) != len(saved_groups):
@@ -636,26 +667,10 @@ class Optimizer(torch.optim.Optimizer):
         for g in state_dict["param_groups"]:
             for pid in g["params"]:
                 flags_of.setdefault(pid, bool(g.get("fused")) or bool(g.get("capturable")))
-
-        def cast(param, value, on_device_step, key=None):
-            if isinstance(value, torch.Tensor):
-                if key == "step":
-                    if on_device_step:
-                        return value.to(dtype=torch.float32, device=param.device)
-                    return value
-                if param.is_floating_point():
-                    return value.to(dtype=param.dtype, device=param.device)
-                return value.to(device=param.device)
-            if isinstance(value, dict):
-                return {k: cast(param, v, on_device_step, k) for k, v in value.items()}
-            if isinstance(value, Iterable) and not isinstance(value, str):
-                return type(value)(cast(param, v, on_device_step) for v in value)
-            return value
-
         state: defaultdict[Any, dict[str, Any]] = defaultdict(dict)
         for k, v in state_dict["state"].items():
             if k in id_map:
-                state[id_map[k]] = cast(id_map[k], v, flags_of.get(k, False))
+                state[id_map[k]] = _cast_state(id_map[k], v, flags_of.get(k, False))
             else:
                 state[k] = v  # state of no param is kept as is (torch does so for old checkpoints)
         for group, saved in zip(groups, saved_groups):
@@ -663,8 +678,26 @@ class Optimizer(torch.optim.Optimizer):
             if "param_names" in group and "param_names" not in saved:
                 saved["param_names"] = group["param_names"]
         self.__setstate__({"state": state, "param_groups": saved_groups})
-        for hook in self._optimizer_load_state_dict_post_hooks.values():
-            hook(self)
+
+
+def _cast_state(param: torch.Tensor, value: Any, on_device_step: bool, key: Any = None) -> Any:
+    """A copy of a loaded param state ``value`` for ``param``, as torch's load makes it: tensors
+    moved to the param's device, floating ones cast to its dtype, except ``step``, kept as saved
+    or, where ``on_device_step`` (a ``fused`` or ``capturable`` group), made float32 on the
+    param's device; dicts and other iterables copied element by element."""
+    if isinstance(value, torch.Tensor):
+        if key == "step":
+            if on_device_step:
+                return value.to(dtype=torch.float32, device=param.device)
+            return value
+        if param.is_floating_point():
+            return value.to(dtype=param.dtype, device=param.device)
+        return value.to(device=param.device)
+    if isinstance(value, dict):
+        return {k: _cast_state(param, v, on_device_step, k) for k, v in value.items()}
+    if isinstance(value, Iterable) and not isinstance(value, str):
+        return type(value)(_cast_state(param, v, on_device_step) for v in value)
+    return value
 
 
 # The base ``step`` runs the hooks: wrapped once here, at import (subclasses' own ``step`` in
