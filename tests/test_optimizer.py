@@ -184,8 +184,13 @@ def test_no_public_method_resolves_to_torch(cls, name):
     assert ours is not theirs
     assert ours.__module__.startswith("fuseopt"), ours.__module__
     assert getattr(cls, name) is not getattr(torch.optim.Optimizer, name)
-    # The public signature is torch's (parameter names, kinds and defaults; not annotations).
-    assert _shape(getattr(cls, name)) == _shape(getattr(torch.optim.Optimizer, name)), name
+    # The public signature is torch's (parameter names, kinds and defaults; not annotations),
+    # plus keyword-only options with defaults (load_state_dict's by_name, strict): every call
+    # written for torch's still binds the same way.
+    ours, theirs = _shape(getattr(cls, name)), _shape(getattr(torch.optim.Optimizer, name))
+    assert ours[: len(theirs)] == theirs, name
+    for _, kind, default in ours[len(theirs) :]:
+        assert kind is inspect.Parameter.KEYWORD_ONLY and default is not inspect.Parameter.empty
 
 
 def _shape(fn):
