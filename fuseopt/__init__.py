@@ -10,6 +10,7 @@ from fuseopt.adam import Adam
 from fuseopt.adamax import Adamax
 from fuseopt.adamw import AdamW
 from fuseopt.asgd import ASGD
+from fuseopt.in_backward import step_in_backward
 from fuseopt.lamb import Lamb
 from fuseopt.lars import LARS
 from fuseopt.lbfgs import LBFGS
@@ -44,6 +45,7 @@ __all__ = [
     "SparseAdam",
     "lr_scheduler",
     "optimizer",
+    "step_in_backward",
     "swa_utils",
     "swap_in_optimizer_params_and_state",
 ]
