@@ -22,18 +22,24 @@ LR, WD = 0.01, 0.1
 
 
 class Net(nn.Module):
-    """Two same-shaped blocks ``a`` and ``b`` (a linear layer and a norm) between an input and an output layer; ``order``
-    is the order the modules are registered in (``named_parameters()``'s order), ``extra`` adds
-    an adapter, ``width`` is the hidden width."""
+    """Two same-shaped blocks ``a`` and ``b`` (a linear layer and a norm) between an input and
+    an output layer; ``order`` is the order the modules are registered in (that of
+    ``named_parameters()``), ``extra`` adds an adapter, ``width`` is the hidden width."""
 
     def __init__(self, order=("inp", "a", "b", "out"), extra=False, width=4, dtype=None):
         super().__init__()
+
+        def block():
+            return nn.Sequential(
+                nn.Linear(width, width, dtype=dtype), nn.LayerNorm(width, dtype=dtype)
+            )
+
         make = {
             "inp": lambda: nn.Linear(3, width, dtype=dtype),
-            "a": lambda: nn.Sequential(nn.Linear(width, width, dtype=dtype), nn.LayerNorm(width, dtype=dtype)),
-            "b": lambda: nn.Sequential(nn.Linear(width, width, dtype=dtype), nn.LayerNorm(width, dtype=dtype)),
+            "a": block,
+            "b": block,
             "out": lambda: nn.Linear(width, 2, dtype=dtype),
-        }  # fmt: skip
+        }
         for name in order:
             setattr(self, name, make[name]())
         if extra:
