@@ -16,6 +16,7 @@ from fuseopt.lars import LARS
 from fuseopt.lbfgs import LBFGS
 from fuseopt.nadam import NAdam
 from fuseopt.optimizer import Optimizer
+from fuseopt.param_groups import param_groups
 from fuseopt.radam import RAdam
 from fuseopt.rmsprop import RMSprop
 from fuseopt.rprop import Rprop
@@ -45,6 +46,7 @@ __all__ = [
     "SparseAdam",
     "lr_scheduler",
     "optimizer",
+    "param_groups",
     "step_in_backward",
     "swa_utils",
     "swap_in_optimizer_params_and_state",
