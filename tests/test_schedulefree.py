@@ -199,7 +199,7 @@ def test_eval_gives_the_papers_average(algo, capsys):
     capsys.readouterr()  # (the explicit reference prints its switches)
 
 
-def _train(opt, params, grads, maximize=False):
+def _train(opt, params, grads):
     for step_grads in grads:
         for p, g in zip(params, step_grads):
             p.grad = g.clone()
@@ -277,7 +277,7 @@ def test_state_dict_interchange_with_the_reference(algo, mode):
     """The reference's state dict (saved in either mode) loads into ours, and ours into the
     reference; each continues as the run that never stopped (the reference's options: its
     for-loop, bitwise)."""
-    ours_cls, theirs_cls, lr, configs = ALGOS[algo]
+    ours_cls, theirs_cls, lr, _ = ALGOS[algo]
     kwargs = dict(lr=lr, weight_decay=0.05)
     params = make_params(torch.float64)
     grads = make_grads(params, 12)
@@ -578,3 +578,18 @@ def test_defaults_and_groups_are_the_references(algo):
     assert {k: v for k, v in ours.items() if k not in (*ours_only, "foreach", "params")} == {
         k: v for k, v in theirs.items() if k not in ("foreach", "params")
     }
+
+
+def test_step_in_backward_is_refused():
+    """The running values advance once per step, for every group: fuseopt.step_in_backward,
+    which steps one param at a time, refuses these optimizers (clearly, before any hook)."""
+    import fuseopt
+
+    params = make_params(torch.float32, shapes=[(4, 3)])
+    opt = AdamWScheduleFree(params)
+    with pytest.raises(RuntimeError, match="values kept per group"):
+        fuseopt.step_in_backward(opt)
+    opt.train()
+    params[0].grad = torch.ones(4, 3)
+    opt.step()  # (nothing was installed)
+    assert opt.param_groups[0]["k"] == 1
