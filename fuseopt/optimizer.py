@@ -631,6 +631,8 @@ class Optimizer(torch.optim.Optimizer):
             ``(missing_keys, unexpected_keys)`` of param names, as
             :meth:`torch.nn.Module.load_state_dict` returns.
         """
+        if not strict and not by_name:
+            raise ValueError("strict=False applies to by_name=True; the positional load is strict")
         state_dict = state_dict.copy()  # shallow, as nn.Module does
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = hook(self, state_dict)

@@ -381,6 +381,8 @@ def test_default_is_the_positional_load():
     torch_opt = torch.optim.AdamW(model.named_parameters(), lr=LR)
     with pytest.raises(ValueError, match="doesn't match the size of optimizer's group"):
         torch_opt.load_state_dict(opt_sd)
+    with pytest.raises(ValueError, match="strict=False applies to by_name=True"):
+        opt.load_state_dict(opt_sd, strict=False)
 
 
 # ------------------------------------------------------------------------ DCP's name-keyed dicts
