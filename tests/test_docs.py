@@ -8,7 +8,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGES = ["optim", "lr_scheduler", "schedules", "swa_utils", "cli", "checkpoints", "param_groups"]
+PAGES = [
+    "optim",
+    "lr_scheduler",
+    "schedules",
+    "swa_utils",
+    "cli",
+    "checkpoints",
+    "param_groups",
+    "in_backward",
+]
 FILES = [ROOT / "README.md", *(ROOT / "docs" / f"{p}.md" for p in PAGES)]
 
 
