@@ -437,3 +437,27 @@ def test_frozen_params_and_params_added_later():
     assert model.l1.bias.grad is not None  # no hook: not stepped
     with pytest.raises(RuntimeError, match="group 1 param 0"):
         opt.step()
+
+
+def test_two_optimizers_on_disjoint_params():
+    normal, inside = make(), make()
+
+    def split(model):
+        matrices = [p for p in model.parameters() if p.dim() > 1]
+        return (
+            fuseopt.SGD(matrices, lr=0.1, momentum=0.9),
+            fuseopt.Adam([p for p in model.parameters() if p.dim() <= 1], lr=0.01),
+        )
+
+    a1, a2 = split(normal)
+    b1, b2 = split(inside)
+    fuseopt.step_in_backward(b1), fuseopt.step_in_backward(b2)
+    for i in range(4):
+        for model, opts in ((normal, (a1, a2)), (inside, (b1, b2))):
+            loss_of(model, i).backward()
+            for opt in opts:
+                opt.step()
+                opt.zero_grad()
+    assert_same(normal, inside, a1, b1)
+    assert_same(normal, inside, a2, b2)
+    assert b1.steps_taken == b2.steps_taken == 4
