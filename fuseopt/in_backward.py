@@ -153,6 +153,7 @@ class StepInBackward:
         self._repeated = 0  # of those, steps of a param stepped already
         self._step_called = False  # whether the user calls optimizer.step() (a no-op) each time
         self._hooks: list[RemovableHandle] = []
+        self._params = params  # (the hooked ones: a param may leave the groups meanwhile)
         for p in params:
             self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad))
             _OWNERS[p] = weakref.ref(self)
@@ -175,11 +176,11 @@ class StepInBackward:
             hook.remove()
         self._hooks.clear()
         opt = self.optimizer
-        for group in opt.param_groups:
-            for p in group["params"]:
-                owner = _OWNERS.get(p)
-                if owner is not None and owner() is self:
-                    del _OWNERS[p]
+        for p in self._params:
+            owner = _OWNERS.get(p)
+            if owner is not None and owner() is self:
+                del _OWNERS[p]
+        self._params = []
         if opt.__dict__.get("step") is self._step:
             if self._prior_step is None:
                 del opt.step

@@ -461,3 +461,16 @@ def test_two_optimizers_on_disjoint_params():
     assert_same(normal, inside, a1, b1)
     assert_same(normal, inside, a2, b2)
     assert b1.steps_taken == b2.steps_taken == 4
+
+
+@pytest.mark.parametrize("impl", ["foreach", "fused"])
+def test_grad_scaler_raises(impl):
+    # the params stepped with scaled grads already: GradScaler's step must not pass silently
+    model = make()
+    opt = fuseopt.SGD(model.parameters(), lr=0.1, **IMPLS[impl])
+    fuseopt.step_in_backward(opt)
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(loss_of(model, 0)).backward()
+    error = RuntimeError if impl == "fused" else AssertionError  # (GradScaler's own, unfused)
+    with pytest.raises(error, match="GradScaler|No inf checks"):
+        scaler.step(opt)
