@@ -9,40 +9,52 @@ from fuseopt.adagrad import Adagrad
 from fuseopt.adam import Adam
 from fuseopt.adamax import Adamax
 from fuseopt.adamw import AdamW
+from fuseopt.adan import Adan
+from fuseopt.ademamix import AdEMAMix
+from fuseopt.adopt import ADOPT
 from fuseopt.asgd import ASGD
 from fuseopt.in_backward import step_in_backward
 from fuseopt.lamb import Lamb
 from fuseopt.lars import LARS
 from fuseopt.lbfgs import LBFGS
+from fuseopt.lion import Lion
 from fuseopt.nadam import NAdam
 from fuseopt.optimizer import Optimizer
 from fuseopt.param_groups import param_groups
 from fuseopt.radam import RAdam
 from fuseopt.rmsprop import RMSprop
 from fuseopt.rprop import Rprop
+from fuseopt.schedulefree import AdamWScheduleFree, RAdamScheduleFree, SGDScheduleFree
 from fuseopt.sgd import SGD
 from fuseopt.sparse_adam import SparseAdam
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ADOPT",
     "ASGD",
     "Adadelta",
     "Adafactor",
     "Adagrad",
     "Adam",
     "AdamW",
+    "AdamWScheduleFree",
+    "Adan",
+    "AdEMAMix",
     "Adamax",
     "LARS",
     "Lamb",
     "LBFGS",
+    "Lion",
     "Muon",
     "NAdam",
     "Optimizer",
     "RAdam",
+    "RAdamScheduleFree",
     "RMSprop",
     "Rprop",
     "SGD",
+    "SGDScheduleFree",
     "SparseAdam",
     "lr_scheduler",
     "optimizer",

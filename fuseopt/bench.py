@@ -121,6 +121,19 @@ ALGORITHMS: dict[str, Algorithm] = {
         Algorithm("LARS", {"lr": 1e-3}, 7 * 4, reference="pytorch_optimizer"),
         # a first pass reads p, g, m, v for the norms; then read them again, write p, m, v
         Algorithm("Lamb", {"lr": 1e-3}, 11 * 4, reference="pytorch_optimizer"),
+        # beyond torch.optim (issue 18); the torch columns time the reference package
+        # read p, g, m; write p, m
+        Algorithm("Lion", {"lr": 1e-4}, 5 * 4, reference="lion_pytorch"),
+        # read p, g, m, v; write p, m, v (the first step writes only v)
+        Algorithm("ADOPT", {"lr": 1e-3}, 7 * 4, reference="pytorch_optimizer"),
+        # read p, g, m, v, diff, previous grad; write all but g
+        Algorithm("Adan", {"lr": 1e-3}, 11 * 4, reference="pytorch_optimizer"),
+        # read p, g, m, v, slow; write p, m, v, slow
+        Algorithm("AdEMAMix", {"lr": 1e-3}, 9 * 4, reference="pytorch_optimizer"),
+        # read p, g, z(, v); write p, z(, v)
+        Algorithm("SGDScheduleFree", {"lr": 1e-3}, 5 * 4, reference="schedulefree"),
+        Algorithm("AdamWScheduleFree", {"lr": 1e-3}, 7 * 4, reference="schedulefree"),
+        Algorithm("RAdamScheduleFree", {"lr": 1e-3}, 7 * 4, reference="schedulefree"),
     )
 }
 
