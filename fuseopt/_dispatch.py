@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from fuseopt.kernels import numba_cpu, triton_gpu
-from fuseopt.rule import Fill, ScalarState, Zeros, to_scalar
+from fuseopt.rule import Clone, Fill, ScalarState, Zeros, to_scalar
 
 CAPTURABLE_DEVICES = ["cuda", "xpu", "hpu"]
 KERNELS = ("numba", "triton")  # the backends that walk raw addresses
@@ -106,6 +106,8 @@ def new_state(rule, group: dict, p: torch.Tensor, specs, grad: torch.Tensor | No
             state[spec.name] = torch.as_tensor(value, dtype=scalar_dtype(), device=device).clone()
         elif isinstance(spec, Zeros):
             state[spec.name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        elif isinstance(spec, Clone):
+            state[spec.name] = p.detach().clone(memory_format=torch.preserve_format)
         elif isinstance(spec, Fill):
             value = to_scalar(group[spec.key])
             if p.is_complex():  # the real and imaginary parts are two independent reals

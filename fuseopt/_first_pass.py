@@ -1,6 +1,6 @@
 """The step's first pass, before anything changes: global grad-norm clipping
 (``max_grad_norm=``), skipping a step whose grads are not finite (``skip_if_nonfinite=``), and
-a rule's per-tensor sums (:meth:`fuseopt.rule.Rule.reduce`: LARS, Lamb, cautious Adam).
+a rule's per-tensor sums (:meth:`fuseopt.rule.Rule.reduce`: LARS, Lamb, cautious Adam, Prodigy).
 
 A step that clips gives the numbers of ``torch.nn.utils.clip_grad_norm_(params, max_grad_norm,
 norm_type, error_if_nonfinite, foreach=True)`` followed by the step, over the params of every
@@ -22,6 +22,15 @@ holds an inf or a NaN, no group steps: params, state and step counts stay as the
 ``opt.stepped`` says so. A finite total norm of the clipping groups settles it without another
 pass (a sum of finite squares is finite only if each is); else one pass of ``x * 0`` sums (NaN
 exactly where an element is inf or NaN).
+
+A rule's sums: each launch whose flags ask for them (:meth:`~fuseopt.rule.Rule.reduces`) gets
+the per-tensor sums of :meth:`~fuseopt.rule.Rule.reduce` (numba's or Triton's reduction kernel
+over the launch's checked addresses, float64; torch's ops elsewhere), and the rule's
+:meth:`~fuseopt.rule.Rule.step_scalars` turns the sums of every launch of the step, all groups
+together, into each launch's scalars (by default :meth:`~fuseopt.rule.Rule.tensor_scalars` per
+launch: LARS's trust ratios; Prodigy totals them into one step size, ``shares_sums``). It may
+skip the step (nothing changes), and hand back a function that writes the step's group values:
+that runs with the first plan's step bumps, so only where the step runs, after every check.
 """
 
 from __future__ import annotations
@@ -31,6 +40,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from fuseopt import _compile
 
 __all__ = ["clips", "options", "prepare"]
 
@@ -109,10 +120,12 @@ def prepare(plans: list) -> tuple[torch.Tensor | None, bool]:
     """For the step's ``plans`` (``(group, GroupPlan)``, all checked, nothing run): the total
     grad norm of the groups that clip (None where none clips), with every launch of theirs
     given its ``clip_coef``, and whether the step is to be skipped (a non-finite grad in a group
-    with ``skip_if_nonfinite``). Reads grads only; raises (``error_if_nonfinite``) before
-    anything changes."""
+    with ``skip_if_nonfinite``, or the rule's :meth:`~fuseopt.rule.Rule.step_scalars` says so);
+    every launch with its rule's scalars. Reads only; raises (``error_if_nonfinite``, the rule's
+    checks) before anything changes."""
     total = _clip(plans)
-    _tensor_scalars(plans)
+    if _tensor_scalars(plans):
+        return total, True
     guarded = [(group, plan) for group, plan in plans if group.get("skip_if_nonfinite")]
     if not guarded:
         return total, False
@@ -123,20 +136,34 @@ def prepare(plans: list) -> tuple[torch.Tensor | None, bool]:
     return total, _nonfinite(_launches(guarded))
 
 
-def _tensor_scalars(plans: list) -> None:
-    """Each launch of a rule with reductions (LARS's norms) gets the per-tensor scalars they give
-    (after clipping: the sums see the grads as the update does)."""
+def _tensor_scalars(plans: list) -> bool:
+    """Each launch of a rule with reductions (LARS's norms) gets the scalars they give (after
+    clipping: the sums see the grads as the update does), from the rule's
+    :meth:`~fuseopt.rule.Rule.step_scalars` over every launch of the step at once; returns
+    whether the rule asks to skip the step. What it hands back to write where the step runs
+    (group values) joins the first plan's step bumps, which run exactly when the plans run."""
+    if not plans:
+        return False
+    rule = plans[0][1].rule
+    launches, batches = [], []
     for group, plan in plans:
-        rule = plan.rule
         for launch in _launches([(group, plan)]):
-            if launch.backend == "sparse" or not rule.reduces(launch.flags):
-                continue
-            sums = _sums(launch)
-            if sums:
-                ndims = torch.tensor(launch.ndims)
-                launch.scalars.update(
-                    rule.tensor_scalars(group, launch.flags, sums, ndims, launch.scalars)
-                )
+            reduces = launch.backend != "sparse" and rule.reduces(launch.flags)
+            sums = _sums(launch) if reduces else {}
+            if sums or rule.shares_sums:
+                launches.append(launch)
+                batches.append((group, launch.flags, launch.scalars, sums, launch.ndims))
+    if not batches:
+        return False
+    out = rule.step_scalars(_compile.groups(plans[0][1].opt), batches)
+    if out is None:
+        return True
+    scalars, commit = out
+    for launch, values in zip(launches, scalars, strict=True):
+        launch.scalars.update(values)
+    if commit is not None:
+        plans[0][1].rounds[0][1].append(commit)  # (a plan has a round: it has a launch)
+    return False
 
 
 def _sums(launch) -> dict[str, torch.Tensor]:

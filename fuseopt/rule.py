@@ -1,13 +1,21 @@
 """The elementwise update rule: an algorithm's math, written once for every backend.
 
 A :class:`Rule` declares the per-param state it keeps (:class:`Zeros`, :class:`Fill`,
-:class:`FirstValue` tensors, and :class:`ScalarState` host scalars), the static choices of a batch
-(``flags``: each combination is one kernel variant), the per-step host scalars (``scalars``: Python
-doubles computed as torch computes them, passed to kernels at run time) and the ``update`` itself:
-plain arithmetic on operands through an ops vocabulary with ATen's formulas (``lerp``, ``addcmul``,
-``addcdiv``, ``add(alpha=)``, ``sqrt``, ``maximum``, ``sign``, ``where``, ...; see
-:class:`fuseopt.kernels.reference.TorchOps`). Backends evaluate ``update`` on tensors (reference),
-tensor lists (foreach) or symbols (traced into numba kernels).
+:class:`Clone`, :class:`FirstValue` tensors, and :class:`ScalarState` host scalars), the static
+choices of a batch (``flags``: each combination is one kernel variant), the per-step host scalars
+(``scalars``: Python doubles computed as torch computes them, passed to kernels at run time) and
+the ``update`` itself: plain arithmetic on operands through an ops vocabulary with ATen's formulas
+(``lerp``, ``addcmul``, ``addcdiv``, ``add(alpha=)``, ``sqrt``, ``maximum``, ``sign``, ``where``,
+...; see :class:`fuseopt.kernels.reference.TorchOps`). Backends evaluate ``update`` on tensors
+(reference), tensor lists (foreach) or symbols (traced into numba kernels).
+
+A rule whose update needs sums over its tensors first (LARS's and Lamb's norms) names them in
+:meth:`Rule.reduce`; the step's first pass (:mod:`fuseopt._first_pass`) computes them per tensor,
+after every group is checked and before anything changes, and :meth:`Rule.tensor_scalars` turns
+each launch's sums into per-tensor scalars. Where the scalars of every launch depend on the sums
+of the whole step (Prodigy's one step size over every group), :meth:`Rule.step_scalars` receives
+the sums of every launch at once (``shares_sums``), returns each launch's scalars, and may hand
+back what the step writes outside its tensors (group values), written only where the step runs.
 """
 
 from __future__ import annotations
@@ -16,7 +24,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Rule", "Zeros", "Fill", "FirstValue", "ScalarState", "Flags", "to_scalar", "with_fused"]
+import torch
+
+__all__ = [
+    "Rule", "Zeros", "Fill", "Clone", "FirstValue", "ScalarState", "Flags", "to_scalar",
+    "with_fused",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -43,6 +56,12 @@ class Fill(StateSpec):
 
     key: str = ""
     like_grad: bool = False
+
+
+@dataclass(frozen=True)
+class Clone(StateSpec):
+    """State initialised to a copy of the param, in its layout (e.g. Prodigy's ``p0``, the
+    starting point), when the state is made."""
 
 
 @dataclass(frozen=True)
@@ -160,12 +179,41 @@ class Rule:
         tensor}``, read in :meth:`update` as ``s.<name>`` (each tensor its own value)."""
         return {}
 
-    def apply(self, ops, f: Flags, s, param, grad, **state) -> dict:
+    #: whether the scalars of a launch depend on the sums of the whole step (Prodigy's one step
+    #: size over every group): the first pass then calls :meth:`step_scalars` at every step,
+    #: with every launch, whether it reduces or not
+    shares_sums: bool = False
+
+    def step_scalars(self, groups: list[dict], batches: list[tuple]) -> tuple | None:
+        """The scalars of every launch of a step, from the sums of all of them.
+
+        ``groups``: the optimizer's param groups (every one, with grads or not); ``batches``: one
+        ``(group, flags, scalars, sums, ndims)`` per launch of the step, groups in order, where
+        ``sums`` are the launch's :meth:`reduce` sums (1-D float64 tensors, a value per tensor;
+        ``{}`` where it has none) and ``ndims`` its params' dims. Called once per step where a
+        launch has sums (or the rule ``shares_sums``), after every group is planned and checked,
+        before anything changes: raising here changes nothing.
+
+        Returns ``(scalars, commit)``: for each batch a dict of scalars added to the launch's (as
+        :meth:`tensor_scalars` returns them), and None or a function that writes what the step
+        changes outside its tensors (group values), called only where the step then runs; or
+        None: skip the step, which changes nothing (``opt.stepped`` is False). The default:
+        :meth:`tensor_scalars` of each launch on its own sums."""
+        out = []
+        for group, f, scalars, sums, ndims in batches:
+            if sums:
+                out.append(self.tensor_scalars(group, f, sums, torch.tensor(ndims), scalars))
+            else:
+                out.append({})
+        return out, None
+
+    # (``/``: a state may be named ``s``, as Prodigy's, without meeting the argument ``s``)
+    def apply(self, ops, f: Flags, s, param, grad, /, **state) -> dict:
         """:meth:`update` on the grad as the step-wide options leave it (what every backend
         calls, see :meth:`grad_in`)."""
         return self.update(ops, f, s, param, self.grad_in(f, s, grad), **state)
 
-    def reduce_apply(self, ops, f: Flags, s, param, grad, **state) -> dict:
+    def reduce_apply(self, ops, f: Flags, s, param, grad, /, **state) -> dict:
         """:meth:`reduce` on the grad as :meth:`apply` gives it to :meth:`update`."""
         return self.reduce(ops, f, s, param, self.grad_in(f, s, grad), **state)
 
