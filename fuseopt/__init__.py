@@ -21,6 +21,7 @@ from fuseopt.lion import Lion
 from fuseopt.nadam import NAdam
 from fuseopt.optimizer import Optimizer
 from fuseopt.param_groups import param_groups
+from fuseopt.prodigy import Prodigy
 from fuseopt.radam import RAdam
 from fuseopt.rmsprop import RMSprop
 from fuseopt.rprop import Rprop
@@ -49,6 +50,7 @@ __all__ = [
     "Muon",
     "NAdam",
     "Optimizer",
+    "Prodigy",
     "RAdam",
     "RAdamScheduleFree",
     "RMSprop",

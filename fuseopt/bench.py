@@ -134,6 +134,9 @@ ALGORITHMS: dict[str, Algorithm] = {
         Algorithm("SGDScheduleFree", {"lr": 1e-3}, 5 * 4, reference="schedulefree"),
         Algorithm("AdamWScheduleFree", {"lr": 1e-3}, 7 * 4, reference="schedulefree"),
         Algorithm("RAdamScheduleFree", {"lr": 1e-3}, 7 * 4, reference="schedulefree"),
+        # a first pass reads p, g, s, p0 for <g, p0 - p> and |s|; then read p, g, s, p0, m, v;
+        # write p, s, m, v
+        Algorithm("Prodigy", {}, 14 * 4, reference="prodigyopt"),
     )
 }
 
