@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -146,10 +147,12 @@ def measure(
 
     for i in range(warmup):
         step(i)
-    phases, in_steps = [], []
+    phases, in_steps, faults = [], [], []
     for i in range(iters):
         inner.clear()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         phases.append(step(i))
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
         in_steps.append(sum(inner))
     state = [t for s in opt.state.values() for t in s.values()]
     held = _tensor_bytes(params) + _tensor_bytes(state)
@@ -174,28 +177,40 @@ def measure(
         rss = _status("VmHWM")
         rss_rise = rss - before
     forward, backward, opt_step = (statistics.median(p[k] for p in phases) for k in range(3))
+    in_backward = statistics.median(in_steps) if mode == "inside" else None
+    malloc_env = " ".join(f"{k}={v}" for k, v in os.environ.items() if k.startswith("MALLOC_"))
     return dict(
         mode=mode, params=sum(p.numel() for p in params), tensors=len(params),
         params_state_bytes=held, torch_peak_bytes=live + rise, torch_rise_bytes=rise,
         rss_peak_bytes=rss, rss_rise_bytes=rss_rise, forward_s=forward, backward_s=backward,
-        step_s=opt_step, steps_in_backward_s=statistics.median(in_steps) if mode == "inside" else None,
-        threads=torch.get_num_threads(), batch=batch, seq=seq,
+        step_s=opt_step, steps_in_backward_s=in_backward,
+        page_faults=statistics.median(faults), threads=torch.get_num_threads(), batch=batch,
+        seq=seq, malloc_env=malloc_env,
     )  # fmt: skip
 
 
 def run(
-    repeats: int = 3, iters: int = 3, batch: int = 1, seq: int = 64, threads: int | None = None
+    repeats: int = 3,
+    iters: int = 3,
+    batch: int = 1,
+    seq: int = 64,
+    threads: int | None = None,
+    env: dict[str, str] | None = None,
 ) -> list[dict]:
     """``repeats`` pairs of runs, one fresh process each, the modes alternating (so that a
-    change of the machine's load falls on both)."""
+    change of the machine's load falls on both); ``env`` is added to the processes' environment
+    (glibc's ``MALLOC_*`` settings, say)."""
     rows = []
+    child_env = dict(os.environ, **(env or {}))
     for r in range(repeats):
         for mode in MODES if r % 2 == 0 else MODES[::-1]:
             args = [sys.executable, "-m", "fuseopt.bench_in_backward", "--child", mode]
             args += ["--iters", str(iters), "--batch", str(batch), "--seq", str(seq)]
             if threads is not None:
                 args += ["--threads", str(threads)]
-            out = subprocess.run(args, check=True, capture_output=True, text=True).stdout
+            out = subprocess.run(
+                args, check=True, capture_output=True, text=True, env=child_env
+            ).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
     return rows
 
@@ -212,7 +227,7 @@ def format_rows(rows: list[dict]) -> str:
     """A table: one line per run, then the medians per mode."""
     head = (
         f"{'mode':<8}{'torch peak MiB':>16}{'rise MiB':>10}{'RSS peak MiB':>14}{'RSS rise':>10}"
-        f"{'fwd ms':>8}{'bwd ms':>8}{'step() ms':>11}{'in-bwd steps ms':>17}"
+        f"{'fwd ms':>8}{'bwd ms':>8}{'step() ms':>11}{'in-bwd steps ms':>17}{'faults':>9}"
     )
     lines = [head, "-" * len(head)]
 
@@ -221,7 +236,7 @@ def format_rows(rows: list[dict]) -> str:
             f"{label:<8}{_mib(r['torch_peak_bytes']):>16}{_mib(r['torch_rise_bytes']):>10}"
             f"{_mib(r['rss_peak_bytes']):>14}{_mib(r['rss_rise_bytes']):>10}"
             f"{_ms(r['forward_s']):>8}{_ms(r['backward_s']):>8}{_ms(r['step_s']):>11}"
-            f"{_ms(r['steps_in_backward_s']):>17}"
+            f"{_ms(r['steps_in_backward_s']):>17}{r['page_faults']:>9,.0f}"
         )
 
     for r in rows:
@@ -234,14 +249,15 @@ def format_rows(rows: list[dict]) -> str:
         med = {
             k: (statistics.median(r[k] for r in mine) if mine[0][k] is not None else None)
             for k in mine[0]
-            if k.endswith(("_bytes", "_s"))
+            if k.endswith(("_bytes", "_s", "faults"))
         }
         lines.append(line(mode, med))
     first = rows[0]
     lines.append(
         f"{first['params'] / 1e6:.1f}M params in {first['tensors']} tensors, AdamW fused=True, "
         f"batch {first['batch']} x {first['seq']} tokens, {first['threads']} threads; params and "
-        f"state {first['params_state_bytes'] / 2**20:,.0f} MiB"
+        f"state {first['params_state_bytes'] / 2**20:,.0f} MiB; faults: minor page faults per "
+        f"step; {first['malloc_env'] or 'glibc malloc defaults'}"
     )
     return "\n".join(lines)
 
@@ -253,6 +269,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None, help="torch's thread count")
+    parser.add_argument(
+        "--env", action="append", default=[], metavar="KEY=VALUE",
+        help="add to the environment of the runs (e.g. MALLOC_MMAP_THRESHOLD_=...)",
+    )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="also print each run as JSON")
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -260,7 +280,8 @@ def main(argv: list[str] | None = None) -> None:
         kwargs = dict(batch=args.batch, seq=args.seq, threads=args.threads)
         print(json.dumps(measure(args.child, args.iters, **kwargs)))
         return
-    rows = run(args.repeats, args.iters, args.batch, args.seq, args.threads)
+    env = dict(item.split("=", 1) for item in args.env)
+    rows = run(args.repeats, args.iters, args.batch, args.seq, args.threads, env)
     if args.json:
         for r in rows:
             print(json.dumps(r))
