@@ -43,7 +43,7 @@ _PER_PARAM_STEPS = frozenset({Muon._step, Adafactor._step, SparseAdam._step})
 # param -> the handle that steps it (weakly: a param stepped by two handles would take two steps
 # per backward, and the second would find no grad)
 _OWNERS = WeakTensorKeyDictionary()
-# id(optimizer) -> its active handle (a handle keeps its optimizer alive, so the id stays its own)
+# id(optimizer) -> its active handle (an id of a collected optimizer may be reused: compare)
 _ACTIVE: weakref.WeakValueDictionary[int, StepInBackward] = weakref.WeakValueDictionary()
 
 _PREFIX = "step_in_backward"
@@ -107,20 +107,24 @@ class StepInBackward:
     backward. ``handle.remove()`` (or leaving a ``with handle:`` block) restores the normal
     behaviour: grads accumulate and ``optimizer.step()`` steps.
 
-    Attributes:
-        optimizer (Optimizer): the optimizer that steps inside backward.
+    The handle holds the optimizer weakly, as the params' hooks hold the handle: an optimizer
+    that is garbage-collected without :meth:`remove` makes the next backward raise, once, and
+    removes the hooks (its params would otherwise go unstepped, or another optimizer would find
+    no grads).
     """
 
     def __init__(self, optimizer: Optimizer) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"{_PREFIX} takes a fuseopt optimizer, got {type(optimizer).__name__}")
-        if _ACTIVE.get(id(optimizer)) is not None:
+        current = _ACTIVE.get(id(optimizer))
+        if current is not None and current.optimizer is optimizer:
             raise RuntimeError(
                 f"{_PREFIX}: this optimizer steps inside backward already (remove that handle "
                 "first)"
             )
         self._kind = _kind(optimizer)
-        self.optimizer = optimizer
+        self._optimizer = weakref.ref(optimizer)
+        self._optimizer_id = id(optimizer)
         params = []
         seen: set[int] = set()
         for i, group in enumerate(optimizer.param_groups):
@@ -161,6 +165,11 @@ class StepInBackward:
         _ACTIVE[id(optimizer)] = self
 
     @property
+    def optimizer(self) -> Optimizer | None:
+        """The optimizer that steps inside backward (None once garbage-collected)."""
+        return self._optimizer()
+
+    @property
     def active(self) -> bool:
         """Whether the optimizer steps inside backward (until :meth:`remove`)."""
         return self._active
@@ -175,25 +184,26 @@ class StepInBackward:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
-        opt = self.optimizer
         for p in self._params:
             owner = _OWNERS.get(p)
             if owner is not None and owner() is self:
                 del _OWNERS[p]
         self._params = []
-        if opt.__dict__.get("step") is self._step:
-            if self._prior_step is None:
-                del opt.step
-            else:
-                opt.step = self._prior_step
-        # (a wrapper installed on top of ours stays: ours hands calls on once inactive)
-        caches = opt.__dict__.get("_plan_caches")
-        if caches:
-            for view, _ in self._views.values():
-                caches.pop(id(view), None)
+        if _ACTIVE.get(self._optimizer_id) is self:
+            del _ACTIVE[self._optimizer_id]
+        opt = self.optimizer
+        if opt is not None:
+            if opt.__dict__.get("step") is self._step:
+                if self._prior_step is None:
+                    del opt.step
+                else:
+                    opt.step = self._prior_step
+            # (a wrapper installed on top of ours stays: ours hands calls on once inactive)
+            caches = opt.__dict__.get("_plan_caches")
+            if caches:
+                for view, _ in self._views.values():
+                    caches.pop(id(view), None)
         self._views.clear()
-        if _ACTIVE.get(id(opt)) is self:
-            del _ACTIVE[id(opt)]
 
     def __enter__(self) -> StepInBackward:
         return self
@@ -276,11 +286,18 @@ class StepInBackward:
         if not self._active or p.grad is None:
             return
         opt = self.optimizer
+        if opt is None:
+            self.remove()
+            raise RuntimeError(
+                f"{_PREFIX}: the optimizer that steps these params inside backward was "
+                "garbage-collected without handle.remove(): keep a reference to it while it "
+                "trains (the hooks are now removed, and this backward's grads stay)"
+            )
         task = torch._C._current_graph_task_id()
         try:
             if task != self._task:
-                self._begin(task)
-            found = self._locate(p)
+                self._begin(opt, task)
+            found = self._locate(opt, p)
             if found is None:  # (no longer one of the optimizer's params)
                 return
             group, index, position = found
@@ -300,10 +317,9 @@ class StepInBackward:
         self._stepped.add(id(p))
         p.grad = None
 
-    def _begin(self, task: int) -> None:
+    def _begin(self, opt: Optimizer, task: int) -> None:
         """The first grad of a backward: the step pre-hooks, and the end of the step queued for
         the end of this backward."""
-        opt = self.optimizer
         args: tuple = (opt,)
         if _torch_optimizer._global_optimizer_pre_hooks or opt._optimizer_step_pre_hooks:
             new_args, new_kwargs = _run_pre_hooks(opt, args, {})
@@ -317,10 +333,10 @@ class StepInBackward:
 
     def _end(self, task: int) -> None:
         """The end of a backward that stepped: record the step, then the step post-hooks."""
-        if task != self._task:  # (removed, or that backward failed)
+        opt = self.optimizer
+        if task != self._task or opt is None:  # (removed, or that backward failed)
             return
         self._task = None
-        opt = self.optimizer
         opt._record_step(True)
         opt._opt_called = True  # what a scheduler's wrapper records: the optimizer stepped
         opt._optimizer_step_code()
@@ -329,10 +345,10 @@ class StepInBackward:
         for hook in chain(opt._optimizer_step_post_hooks.values(), global_post.values()):
             hook(opt, args, {})
 
-    def _locate(self, p: torch.Tensor) -> tuple[dict, int, int] | None:
+    def _locate(self, opt: Optimizer, p: torch.Tensor) -> tuple[dict, int, int] | None:
         """``p``'s group now (``load_state_dict`` makes new group dicts), its index and ``p``'s
         position in it; None where ``p`` left the optimizer."""
-        groups = self.optimizer.param_groups
+        groups = opt.param_groups
         where = self._where.get(id(p))
         if where is not None:
             i, j = where

@@ -5,6 +5,7 @@ clear error for everything that cannot step one param at a time."""
 from __future__ import annotations
 
 import copy
+import gc
 import importlib
 import warnings
 
@@ -474,3 +475,20 @@ def test_grad_scaler_raises(impl):
     error = RuntimeError if impl == "fused" else AssertionError  # (GradScaler's own, unfused)
     with pytest.raises(error, match="GradScaler|No inf checks"):
         scaler.step(opt)
+
+
+def test_an_optimizer_dropped_without_remove():
+    # its hooks must neither keep stepping (another optimizer of these params would find no
+    # grads) nor go silent (nothing would train): the next backward raises, once
+    model = make()
+    handle = fuseopt.step_in_backward(fuseopt.SGD(model.parameters(), lr=0.1))
+    gc.collect()
+    assert handle.optimizer is None and handle.active
+    with pytest.raises(RuntimeError, match="garbage-collected"):
+        loss_of(model, 0).backward()
+    assert not handle.active
+    model.zero_grad()
+    opt = fuseopt.SGD(model.parameters(), lr=0.1)
+    fuseopt.step_in_backward(opt)  # (the params are free again)
+    loss_of(model, 0).backward()
+    assert opt.steps_taken == 1
