@@ -1,6 +1,7 @@
 """fuseopt in the trainers people use, with the real packages (tiny CPU models, seconds each):
-PyTorch Lightning's ``Trainer`` and Hugging Face ``accelerate``, with fuseopt optimizers and
-schedulers where torch's would be, resuming from their checkpoints with the same losses."""
+PyTorch Lightning's ``Trainer``, Hugging Face ``accelerate`` and ``transformers``' ``Trainer``, with
+fuseopt optimizers and schedulers where torch's would be, resuming from their checkpoints with
+the same losses."""
 
 from __future__ import annotations
 
@@ -163,3 +164,74 @@ def test_accelerate_accumulates_saves_and_resumes(tmp_path):
     rest, rest_lrs, _ = _accelerated(tmp_path / "state", steps=(4, 8))
     assert half + rest == losses
     assert rest_lrs == lrs[4:]
+
+
+# ---------------------------------------------------------------------- Hugging Face Trainer
+def _hf_run(make_optimizer, tmp_path):
+    """A tiny regression trained by transformers' ``Trainer`` with the given optimizer (lr
+    scheduler: constant), evaluated every 4 steps; the losses it logged, the mode the optimizer
+    was in at each step and after evaluating, and the final params."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = _model()
+
+        def forward(self, x, labels):
+            return {"loss": torch.nn.functional.mse_loss(self.net(x), labels)}
+
+    def collate(rows):
+        return {"x": torch.stack([r[0] for r in rows]), "labels": torch.stack([r[1] for r in rows])}
+
+    model = Net()
+    opt = make_optimizer(model.parameters())
+    modes: list[tuple[str, bool]] = []
+
+    # the mode when each step runs (the Trainer switches it inside its training step)
+    opt.register_step_pre_hook(
+        lambda o, args, kwargs: modes.append(("step", o.param_groups[0]["train_mode"]))
+    )
+
+    class Modes(TrainerCallback):
+        def on_evaluate(self, args, state, control, **kwargs):
+            modes.append(("evaluate", opt.param_groups[0]["train_mode"]))
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=8,
+        per_device_eval_batch_size=8, eval_strategy="steps", eval_steps=4, logging_steps=1,
+        report_to=[], use_cpu=True, save_strategy="no", lr_scheduler_type="constant",
+        dataloader_num_workers=0, seed=0, disable_tqdm=True,
+    )  # fmt: skip
+    trainer = Trainer(
+        model=model, args=args, train_dataset=_data(), eval_dataset=_data(16),
+        data_collator=collate, optimizers=(opt, None), callbacks=[Modes()],
+    )  # fmt: skip
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    return losses, evals, modes, [p.detach().clone() for p in model.parameters()]
+
+
+def test_hf_trainer_switches_schedule_free_modes(tmp_path):
+    """transformers' ``Trainer`` calls ``optimizer.train()`` before training steps and
+    ``optimizer.eval()`` before evaluating where the optimizer has them: fuseopt's
+    ``AdamWScheduleFree`` steps in train mode, is evaluated on the averaged params, and gives
+    the numbers of the schedulefree package's ``AdamWScheduleFree`` in the same run."""
+    pytest.importorskip("transformers", minversion="5.0")
+    schedulefree = pytest.importorskip("schedulefree")
+    ours = _hf_run(lambda ps: fuseopt.AdamWScheduleFree(ps, lr=0.05, warmup_steps=2), tmp_path)
+    theirs = _hf_run(
+        lambda ps: schedulefree.AdamWScheduleFree(ps, lr=0.05, warmup_steps=2, foreach=False),
+        tmp_path,
+    )
+    losses, evals, modes, params = ours
+    assert len(losses) == 12 and len(evals) == 3
+    assert all(train for what, train in modes if what == "step"), modes
+    assert [train for what, train in modes if what == "evaluate"] == [False] * 3, modes
+    assert losses[-1] < losses[0]
+    assert modes == theirs[2]
+    torch.testing.assert_close(losses, theirs[0], **FUSED_TOL)
+    torch.testing.assert_close(evals, theirs[1], **FUSED_TOL)
+    for p, q in zip(params, theirs[3]):
+        torch.testing.assert_close(p, q, **FUSED_TOL)
