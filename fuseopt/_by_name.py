@@ -59,7 +59,9 @@ class _Saved:
     orphans: dict[Any, Any] = field(default_factory=dict)
 
 
-def load_by_name(opt: Optimizer, state_dict: dict[str, Any], *, strict: bool = True) -> Any:
+def load_by_name(
+    opt: Optimizer, state_dict: dict[str, Any], *, strict: bool = True, keep: bool = False
+) -> Any:
     r"""Load ``state_dict`` into ``opt``, matching params by name (the work of
     ``opt.load_state_dict(state_dict, by_name=True, strict=strict)``, after its pre-hooks).
 
@@ -68,6 +70,8 @@ def load_by_name(opt: Optimizer, state_dict: dict[str, Any], *, strict: bool = T
         state_dict (dict): a state dict in one of the layouts of this module's docstring.
         strict (bool): raise ``RuntimeError`` naming the unmatched params and the states that do
             not fit their param, and change nothing; with False, load the rest (default: True)
+        keep (bool): floating states keep their saved dtype (``keep_state_dtype``)
+            (default: False)
 
     Returns:
         :class:`IncompatibleKeys`: the names of our params left fresh (``missing_keys``) and of the
@@ -102,7 +106,10 @@ def load_by_name(opt: Optimizer, state_dict: dict[str, Any], *, strict: bool = T
         if name in saved.state and name in saved_group_of and name not in misfits:
             # the step's place follows the group the param steps in from now on
             on_device = bool(groups[i].get("fused")) or bool(groups[i].get("capturable"))
-            state[param] = _cast_state(param, saved.state[name], on_device)
+            state[param] = _cast_state(
+                param, saved.state[name], on_device, keep=keep,
+                state_dtype=groups[i].get("state_dtype"),
+            )  # fmt: skip
     state.update(saved.orphans)
     opt.__setstate__({"state": state, "param_groups": groups})
     return IncompatibleKeys(missing, unexpected)

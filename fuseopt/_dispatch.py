@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from fuseopt import _storage
 from fuseopt.kernels import numba_cpu, triton_gpu
 from fuseopt.rule import Clone, Fill, ScalarState, Zeros, to_scalar
 
@@ -90,7 +91,9 @@ def backend_for(group: dict, p: torch.Tensor, sparse: bool) -> str:
 
 def new_state(rule, group: dict, p: torch.Tensor, specs, grad: torch.Tensor | None = None) -> dict:
     """A new param's state, in torch's keys and dtypes: ``step`` and the rule's tensors
-    (a :class:`~fuseopt.rule.FirstValue` is made by the first update that writes it)."""
+    (a :class:`~fuseopt.rule.FirstValue` is made by the first update that writes it); the
+    tensors in the group's ``state_dtype`` where it has one, and a bfloat16 param's
+    ``kahan_comp`` where the group asks for ``kahan_sum`` (:mod:`fuseopt._storage`)."""
     state = {}
     if rule.has_step:
         on_device = bool(group.get("capturable") or group.get("fused"))
@@ -99,21 +102,27 @@ def new_state(rule, group: dict, p: torch.Tensor, specs, grad: torch.Tensor | No
             if on_device
             else torch.tensor(0.0, dtype=scalar_dtype())
         )
+    dtype = _storage.state_dtype(group, p)
     for spec in specs:
         if isinstance(spec, ScalarState):
             value = group[spec.key] if spec.key else spec.value
             device = p.device if spec.on_param_device or group.get("capturable") else "cpu"
             state[spec.name] = torch.as_tensor(value, dtype=scalar_dtype(), device=device).clone()
         elif isinstance(spec, Zeros):
-            state[spec.name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state[spec.name] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         elif isinstance(spec, Clone):
-            state[spec.name] = p.detach().clone(memory_format=torch.preserve_format)
+            state[spec.name] = p.detach().clone(memory_format=torch.preserve_format).to(dtype)
         elif isinstance(spec, Fill):
             value = to_scalar(group[spec.key])
             if p.is_complex():  # the real and imaginary parts are two independent reals
                 value = complex(value, value)
             like = grad if spec.like_grad and grad is not None and not grad.is_sparse else p
-            state[spec.name] = torch.full_like(like, value, memory_format=torch.preserve_format)
+            fill_dtype = dtype if dtype != p.dtype else like.dtype
+            state[spec.name] = torch.full_like(
+                like, value, dtype=fill_dtype, memory_format=torch.preserve_format
+            )
+    if _storage.kahan(group, p):
+        state[_storage.KAHAN] = torch.zeros_like(p, memory_format=torch.preserve_format)
     return state
 
 
@@ -133,9 +142,7 @@ def _reduces(opt) -> bool:
     if type(rule).reduces is Rule.reduces:  # (no rule of this kind ever reduces)
         return False
     try:
-        return any(
-            rule.reduces(Flags(rule.flags(g, False, 1.0, {}))) for g in opt.param_groups
-        )
+        return any(rule.reduces(Flags(rule.flags(g, False, 1.0, {}))) for g in opt.param_groups)
     except (KeyError, TypeError):  # (a group that cannot step: the step will say so)
         return True
 

@@ -30,6 +30,17 @@ clipping = """max_grad_norm (float, optional): clip the grads to this total norm
         skip_if_nonfinite (bool, optional): where a grad holds an inf or a NaN, change nothing
             (params, state, step counts) and set ``opt.stepped`` to False (default: False)"""
 
+storage = """state_dtype (torch.dtype, optional): keep the state tensors (moments; never ``step``)
+            in this dtype: ``torch.bfloat16`` for float32 params, or ``torch.float32`` for
+            bfloat16 params; every implementation computes in float32 and rounds once per
+            store (default: None, the param's dtype, as torch)
+        stochastic_rounding (bool, optional): round bfloat16 stores (states and params)
+            stochastically, unbiased, from a generator seeded by torch's at construction
+            (default: False)
+        kahan_sum (bool, optional): keep a bfloat16 param's rounding error in a bfloat16
+            state ``kahan_comp`` and add it to its next update (Kahan summation; float32 params
+            are unaffected) (default: False)"""
+
 
 def fill(doc: str) -> str:
     """Replace ``{name}`` placeholders by the shared docs above (LaTeX braces stay untouched)."""

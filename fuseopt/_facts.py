@@ -34,7 +34,16 @@ import torch
 
 STEP_DTYPES = (torch.float32, torch.float64)
 # facts of a tensor, one column each (what kernels/_numba_ops.read_facts writes)
-COLUMNS = ("data_ptr", "dtype", "cpu", "strided", "contiguous", "storage_bytes", "storage_offset", "dim")
+COLUMNS = (
+    "data_ptr",
+    "dtype",
+    "cpu",
+    "strided",
+    "contiguous",
+    "storage_bytes",
+    "storage_offset",
+    "dim",
+)
 MAXDIM = 8  # sizes of up to this many dims follow; a row with more is never equal to a kept one
 NFACTS = len(COLUMNS) + MAXDIM
 # c10::ScalarType codes, as the shim gives them (the Python reader uses the same numbers)
@@ -68,9 +77,7 @@ def storage_problem(t: torch.Tensor) -> str | None:
 def self_overlapping(t: torch.Tensor) -> bool:
     """Whether strided ``t`` repeats an element (a stride of 0 over a dim of several elements):
     torch's in-place ops refuse to write such a tensor."""
-    return t.layout == torch.strided and any(
-        s == 0 and n > 1 for n, s in zip(t.shape, t.stride())
-    )
+    return t.layout == torch.strided and any(s == 0 and n > 1 for n, s in zip(t.shape, t.stride()))
 
 
 def dense(t: torch.Tensor) -> bool:
@@ -104,30 +111,32 @@ def broadcasts(shape, to) -> bool:
         return False
 
 
-def kind_problem(t: torch.Tensor, p: torch.Tensor) -> str | None:
-    """K2 for a grad or state ``t`` of param ``p``: why it is not of ``p``'s kind, or None."""
+def kind_problem(t: torch.Tensor, p: torch.Tensor, also=None) -> str | None:
+    """K2 for a grad or state ``t`` of param ``p``: why it is not of ``p``'s kind (its dtype, or
+    ``also``: a state's storage format), or None."""
     if t.layout != torch.strided:
         return f"layout {t.layout}"
     if t.device != p.device:
         return f"device {t.device}, the param's is {p.device}"
-    if t.dtype != p.dtype:
+    if t.dtype != p.dtype and (also is None or t.dtype != also):
         return f"dtype {t.dtype}, the param's is {p.dtype}"
     if t.is_neg() or t.is_conj():
         return "the negative or conjugate bit set"
     return None
 
 
-def entry_check(p, g, tensors: dict[str, torch.Tensor]) -> tuple[str | None, Any]:
+def entry_check(p, g, tensors: dict[str, torch.Tensor], also=None) -> tuple[str | None, Any]:
     """K2, K3 and K5 within one param's kernel operands: ``(problem, grad)``.
 
     ``p``, ``g`` and ``tensors`` (its states) are what the kernel walks (real views, local
-    shards). ``problem`` says why they cannot take the kernel (None: they can); ``grad`` is ``g``,
-    or a copy of it laid out like ``p`` where only its layout or a neg/conj bit was in the way.
+    shards); a state may be of dtype ``also`` (a storage format). ``problem`` says why they
+    cannot take the kernel (None: they can); ``grad`` is ``g``, or a copy of it laid out like
+    ``p`` where only its layout or a neg/conj bit was in the way.
     """
     if p.layout != torch.strided or p.is_neg() or p.is_conj() or not dense(p):
         return "the param is not a dense strided tensor", g
     for name, t in tensors.items():
-        problem = kind_problem(t, p)
+        problem = kind_problem(t, p, also)
         if problem is None and t.stride() != p.stride():
             problem = f"strides {t.stride()}, the param's are {p.stride()}"
         if problem is not None:
@@ -147,7 +156,6 @@ def entry_check(p, g, tensors: dict[str, torch.Tensor]) -> tuple[str | None, Any
         if any(overlap(a, b) for b in written[i + 1 :]) or overlap(a, span(g)):
             return "its param, grad and states share memory", g
     return None, g
-
 
 
 def standard_step(step: torch.Tensor) -> bool:

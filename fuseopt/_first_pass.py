@@ -180,11 +180,14 @@ def _sums(launch) -> dict[str, torch.Tensor]:
         from fuseopt.kernels import triton_gpu
 
         return triton_gpu.reduce(launch)
-    names = launch.operands[2:]
+    names = launch.operands[2:-1] if launch.kahan else launch.operands[2:]  # (the rule's)
     rows: dict[str, list] = {}
     s = SimpleNamespace(**launch.scalars)
     for i, (p, g) in enumerate(zip(launch.tensors[0], launch.tensors[1])):
         state = {n: launch.tensors[2 + k][i] for k, n in enumerate(names)}
+        if launch.wide:  # a storage format: in float32, as the kernels read it
+            p, g = p.float(), g.float()
+            state = {n: None if t is None else t.float() for n, t in state.items()}
         if p.is_complex():
             p, g = torch.view_as_real(p), torch.view_as_real(g)
             state = {n: None if t is None else torch.view_as_real(t) for n, t in state.items()}

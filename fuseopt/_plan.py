@@ -10,8 +10,11 @@ the one place that establishes, at every step and before any address is read:
 
 - K1 *operands*: the launch's operands are ``param``, ``grad`` and the states that the group's
   options call for now, and each of those states exists;
-- K2 *kind*: every tensor is strided, on the launch's device, of the launch's dtype (complex
-  params: their real views), without the negative or conjugate bit;
+- K2 *kind*: every tensor is strided, on the launch's device, of its operand's dtype in the
+  launch (``Launch.dtypes``, the kernel's pointer types: the param's dtype for param and grad;
+  for each state the param's, or, in a group with a storage format (:mod:`fuseopt._storage`),
+  the group's ``state_dtype``; complex params: their real views), without the negative or
+  conjugate bit;
 - K3 *layout*: every grad and state has its param's shape and strides, and the param is dense
   (no gaps, no overlap): the kernel walks the three as flat arrays of the same length;
 - K4 *bounds*: every tensor's storage holds each byte its shape, strides and offset address;
@@ -28,6 +31,10 @@ the one place that establishes, at every step and before any address is read:
   reaches a kernel as a table with exactly one row per tensor of the launch
   (:func:`~fuseopt.kernels.numba_cpu.scalar_table` raises otherwise), which the kernel indexes
   by the chunk's tensor.
+- K9 *storage formats*: a launch whose operands differ in dtype (``wide``) holds only entries
+  whose tensors K2 admits (a grad of another dtype, or a state of a third one, is ``odd``: torch's
+  for-loop math); stochastic rounding reads no memory beyond its operands (its random bits are
+  a function of the launch's seed, a runtime scalar, and each element's index).
 
 A step checked in full establishes K2-K5 per param (:func:`~fuseopt._facts.entry_check`, with
 its grad and state) and K6 per counter (:func:`~fuseopt._facts.standard_step`); a group seen
@@ -48,7 +55,7 @@ from operator import attrgetter
 import numpy as np
 import torch
 
-from fuseopt import _dtensor, _first_pass, kernels
+from fuseopt import _dtensor, _first_pass, _storage, kernels
 from fuseopt._dispatch import CAPTURABLE_DEVICES, KERNELS, backend_for, new_state
 from fuseopt._facts import (
     STEP_DTYPES,
@@ -61,7 +68,7 @@ from fuseopt._facts import (
     storage_problem,
 )  # fmt: skip
 from fuseopt.kernels import numba_cpu
-from fuseopt.rule import FirstValue, Flags, ScalarState
+from fuseopt.rule import FirstValue, Flags, ScalarState, Zeros
 
 _DTYPE = attrgetter("dtype")
 
@@ -72,7 +79,7 @@ class Entry:
 
     __slots__ = (
         "param", "grad", "state", "backend", "kind", "views", "odd", "round",
-        "first", "step", "step_value", "sv",
+        "first", "step", "step_value", "sv", "wide", "extra",
     )  # fmt: skip
 
     def __init__(self, param, grad, state, backend, kind):
@@ -80,11 +87,19 @@ class Entry:
         self.backend, self.kind = backend, kind
         self.views = None  # (param, grad, {name: state}) as a kernel walks them
         self.odd = False  # for-loop with in-place rounding: its tensors differ in dtype
+        self.wide = False  # a storage format: computed in float32, each operand its own dtype
+        self.extra = None  # {name: tensor} a storage format adds to an existing state (attached
+        # when the step runs): a loaded bfloat16 param's first ``kahan_comp``
         self.round = 0
         self.first = False
         self.step = None  # the step tensor
         self.step_value = None  # its value once bumped (a float, or a tensor on the device)
         self.sv = ()
+
+    def tensor(self, name: str):
+        """The state tensor ``name`` this step reads (one the step will attach included)."""
+        t = self.state.get(name)
+        return self.extra.get(name) if t is None and self.extra else t
 
 
 def _step_tensor(state: dict, read: bool) -> torch.Tensor:
@@ -137,8 +152,8 @@ def _check_state(rule, specs, state: dict, p: torch.Tensor, where: str) -> None:
 
 def _views(entry: Entry, names: list[str]):
     """(param, grad, states) as the kernel walks them: local shards, real views."""
-    p, g, state = entry.param, entry.grad, entry.state
-    tensors = {n: state[n] for n in names if n in state}
+    p, g = entry.param, entry.grad
+    tensors = {n: entry.tensor(n) for n in names if entry.tensor(n) is not None}
     if _dtensor.is_dtensor(p):
         p, g, tensors = _dtensor.local_shards(p, g, tensors, list(tensors))
     if p.is_complex():  # as torch: complex math is real math on the (re, im) view
@@ -152,7 +167,8 @@ def _collect(opt, group: dict, rule, specs, names) -> tuple[list[Entry], dict]:
     params: the entries, and the new states made for params without one (not yet in
     ``opt.state``)."""
     capturable = bool(group.get("capturable"))
-    keeps_state = rule.has_step or bool(specs)  # torch's SGD without momentum keeps none
+    # torch's SGD without momentum keeps none (a compensated bfloat16 param keeps its kahan_comp)
+    keeps_state = rule.has_step or bool(specs) or bool(group.get("kahan_sum"))
     backends: dict[tuple, str] = {}
     entries: list[Entry] = []
     pending: dict[int, tuple] = {}  # id(param) -> (param, its new state): one if listed twice
@@ -189,6 +205,9 @@ def _collect(opt, group: dict, rule, specs, names) -> tuple[list[Entry], dict]:
                 pending[id(p)] = (p, state)
         elif keeps_state:
             _check_state(rule, specs, state, p, where)
+        kahan = _storage.kahan(group, p)
+        if kahan and _storage.KAHAN in state:  # (checked as the rule's states are)
+            _check_state(rule, [Zeros(_storage.KAHAN)], state, p, where)
         if capturable:
             step = state.get("step")
             # (Triton on CPU is its interpreter, which runs the capturable kernels for the tests)
@@ -202,19 +221,31 @@ def _collect(opt, group: dict, rule, specs, names) -> tuple[list[Entry], dict]:
         entry = Entry(p, g, state, backend, kind)
         if rule.has_step:
             entry.step = state["step"]
-        _route(entry, names, where)
+        entry.wide = _storage.widened(group, p)
+        if kahan and _storage.KAHAN not in state:  # (a checkpoint without one: none to carry)
+            entry.extra = {_storage.KAHAN: torch.zeros_like(p, memory_format=torch.preserve_format)}
+        _route(entry, [*names, _storage.KAHAN] if kahan else names, where, group.get("state_dtype"))
         entries.append(entry)
     return entries, pending
 
 
-def _route(entry: Entry, names: list[str], where: str) -> None:
+def _route(entry: Entry, names: list[str], where: str, state_dtype=None) -> None:
     """Settle ``entry``'s backend from its tensors: a kernel takes it only where K2, K3, K5 and
-    K6 hold; the for-loop otherwise (foreach: torch's error where torch's foreach has one)."""
+    K6 hold; the for-loop otherwise (foreach: torch's error where torch's foreach has one). A
+    state of the group's ``state_dtype`` is of its kind where the entry is ``wide``."""
     p, g, state = entry.param, entry.grad, entry.state
     if entry.kind[2]:  # sparse: the rule's own per-tensor code
         return
-    tensors = [state[n] for n in names if n in state]
-    odd = any(t.dtype != p.dtype or t.device != p.device for t in (g, *tensors))
+    tensors = [entry.tensor(n) for n in names if entry.tensor(n) is not None]
+    also = state_dtype if entry.wide else None  # (a storage format: fp32 math, own dtypes)
+    odd = any(t.dtype != p.dtype or t.device != p.device for t in (g, *tensors)) and not (
+        # a storage format computes in float32 whatever the grad's dtype (the for-loop's
+        # float32 copy of it; a kernel takes grads of the param's dtype only, K2)
+        entry.wide
+        and g.device == p.device
+        and g.is_floating_point()
+        and all(t.dtype in (p.dtype, also) and t.device == p.device for t in tensors)
+    )
     step = entry.step
     if entry.backend == "foreach":
         if step is not None and not step.is_floating_point():
@@ -227,7 +258,7 @@ def _route(entry: Entry, names: list[str], where: str) -> None:
                 "conjugate bit set; materialize it (resolve_neg, resolve_conj)"
             )
         for t in (g, *tensors):
-            mixed = {p.dtype, torch.bfloat16} | ({*STEP_DTYPES} if t.is_cpu else set())
+            mixed = {p.dtype, torch.bfloat16, also} | ({*STEP_DTYPES} if t.is_cpu else set())
             if t.dtype not in mixed:  # torch's foreach groups tensors with these rules
                 raise RuntimeError(
                     f"{where}: Tensors of the same index must be on the same device and the "
@@ -249,7 +280,7 @@ def _route(entry: Entry, names: list[str], where: str) -> None:
         entry.backend = "reference"
         return
     kp, kg, kstates = _views(entry, names)
-    problem, kg = entry_check(kp, kg, kstates)
+    problem, kg = entry_check(kp, kg, kstates, also)
     if problem is not None:
         entry.backend = "reference"
         return
@@ -314,6 +345,7 @@ class Launch:
     __slots__ = (
         "backend", "rule", "flags", "scalars", "operands", "tensors", "states", "odd", "numels",
         "dtype", "table", "grad_scale", "found_inf", "grads", "real_view", "shards", "ndims",
+        "dtypes", "wide", "sr", "kahan",
     )  # fmt: skip
 
     def __init__(self, backend, rule, flags, scalars, operands, tensors):
@@ -322,6 +354,14 @@ class Launch:
         self.states = self.odd = self.table = None
         self.numels = tuple(map(torch.Tensor.numel, tensors[0]))
         self.dtype = tensors[0][0].dtype if tensors[0] else None
+        # each operand's dtype (a kernel's: its tensors share it, K2), the param's where not known
+        self.dtypes = tuple(
+            ts[0].dtype if ts and ts[0] is not None else self.dtype for ts in tensors
+        )
+        # a storage format (:mod:`fuseopt._storage`): computed in float32, stochastically rounded
+        # bfloat16 stores where ``sr`` (the seed, ``scalars["sr_seed"]``, drawn when it runs)
+        self.wide = self.sr = False
+        self.kahan = False  # the last operand is a bfloat16 param's compensation (kahan_comp)
         self.grad_scale = self.found_inf = None
         # the params' own grads, and whether the kernel walks real views of complex params or
         # DTensor shards instead of them (the clipping norm pass reads these)
@@ -379,11 +419,14 @@ def kernel_launch(
 class GroupPlan:
     """What :func:`plan_group` prepared for one group; :meth:`run` carries it out."""
 
-    __slots__ = ("opt", "group", "rule", "attach", "rounds", "after", "found_inf", "steps")
+    __slots__ = (
+        "opt", "group", "rule", "attach", "rounds", "after", "found_inf", "steps", "extras",
+    )  # fmt: skip
 
     def __init__(self, opt, group, rule):
         self.opt, self.group, self.rule = opt, group, rule
         self.attach: list = []  # (param, new state) for params without state
+        self.extras: list = []  # (state, name, tensor) added to existing states (Entry.extra)
         # per round: (new states' tensors to attach, step bumps, launches)
         self.rounds: list[tuple[list, list, list[Launch]]] = []
         self.after: list = []  # (scalar-state tensors, their new values), after the launches
@@ -394,12 +437,16 @@ class GroupPlan:
         """Carry the step out: nothing here depends on the contents of the group any more."""
         for p, new in self.attach:  # the very dicts the launches write first values into
             self.opt.state[p] = new
+        for state, name, tensor in self.extras:
+            state[name] = tensor
         for made, bumps, launches in self.rounds:
             for state, name, tensor in made:
                 state[name] = tensor
             for bump in bumps:
                 bump()
             for launch in launches:
+                if launch.sr:  # (drawn now: a step that fails before this draws nothing)
+                    launch.scalars["sr_seed"] = _storage.draw_seed(self.opt)
                 if launch.backend == "sparse":
                     for p, g, state, step in launch.states:
                         self.rule.sparse_update(self.group, p, g, state, step)
@@ -489,6 +536,7 @@ def plan_group(opt, group: dict) -> GroupPlan | None:
     unscale = float(grad_scale) if grad_scale is not None and on_host else None
     plan = GroupPlan(opt, group, rule)
     plan.attach = list(pending.values())
+    plan.extras = [(e.state, n, t) for e in entries if e.extra for n, t in e.extra.items()]
     # capturable computes the per-step scalars from the step tensors, as torch does, and so does
     # differentiable where torch's does (Adam, AdamW; its other algorithms read the step as a
     # number there); fused=True on the GPU too (the Triton kernels read them: no host read)
@@ -533,8 +581,9 @@ def plan_group(opt, group: dict) -> GroupPlan | None:
             if e.first and e.backend != "reference":  # (the for-loop clones its first value)
                 have = made[id(e.state)]
                 for n in firsts:
-                    if n not in e.state:
-                        have[n] = torch.empty_like(e.param)  # (preserves a dense layout)
+                    if n not in e.state:  # (empty_like preserves a dense layout)
+                        dtype = _storage.state_dtype(group, e.param)
+                        have[n] = torch.empty_like(e.param, dtype=dtype)
                         new_firsts.append((e.state, n, have[n]))
         launches = _launches(
             rule, group, batch, names, scalar_names, on_tensors, made, unscale, widen
@@ -666,11 +715,22 @@ def _launches(
                 key_step = "stacked"  # device steps of a whole batch, one launch
         else:
             key_step = nan_safe(e.step_value)
-        key = (e.backend, e.kind, e.first, e.odd, key_step, e.sv)
+        # (a launch's operands share a dtype each: K2)
+        dtypes = tuple(e.state[n].dtype if n in e.state else None for n in names)
+        kahan = e.wide and not e.odd and _storage.kahan(group, e.param)
+        if kahan:
+            dtypes += (e.tensor(_storage.KAHAN).dtype,)
+        key = (e.backend, e.kind, e.first, e.odd, key_step, e.sv, e.wide, dtypes, kahan)
         keyed.setdefault(key, []).append(e)
     launches = []
     operands = ("param", "grad", *names)
-    for (backend, (_, _, sparse), first, _, key_step, sv), es in keyed.items():
+    sr = bool(group.get("stochastic_rounding"))
+    for (backend, kind, first, odd, key_step, sv, wide, _, kahan), es in keyed.items():
+        sparse = kind[2]
+        wide = wide and not odd  # (a tensor of another dtype: torch's in-place rounding)
+        # (a compensated bfloat16 param: its ``kahan_comp``, the last operand, no rule's)
+        ops = (*operands, _storage.KAHAN) if kahan else operands
+        all_names = [*names, _storage.KAHAN] if kahan else names
         sv = dict(zip(scalar_names, sv))
         step = es[0].step_value
         if key_step == "stacked" and len(es) > 1:
@@ -684,23 +744,30 @@ def _launches(
         if unscaled:
             scalars["grad_scale"] = unscale
         if backend in KERNELS:
-            views = [_with_firsts(e, made.get(id(e.state)), names) for e in es]
-            tensors = [list(ts) for ts in zip(*views)] if views else [[] for _ in operands]
-            launch = Launch(backend, rule, flags, scalars, operands, tensors)
-            if backend == "numba":
-                numba_cpu.kernel(rule, flags, operands, launch.dtype)  # compiled before any change
+            views = [_with_firsts(e, made.get(id(e.state)), all_names) for e in es]
+            tensors = [list(ts) for ts in zip(*views)] if views else [[] for _ in ops]
+            launch = Launch(backend, rule, flags, scalars, ops, tensors)
+            launch.wide, launch.sr = wide and _storage.state_dtype(group, es[0].param), wide and sr
+            launch.kahan = kahan
+            if backend == "numba":  # compiled before any change
+                numba_cpu.kernel(rule, flags, ops, launch.dtypes, True, launch.sr, kahan)
         elif sparse and rule.sparse_update is not None:  # the rule's own per-tensor code
             launch = Launch("sparse", rule, flags, scalars, (), [[e.param for e in es]])
             launch.states = [(e.param, e.grad, e.state, e.step_value) for e in es]
         else:
             tensors = [[e.param for e in es], [e.grad for e in es]]
-            for n in names:
+            for n in all_names:
                 tensors.append(
-                    [e.state[n] if n in e.state else made[id(e.state)].get(n) for e in es]
+                    [
+                        e.tensor(n) if e.tensor(n) is not None else made[id(e.state)].get(n)
+                        for e in es
+                    ]
                 )
             if backend == "foreach" and es[0].param.is_complex():  # real math on (re, im)
                 tensors = [[torch.view_as_real(t) for t in ts] for ts in tensors]
-            launch = Launch(backend, rule, flags, scalars, operands, tensors)
+            launch = Launch(backend, rule, flags, scalars, ops, tensors)
+            launch.wide, launch.sr = wide and _storage.state_dtype(group, es[0].param), wide and sr
+            launch.kahan = kahan
             launch.states = [e.state for e in es]
             launch.odd = [e.odd for e in es]
             if any(launch.odd):  # torch's ops may refuse these dtypes: find out now

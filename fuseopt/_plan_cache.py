@@ -53,7 +53,7 @@ class PlanCache:
     __slots__ = (
         "names", "options", "ids", "mask", "getters", "steps", "at", "facts", "expect",
         "itemsize", "numels", "starts", "stops", "step_ptrs", "step_dtype", "launch",
-        "backends", "kind", "scalar_names", "ndims",
+        "backends", "kind", "scalar_names", "ndims", "wide",
     )  # fmt: skip
 
     @staticmethod
@@ -91,6 +91,9 @@ class PlanCache:
             or (has_step and len({s["step"].dtype for s in states}) > 1)
             or (has_step and not all(_facts.standard_step(s["step"]) for s in states))
             or any(p.dim() > _facts.MAXDIM for p in params)
+            or len({launch.dtypes for launch in launches}) > 1  # (states of several dtypes)
+            or any(launch.kahan for launch in launches)  # (an operand beyond the rule's)
+            or any(e.extra for e in entries)
         ):
             return
         cache = PlanCache()
@@ -118,12 +121,13 @@ class PlanCache:
         cache.backends = [e.backend for e in entries]
         cache.ndims = tuple(p.dim() for p in params)
         cache.kind = entries[0].kind
+        cache.wide = (launches[0].wide, launches[0].sr)  # (the facts keep each tensor's dtype)
         cache.launch = None
         if all(launch.backend == "numba" for launch in launches):
             n = len(params)  # numba launches only: their address table
             table = cache.facts[: (1 + len(names)) * n, 0].reshape(1 + len(names), n)
             table = np.insert(table, 1, np.zeros(n, dtype=np.int64), axis=0)  # the grads' row
-            cache.launch = (("param", "grad", *names), first.dtype, numels, table)
+            cache.launch = (("param", "grad", *names), launches[0].dtypes, numels, table)
         opt.__dict__.setdefault("_plan_caches", {})[id(group)] = cache
 
     def _tensors(self, params: list, states: list) -> list:
@@ -205,6 +209,7 @@ class PlanCache:
             states = [{} for _ in params]
         for p, g, state, backend in zip(params, grads, states, self.backends):
             e = Entry(p, g, state, backend, kind)
+            e.wide = bool(self.wide[0])
             if self.steps is not None:
                 e.step = state["step"]
             if backend == "numba":  # (real, contiguous, one dtype: the tensors themselves)
@@ -246,16 +251,19 @@ class PlanCache:
     def _launch(self, rule, group, step, sv, table, idx) -> Launch:
         """The kept launch at ``step`` and scalar states ``sv``, over the tensors ``idx`` (None:
         all of them)."""
-        operands, dtype, numels, _ = self.launch
+        operands, dtypes, numels, _ = self.launch
         sv = dict(zip(self.scalar_names, sv))
         flags = launch_flags(rule, group, False, step, sv)
         launch = Launch("numba", rule, flags, rule.scalars(group, step, sv), operands, [[]])
-        launch.dtype = dtype
+        launch.dtype, launch.dtypes = dtypes[0], dtypes
+        launch.wide, launch.sr = self.wide
         if idx is None:
             launch.numels, launch.table, launch.ndims = numels, table, self.ndims
         else:
             launch.numels = tuple(numels[i] for i in idx)
             launch.table = np.ascontiguousarray(table[:, idx])
             launch.ndims = tuple(self.ndims[i] for i in idx)
-        numba_cpu.kernel(rule, flags, operands, dtype)  # compiled before anything changes
+        numba_cpu.kernel(
+            rule, flags, operands, dtypes, True, launch.sr
+        )  # compiled before any change
         return launch

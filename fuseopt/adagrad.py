@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fuseopt import _docs, _first_pass
+from fuseopt import _docs, _first_pass, _storage
 from fuseopt._dispatch import init_state
 from fuseopt._validate import check_lr, check_non_negative
 from fuseopt.optimizer import Optimizer
@@ -81,6 +81,7 @@ class Adagrad(Optimizer):
         {differentiable}
         {fused}
         {clipping}
+        {storage}
     """
 
     rule = AdagradRule()
@@ -103,6 +104,9 @@ class Adagrad(Optimizer):
         norm_type: float = 2.0,
         error_if_nonfinite: bool = False,
         skip_if_nonfinite: bool = False,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
+        kahan_sum: bool = False,
     ) -> None:
         check_lr(lr)
         check_non_negative(
@@ -119,6 +123,7 @@ class Adagrad(Optimizer):
         grad_options = _first_pass.options(
             max_grad_norm, norm_type, error_if_nonfinite, skip_if_nonfinite
         )
+        grad_options |= _storage.options(state_dtype, stochastic_rounding, kahan_sum)
         super().__init__(params, {**defaults, **grad_options})
         for group in self.param_groups:
             init_state(self, group, group["params"])

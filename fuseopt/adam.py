@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, is_tensor
 
-from fuseopt import _docs, _first_pass
+from fuseopt import _docs, _first_pass, _storage
 from fuseopt._validate import check_betas, check_lr, check_non_negative
 from fuseopt.optimizer import Optimizer
 from fuseopt.rule import Rule, Zeros
@@ -149,6 +150,7 @@ class Adam(Optimizer):
         {differentiable}
         {fused}
         {clipping}
+        {storage}
         decoupled_weight_decay (bool, optional): decay the weights directly, as AdamW
             (default: False)
         cautious (bool, optional): beyond torch: C-Adam(W) (Liang et al., 2024), the update
@@ -182,6 +184,9 @@ class Adam(Optimizer):
         norm_type: float = 2.0,
         error_if_nonfinite: bool = False,
         skip_if_nonfinite: bool = False,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
+        kahan_sum: bool = False,
     ) -> None:
         _check_adam_args(lr, betas, eps, weight_decay, foreach, capturable)
         if not isinstance(cautious, bool):
@@ -201,6 +206,7 @@ class Adam(Optimizer):
         grad_options = _first_pass.options(
             max_grad_norm, norm_type, error_if_nonfinite, skip_if_nonfinite
         )
+        grad_options |= _storage.options(state_dtype, stochastic_rounding, kahan_sum)
         super().__init__(params, {**defaults, **grad_options})
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from fuseopt import _docs, _first_pass
+from fuseopt import _docs, _first_pass, _storage
 from fuseopt._validate import check_betas, check_lr, check_non_negative
 from fuseopt.optimizer import Optimizer
 from fuseopt.rule import Rule, Zeros, to_scalar, with_fused
@@ -64,6 +65,7 @@ class Adamax(Optimizer):
         {capturable}
         {fused}
         {clipping}
+        {storage}
     """
 
     rule = AdamaxRule()
@@ -86,6 +88,9 @@ class Adamax(Optimizer):
         norm_type: float = 2.0,
         error_if_nonfinite: bool = False,
         skip_if_nonfinite: bool = False,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
+        kahan_sum: bool = False,
     ) -> None:
         check_lr(lr)
         check_non_negative(eps=eps)
@@ -98,6 +103,7 @@ class Adamax(Optimizer):
         grad_options = _first_pass.options(
             max_grad_norm, norm_type, error_if_nonfinite, skip_if_nonfinite
         )
+        grad_options |= _storage.options(state_dtype, stochastic_rounding, kahan_sum)
         super().__init__(params, with_fused({**defaults, **grad_options}, fused))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from fuseopt import _docs
@@ -32,6 +33,7 @@ class AdamW(Adam):
         cautious (bool, optional): beyond torch: C-AdamW (Liang et al., 2024), see
             :class:`~fuseopt.Adam` (default: False)
         {clipping}
+        {storage}
     """
 
     def __init__(
@@ -53,6 +55,9 @@ class AdamW(Adam):
         norm_type: float = 2.0,
         error_if_nonfinite: bool = False,
         skip_if_nonfinite: bool = False,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
+        kahan_sum: bool = False,
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
@@ -60,6 +65,7 @@ class AdamW(Adam):
             decoupled_weight_decay=True, cautious=cautious, max_grad_norm=max_grad_norm,
             norm_type=norm_type,
             error_if_nonfinite=error_if_nonfinite, skip_if_nonfinite=skip_if_nonfinite,
+            state_dtype=state_dtype, stochastic_rounding=stochastic_rounding, kahan_sum=kahan_sum,
         )  # fmt: skip
 
     def _after_setstate(self) -> None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor
 
-from fuseopt import _docs, _first_pass
+from fuseopt import _docs, _first_pass, _storage
 from fuseopt._validate import check_lr, check_non_negative
 from fuseopt.optimizer import Optimizer
 from fuseopt.rule import FirstValue, Rule, Zeros
@@ -127,6 +128,7 @@ class Adan(Optimizer):
         {maximize}
         {fused}
         {clipping}
+        {storage}
         use_gc, adanorm (bool, optional): pytorch-optimizer's variants, not implemented: True
             raises (default: False)
     """
@@ -149,6 +151,9 @@ class Adan(Optimizer):
         norm_type: float = 2.0,
         error_if_nonfinite: bool = False,
         skip_if_nonfinite: bool = False,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
+        kahan_sum: bool = False,
         use_gc: bool = False,
         adanorm: bool = False,
     ) -> None:
@@ -173,6 +178,7 @@ class Adan(Optimizer):
         grad_options = _first_pass.options(
             max_grad_norm, norm_type, error_if_nonfinite, skip_if_nonfinite
         )
+        grad_options |= _storage.options(state_dtype, stochastic_rounding, kahan_sum)
         super().__init__(params, {**defaults, **grad_options})
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor
 
-from fuseopt import _docs, _first_pass
+from fuseopt import _docs, _first_pass, _storage
 from fuseopt._validate import check_lr, check_non_negative
 from fuseopt.adan import check_three_betas
 from fuseopt.optimizer import Optimizer
@@ -154,6 +155,7 @@ class AdEMAMix(Optimizer):
         cautious (bool, optional): mask the fast average where its sign is not the grad's,
             rescaled by ``numel / (kept + 1)`` per tensor (default: False)
         {clipping}
+        {storage}
     """
 
     rule = AdEMAMixRule()
@@ -179,6 +181,9 @@ class AdEMAMix(Optimizer):
         norm_type: float = 2.0,
         error_if_nonfinite: bool = False,
         skip_if_nonfinite: bool = False,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
+        kahan_sum: bool = False,
     ) -> None:
         if isinstance(lr, Tensor):
             raise TypeError("AdEMAMix: lr must be a number (a tensor lr is not supported)")
@@ -218,6 +223,7 @@ class AdEMAMix(Optimizer):
         grad_options = _first_pass.options(
             max_grad_norm, norm_type, error_if_nonfinite, skip_if_nonfinite
         )
+        grad_options |= _storage.options(state_dtype, stochastic_rounding, kahan_sum)
         super().__init__(params, {**defaults, **grad_options})
 
 

@@ -7,9 +7,10 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor
 
-from fuseopt import _docs, _first_pass
+from fuseopt import _docs, _first_pass, _storage
 from fuseopt._validate import check_betas, check_lr, check_non_negative
 from fuseopt.optimizer import Optimizer
 from fuseopt.rule import Rule, Zeros
@@ -160,6 +161,7 @@ class ADOPT(Optimizer):
         stable_adamw (bool, optional): StableAdamW's per-tensor RMS, see above (default: False)
         {fused}
         {clipping}
+        {storage}
     """
 
     rule = ADOPTRule()
@@ -188,6 +190,9 @@ class ADOPT(Optimizer):
         norm_type: float = 2.0,
         error_if_nonfinite: bool = False,
         skip_if_nonfinite: bool = False,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
+        kahan_sum: bool = False,
     ) -> None:
         if isinstance(lr, Tensor):
             raise TypeError("ADOPT: lr must be a number (the reference takes no tensor lr)")
@@ -210,6 +215,7 @@ class ADOPT(Optimizer):
         grad_options = _first_pass.options(
             max_grad_norm, norm_type, error_if_nonfinite, skip_if_nonfinite
         )
+        grad_options |= _storage.options(state_dtype, stochastic_rounding, kahan_sum)
         super().__init__(params, {**defaults, **grad_options})
 
     def state_dict(self) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fuseopt import _docs, _first_pass
+from fuseopt import _docs, _first_pass, _storage
 from fuseopt._validate import check_lr, check_non_negative
 from fuseopt.optimizer import Optimizer
 from fuseopt.rule import Rule, ScalarState, Zeros, to_scalar, with_fused
@@ -76,6 +76,7 @@ class ASGD(Optimizer):
         {capturable}
         {fused}
         {clipping}
+        {storage}
     """
 
     rule = ASGDRule()
@@ -99,6 +100,9 @@ class ASGD(Optimizer):
         norm_type: float = 2.0,
         error_if_nonfinite: bool = False,
         skip_if_nonfinite: bool = False,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
+        kahan_sum: bool = False,
     ) -> None:
         check_lr(lr)
         check_non_negative(weight_decay=weight_decay)
@@ -109,6 +113,7 @@ class ASGD(Optimizer):
         grad_options = _first_pass.options(
             max_grad_norm, norm_type, error_if_nonfinite, skip_if_nonfinite
         )
+        grad_options |= _storage.options(state_dtype, stochastic_rounding, kahan_sum)
         super().__init__(params, with_fused({**defaults, **grad_options}, fused))
 
 

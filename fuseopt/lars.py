@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fuseopt import _docs, _first_pass
+from fuseopt import _docs, _first_pass, _storage
 from fuseopt._validate import check_lr, check_non_negative
 from fuseopt.optimizer import Optimizer
 from fuseopt.rule import Rule, Zeros
@@ -89,6 +89,7 @@ class LARS(Optimizer):
         {foreach}
         {fused}
         {clipping}
+        {storage}
     """
 
     rule = LARSRule()
@@ -110,6 +111,9 @@ class LARS(Optimizer):
         norm_type: float = 2.0,
         error_if_nonfinite: bool = False,
         skip_if_nonfinite: bool = False,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
+        kahan_sum: bool = False,
     ) -> None:
         if isinstance(lr, Tensor):
             raise TypeError("LARS: lr must be a number (the reference takes no tensor lr)")
@@ -128,6 +132,7 @@ class LARS(Optimizer):
         grad_options = _first_pass.options(
             max_grad_norm, norm_type, error_if_nonfinite, skip_if_nonfinite
         )
+        grad_options |= _storage.options(state_dtype, stochastic_rounding, kahan_sum)
         super().__init__(params, {**defaults, **grad_options})
 
 

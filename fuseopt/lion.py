@@ -3,9 +3,10 @@ and the grad, with decoupled weight decay."""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from fuseopt import _docs, _first_pass
+from fuseopt import _docs, _first_pass, _storage
 from fuseopt._validate import check_lr, check_non_negative
 from fuseopt.optimizer import Optimizer
 from fuseopt.rule import Rule, Zeros
@@ -105,6 +106,7 @@ class Lion(Optimizer):
         {foreach}
         {fused}
         {clipping}
+        {storage}
     """
 
     rule = LionRule()
@@ -127,6 +129,9 @@ class Lion(Optimizer):
         norm_type: float = 2.0,
         error_if_nonfinite: bool = False,
         skip_if_nonfinite: bool = False,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
+        kahan_sum: bool = False,
     ) -> None:
         if isinstance(lr, Tensor):
             raise TypeError("Lion: lr must be a number (the reference takes no tensor lr)")
@@ -158,6 +163,7 @@ class Lion(Optimizer):
         grad_options = _first_pass.options(
             max_grad_norm, norm_type, error_if_nonfinite, skip_if_nonfinite
         )
+        grad_options |= _storage.options(state_dtype, stochastic_rounding, kahan_sum)
         super().__init__(params, {**defaults, **grad_options})
 
     def _after_setstate(self) -> None:

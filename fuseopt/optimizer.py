@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from fuseopt import _compile
+from fuseopt import _compile, _storage
 
 __all__ = ["Optimizer", "register_optimizer_step_pre_hook", "register_optimizer_step_post_hook"]
 
@@ -334,6 +334,7 @@ class Optimizer(torch.optim.Optimizer):
                 )
         if not seen.isdisjoint(params):
             raise ValueError("some parameters appear in more than one parameter group")
+        _storage.added(self, param_group)  # state_dtype, stochastic_rounding, kahan_sum
         self.param_groups.append(param_group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -603,7 +604,12 @@ class Optimizer(torch.optim.Optimizer):
         return state_dict
 
     def load_state_dict(
-        self, state_dict: dict[str, Any], *, by_name: bool = False, strict: bool = True
+        self,
+        state_dict: dict[str, Any],
+        *,
+        by_name: bool = False,
+        strict: bool = True,
+        keep_state_dtype: bool = False,
     ) -> Any:
         r"""Load an optimizer state saved by :meth:`state_dict` (of fuseopt or of torch.optim).
 
@@ -611,7 +617,10 @@ class Optimizer(torch.optim.Optimizer):
         ``ValueError`` and nothing changes; the saved groups' options replace ours. State tensors
         are moved to each param's device, and floating ones cast to its dtype; ``step`` is kept as
         saved (moved to the param's device as float32 where the group is ``fused`` or
-        ``capturable``). The load hooks run before and after, either way.
+        ``capturable``). In a group with a ``state_dtype`` (ours, kept where the saved group has
+        none: a torch checkpoint loads into a bfloat16-state optimizer), the state tensors shaped
+        like the param are cast to that dtype instead: the format the group asks for. The load
+        hooks run before and after, either way.
 
         Args:
             state_dict (dict): optimizer state, as returned by :meth:`state_dict`, or a name-keyed
@@ -625,6 +634,10 @@ class Optimizer(torch.optim.Optimizer):
                 nothing) where a param of either side has no match or a saved state does not fit
                 its param's shape; with False, load what matches and leave the rest fresh
                 (default: True)
+            keep_state_dtype (bool, keyword-only): keep each floating state tensor in its saved
+                dtype (moved to the param's device only), where torch casts it to the param's
+                dtype (torch issue #43706: float32 moments of bfloat16 params would become
+                bfloat16) (default: False)
 
         Returns:
             None for the positional load; with ``by_name``, a named tuple
@@ -641,15 +654,16 @@ class Optimizer(torch.optim.Optimizer):
         if by_name:
             from fuseopt._by_name import load_by_name  # it imports this module
 
-            loaded = load_by_name(self, state_dict, strict=strict)
+            loaded = load_by_name(self, state_dict, strict=strict, keep=keep_state_dtype)
         else:
-            loaded = self._load_by_position(state_dict)
+            loaded = self._load_by_position(state_dict, keep_state_dtype)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
         return loaded
 
-    def _load_by_position(self, state_dict: dict[str, Any]) -> None:
-        """torch's load: the saved groups and params, in order, are ours."""
+    def _load_by_position(self, state_dict: dict[str, Any], keep: bool = False) -> None:
+        """torch's load: the saved groups and params, in order, are ours (and our storage
+        options where a saved group has none)."""
         groups = self.param_groups
         saved_groups = deepcopy(state_dict["param_groups"])
         if len(groups) != len(saved_groups):
@@ -665,14 +679,18 @@ class Optimizer(torch.optim.Optimizer):
                 chain.from_iterable(g["params"] for g in groups),
             )
         )
-        flags_of = {}
-        for g in state_dict["param_groups"]:
-            for pid in g["params"]:
-                flags_of.setdefault(pid, bool(g.get("fused")) or bool(g.get("capturable")))
+        flags_of, dtype_of = {}, {}
+        for g, saved in zip(groups, saved_groups):
+            _storage.carry_options(g, saved)
+            for pid in saved["params"]:
+                flags_of.setdefault(pid, bool(saved.get("fused")) or bool(saved.get("capturable")))
+                dtype_of.setdefault(pid, saved.get("state_dtype"))
         state: defaultdict[Any, dict[str, Any]] = defaultdict(dict)
         for k, v in state_dict["state"].items():
             if k in id_map:
-                state[id_map[k]] = _cast_state(id_map[k], v, flags_of.get(k, False))
+                state[id_map[k]] = _cast_state(
+                    id_map[k], v, flags_of.get(k, False), keep=keep, state_dtype=dtype_of.get(k)
+                )
             else:
                 state[k] = v  # state of no param is kept as is (torch does so for old checkpoints)
         for group, saved in zip(groups, saved_groups):
@@ -682,23 +700,34 @@ class Optimizer(torch.optim.Optimizer):
         self.__setstate__({"state": state, "param_groups": saved_groups})
 
 
-def _cast_state(param: torch.Tensor, value: Any, on_device_step: bool, key: Any = None) -> Any:
+def _cast_state(
+    param: torch.Tensor, value: Any, on_device_step: bool, key: Any = None, *,
+    keep: bool = False, state_dtype: torch.dtype | None = None,
+) -> Any:  # fmt: skip
     """A copy of a loaded param state ``value`` for ``param``, as torch's load makes it: tensors
     moved to the param's device, floating ones cast to its dtype, except ``step``, kept as saved
     or, where ``on_device_step`` (a ``fused`` or ``capturable`` group), made float32 on the
-    param's device; dicts and other iterables copied element by element."""
+    param's device; dicts and other iterables copied element by element. ``state_dtype``: the
+    group's storage format (:mod:`fuseopt._storage`), the dtype of the tensors shaped like the
+    param; ``keep``: floating tensors keep their saved dtype."""
     if isinstance(value, torch.Tensor):
         if key == "step":
             if on_device_step:
                 return value.to(dtype=torch.float32, device=param.device)
             return value
-        if param.is_floating_point():
-            return value.to(dtype=param.dtype, device=param.device)
+        if param.is_floating_point() and not (keep and value.is_floating_point()):
+            dtype = _storage.loaded_dtype(param, value, key, state_dtype)
+            return value.to(dtype=dtype, device=param.device)
         return value.to(device=param.device)
     if isinstance(value, dict):
-        return {k: _cast_state(param, v, on_device_step, k) for k, v in value.items()}
+        return {
+            k: _cast_state(param, v, on_device_step, k, keep=keep, state_dtype=state_dtype)
+            for k, v in value.items()
+        }
     if isinstance(value, Iterable) and not isinstance(value, str):
-        return type(value)(_cast_state(param, v, on_device_step) for v in value)
+        return type(value)(
+            _cast_state(param, v, on_device_step, keep=keep, state_dtype=state_dtype) for v in value
+        )
     return value
 
 

@@ -8,7 +8,7 @@ import math
 import torch
 from torch import Tensor
 
-from fuseopt import _docs, _dtensor, _first_pass
+from fuseopt import _docs, _dtensor, _first_pass, _storage
 from fuseopt._validate import check_betas, check_non_negative
 from fuseopt.optimizer import Optimizer
 from fuseopt.rule import Clone, Rule, Zeros
@@ -275,6 +275,7 @@ class Prodigy(Optimizer):
         {foreach}
         {fused}
         {clipping}
+        {storage}
     """
 
     rule = ProdigyRule()
@@ -303,6 +304,9 @@ class Prodigy(Optimizer):
         norm_type: float = 2.0,
         error_if_nonfinite: bool = False,
         skip_if_nonfinite: bool = False,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
+        kahan_sum: bool = False,
     ) -> None:
         if isinstance(lr, Tensor):
             raise TypeError("Prodigy: lr must be a number (the reference takes no tensor lr)")
@@ -332,6 +336,7 @@ class Prodigy(Optimizer):
         grad_options = _first_pass.options(
             max_grad_norm, norm_type, error_if_nonfinite, skip_if_nonfinite
         )
+        grad_options |= _storage.options(state_dtype, stochastic_rounding, kahan_sum)
         super().__init__(params, {**defaults, **grad_options})
 
     def add_param_group(self, param_group: dict) -> None:

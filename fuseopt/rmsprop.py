@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from fuseopt import _docs, _first_pass
+from fuseopt import _docs, _first_pass, _storage
 from fuseopt._validate import check_lr, check_non_negative
 from fuseopt.optimizer import Optimizer
 from fuseopt.rule import Rule, Zeros, to_scalar, with_fused
@@ -91,6 +92,7 @@ class RMSprop(Optimizer):
         {differentiable}
         {fused}
         {clipping}
+        {storage}
     """
 
     rule = RMSpropRule()
@@ -118,6 +120,9 @@ class RMSprop(Optimizer):
         norm_type: float = 2.0,
         error_if_nonfinite: bool = False,
         skip_if_nonfinite: bool = False,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
+        kahan_sum: bool = False,
     ) -> None:
         check_lr(lr)
         check_non_negative(eps=eps, momentum=momentum, weight_decay=weight_decay, alpha=alpha)
@@ -129,6 +134,7 @@ class RMSprop(Optimizer):
         grad_options = _first_pass.options(
             max_grad_norm, norm_type, error_if_nonfinite, skip_if_nonfinite
         )
+        grad_options |= _storage.options(state_dtype, stochastic_rounding, kahan_sum)
         super().__init__(params, with_fused({**defaults, **grad_options}, fused))
 
 

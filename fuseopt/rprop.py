@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import struct
 
+import torch
 from torch import Tensor
 
-from fuseopt import _docs, _first_pass
+from fuseopt import _docs, _first_pass, _storage
 from fuseopt._validate import check_lr
 from fuseopt.optimizer import Optimizer
 from fuseopt.rule import Fill, Rule, Zeros, with_fused
@@ -86,6 +87,7 @@ class Rprop(Optimizer):
         {differentiable}
         {fused}
         {clipping}
+        {storage}
     """
 
     rule = RpropRule()
@@ -107,6 +109,9 @@ class Rprop(Optimizer):
         norm_type: float = 2.0,
         error_if_nonfinite: bool = False,
         skip_if_nonfinite: bool = False,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
+        kahan_sum: bool = False,
     ) -> None:
         check_lr(lr)
         if not 0.0 < etas[0] < 1.0 < etas[1]:
@@ -118,6 +123,7 @@ class Rprop(Optimizer):
         grad_options = _first_pass.options(
             max_grad_norm, norm_type, error_if_nonfinite, skip_if_nonfinite
         )
+        grad_options |= _storage.options(state_dtype, stochastic_rounding, kahan_sum)
         super().__init__(params, with_fused({**defaults, **grad_options}, fused))
 
 

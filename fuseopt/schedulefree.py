@@ -9,7 +9,7 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
-from fuseopt import _compile, _docs, _first_pass
+from fuseopt import _compile, _docs, _first_pass, _storage
 from fuseopt._validate import check_betas, check_lr, check_non_negative
 from fuseopt.optimizer import Optimizer
 from fuseopt.rule import FirstValue, Rule, Zeros, with_fused
@@ -290,6 +290,7 @@ class SGDScheduleFree(_ScheduleFree):
         {foreach}
         {fused}
         {clipping}
+        {storage}
     """
 
     rule = SGDScheduleFreeRule()
@@ -311,6 +312,9 @@ class SGDScheduleFree(_ScheduleFree):
         norm_type: float = 2.0,
         error_if_nonfinite: bool = False,
         skip_if_nonfinite: bool = False,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
+        kahan_sum: bool = False,
     ) -> None:
         _check_common(lr, 0.0, weight_decay, warmup_steps, r, weight_lr_power, "SGDScheduleFree")
         if not 0.0 < momentum < 1.0:
@@ -321,6 +325,7 @@ class SGDScheduleFree(_ScheduleFree):
             foreach=foreach,
         )  # fmt: skip
         clipping = (max_grad_norm, norm_type, error_if_nonfinite, skip_if_nonfinite)
+        defaults |= _storage.options(state_dtype, stochastic_rounding, kahan_sum)
         super().__init__(params, defaults, fused, clipping)
 
 
@@ -348,6 +353,7 @@ class AdamWScheduleFree(_ScheduleFree):
         {foreach}
         {fused}
         {clipping}
+        {storage}
     """
 
     rule = AdamWScheduleFreeRule()
@@ -370,6 +376,9 @@ class AdamWScheduleFree(_ScheduleFree):
         norm_type: float = 2.0,
         error_if_nonfinite: bool = False,
         skip_if_nonfinite: bool = False,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
+        kahan_sum: bool = False,
     ) -> None:
         _check_common(lr, eps, weight_decay, warmup_steps, r, weight_lr_power, "AdamWScheduleFree")
         _check_adam_betas(betas)
@@ -379,6 +388,7 @@ class AdamWScheduleFree(_ScheduleFree):
             foreach=foreach,
         )  # fmt: skip
         clipping = (max_grad_norm, norm_type, error_if_nonfinite, skip_if_nonfinite)
+        defaults |= _storage.options(state_dtype, stochastic_rounding, kahan_sum)
         super().__init__(params, defaults, fused, clipping)
 
 
@@ -411,6 +421,7 @@ class RAdamScheduleFree(_ScheduleFree):
         {foreach}
         {fused}
         {clipping}
+        {storage}
     """
 
     rule = RAdamScheduleFreeRule()
@@ -433,6 +444,9 @@ class RAdamScheduleFree(_ScheduleFree):
         norm_type: float = 2.0,
         error_if_nonfinite: bool = False,
         skip_if_nonfinite: bool = False,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
+        kahan_sum: bool = False,
     ) -> None:
         _check_common(lr, eps, weight_decay, 0, r, weight_lr_power, "RAdamScheduleFree")
         _check_adam_betas(betas)
@@ -442,6 +456,7 @@ class RAdamScheduleFree(_ScheduleFree):
             foreach=foreach,
         )  # fmt: skip
         clipping = (max_grad_norm, norm_type, error_if_nonfinite, skip_if_nonfinite)
+        defaults |= _storage.options(state_dtype, stochastic_rounding, kahan_sum)
         super().__init__(params, defaults, fused, clipping)
 
 

@@ -41,7 +41,13 @@ IMPLS = {
     # the finiteness pass over the grads before the fused step (skip_if_nonfinite; the grads
     # here are finite, so torch's plain step is the oracle); expectations as "fused"
     "fused_skip": (dict(fused=True, skip_if_nonfinite=True), dict(fused=True)),
+    # bfloat16 states of float32 params (fuseopt._storage: float32 math, one rounding per store),
+    # against torch's for-loop with its float32 states rounded to bfloat16 after every step
+    # (:class:`_RoundedStates`); on the fused kernels (expectations as "fused") and the for-loop
+    "fused_bf16_state": (dict(fused=True, state_dtype=torch.bfloat16), dict(foreach=False)),
+    "forloop_bf16_state": (dict(foreach=False, state_dtype=torch.bfloat16), dict(foreach=False)),
 }
+STORAGE = {"fused_bf16_state", "forloop_bf16_state"}  # the states are compared as bfloat16
 CLIP = 1.0
 TORCH_FUSED = {"SGD", "Adam", "AdamW", "Adagrad"}
 # Each algorithm with options that give it every kind of state it can keep.
@@ -100,8 +106,8 @@ def _repoint_same_address(make) -> Callable:
     def fn(state, k):
         t = state[k]
         shape = t.shape
-        t.set_(torch.empty(0))
-        t.set_(make(shape))
+        t.set_(torch.empty(0, dtype=t.dtype))
+        t.set_(make(shape).to(t.dtype))
 
     return _each_state(fn)
 
@@ -110,8 +116,8 @@ def _data_same_address(make) -> Callable:
     def fn(state, k):
         t = state[k]
         shape = t.shape
-        t.data = torch.empty(0)
-        t.data = make(shape)
+        t.data = torch.empty(0, dtype=t.dtype)
+        t.data = make(shape).to(t.dtype) if make(shape).is_floating_point() else make(shape)
 
     return _each_state(fn)
 
@@ -154,7 +160,8 @@ class Fault:
     """A mutation between steps, the algorithms (with options) it applies to, and when (before the
     third step's grads are set, or after). ``expect``: what fuseopt does instead of torch's
     outcome ("error": raise; "forloop": torch's for-loop numbers or error; "runs": step where
-    torch raises), by "algorithm/implementation", algorithm or implementation, with ``why``."""
+    torch raises; "steps": step where torch steps, its numbers not an oracle), by
+    "algorithm/implementation", algorithm or implementation, with ``why``."""
 
     name: str
     apply: Callable
@@ -175,6 +182,11 @@ _UNSAFE = (
     "(past its end, or scrambled); fuseopt raises, as torch's for-loop does"
 )
 _LAYOUT = "torch's fused kernels walk a tensor with gaps, or transposed, as if laid out like its param"
+_ROUNDS_TWICE = (
+    "a bfloat16 state is rounded at every store, so at each of the two updates of a param "
+    "stepped twice in one step; the oracle (torch's float32 states, rounded after the step) "
+    "rounds once"
+)
 _UNSAFE_GRAD = (
     "torch's fused kernels read a grad of another shape past its end; fuseopt broadcasts it, "
     "as torch's for-loop does"
@@ -235,15 +247,17 @@ FAULTS = [
           expect={"fused": "error"},
           why="torch's fused kernels write a tensor whose elements repeat; its for-loop refuses"),
     Fault("state_with_gaps",
-          _each_state(lambda s, k: s.__setitem__(k, torch.zeros(2 * s[k].numel())[::2].view(s[k].shape).copy_(s[k]))),
+          _each_state(lambda s, k: s.__setitem__(k, torch.zeros(2 * s[k].numel(), dtype=s[k].dtype)[::2].view(s[k].shape).copy_(s[k]))),
           expect={"fused": "forloop"}, why=_LAYOUT),
     Fault("state_storage_shrunk", _each_state(lambda s, k: s[k].untyped_storage().resize_(8)),
           expect={i: "error" for i in IMPLS},
           why="torch reads and writes past the storage (heap corruption, or garbage)"),
     Fault("state_shared_by_two_params", _share_state,
-          expect={"foreach": "forloop", "fused": "forloop"}, why=_FOREACH_FUSED_ORDER),
+          expect={"foreach": "forloop", "fused": "forloop", **dict.fromkeys(STORAGE, "steps")},
+          why=_FOREACH_FUSED_ORDER + "; " + _ROUNDS_TWICE),
     Fault("param_listed_twice", lambda opt, ps: opt.param_groups[0]["params"].append(ps[0]),
-          expect={"foreach": "forloop", "fused": "forloop"}, why=_FOREACH_FUSED_ORDER),
+          expect={"foreach": "forloop", "fused": "forloop", **dict.fromkeys(STORAGE, "steps")},
+          why=_FOREACH_FUSED_ORDER + "; " + _ROUNDS_TWICE),
     Fault("params_overlap", _overlap_params, expect={"foreach": "forloop"},
           why="torch's foreach applies each op to every param before the next op, so params "
           "that share memory see each other's half-made updates; fuseopt steps them one after "
@@ -269,7 +283,13 @@ FAULTS = [
           why=_LOOP + "; clip_grad_norm_ scales the grads in place, which torch refuses on a "
           "negative view, where fuseopt's clipping never writes a grad"),
     Fault("grad_float64", _grad(lambda p: setattr(p.grad, "data", p.grad.double())),
-          after_grads=True, expect={"fused": "forloop"}, why=_LOOP),
+          after_grads=True,
+          expect={"fused": "forloop", **{
+              f"{a}/{i}": "runs" for a in ("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop")
+              for i in STORAGE}},
+          why=_LOOP + "; a storage format (state_dtype) computes in float32 from a grad of any "
+          "floating dtype, where torch's in-place ops refuse a float64 grad for some algorithms "
+          "(lerp_, addcdiv_ with a float32 tensor)"),
     Fault("grad_with_gaps",
           _grad(lambda p: setattr(p, "grad", torch.zeros(2 * p.numel())[::2].view(p.shape).copy_(p.grad))),
           after_grads=True, expect={"fused": "forloop"}, why=_LAYOUT),
@@ -291,12 +311,14 @@ BY_NAME = {f.name: f for f in FAULTS}
 
 
 def cases() -> list[str]:
-    """Every case id: ``fault/algorithm/implementation``."""
+    """Every case id: ``fault/algorithm/implementation`` (a storage format only where the
+    algorithm keeps elementwise state with its options: else it is an error at construction)."""
     return [
         f"{f.name}/{algo}/{impl}"
         for f in FAULTS
         for algo in f.algorithms
         for impl in IMPLS
+        if not (impl in STORAGE and algo == "SGD" and not f.algorithms[algo].get("momentum"))
     ]
 
 
@@ -349,6 +371,35 @@ def _unchanged(a: list, b: list) -> bool:
     return True
 
 
+class _RoundedStates:
+    """torch's optimizer as the oracle of bfloat16 states: float32 states whose values are
+    rounded to bfloat16 after every step. A state that a fault made bfloat16 is the same format
+    (made float32 before the step); one of another dtype keeps it (fuseopt hands it to torch's
+    for-loop math)."""
+
+    def __init__(self, opt, params):
+        self.opt, self.params = opt, params
+        self._round()
+
+    def __getattr__(self, name):
+        return getattr(self.opt, name)
+
+    def _round(self):
+        with torch.no_grad():
+            for state in self.opt.state.values():
+                for k, v in state.items():
+                    if torch.is_tensor(v) and v.dtype == torch.float32 and k != "step" and v.dim():
+                        v.copy_(v.bfloat16())
+
+    def step(self):
+        for state in self.opt.state.values():
+            for k, v in list(state.items()):
+                if torch.is_tensor(v) and v.dtype == torch.bfloat16:
+                    state[k] = v.float()
+        self.opt.step()
+        self._round()
+
+
 class _Clipped:
     """A torch optimizer whose ``step`` clips the grads of ``params`` first, as its users do."""
 
@@ -373,7 +424,9 @@ def _step(opt) -> str | None:
 
 
 def _close(ours_opt, theirs_opt, ours, theirs) -> str | None:
-    """Where fuseopt's params and state differ from torch's, or None."""
+    """Where fuseopt's params and state differ from torch's, or None (a bfloat16 state of
+    fuseopt's against a float32 one of :class:`_RoundedStates`: as float32, to one bfloat16
+    ulp, which a float32 difference of an ulp may cross)."""
     for i, (p, q) in enumerate(zip(ours, theirs)):
         try:
             torch.testing.assert_close(p.detach(), q.detach(), equal_nan=True, **TOL)
@@ -383,8 +436,11 @@ def _close(ours_opt, theirs_opt, ours, theirs) -> str | None:
         for k, v in yours.items():
             w = mine.get(k)
             if torch.is_tensor(v) and v.device.type != "meta":
+                tol = TOL
+                if torch.is_tensor(w) and w.dtype == torch.bfloat16 and v.dtype == torch.float32:
+                    w, tol = w.float(), dict(rtol=2**-7, atol=1e-6)
                 try:
-                    torch.testing.assert_close(w, v, equal_nan=True, check_dtype=True, **TOL)
+                    torch.testing.assert_close(w, v, equal_nan=True, check_dtype=True, **tol)
                 except (AssertionError, TypeError) as e:
                     return f"state {k!r} of param {i}: {str(e)[:300]}"
     return None
@@ -419,9 +475,13 @@ def run_case(case: str) -> dict:
     fault = BY_NAME[fault_name]
     kwargs = fault.algorithms[algo]
     as_impl = "fused" if impl.startswith("fused_") else impl  # (whose expectations apply)
+    if impl.startswith("forloop_"):
+        as_impl = "forloop"
     keys = (f"{algo}/{impl}", f"{algo}/{as_impl}", algo, impl, as_impl)
     expect = next((fault.expect[k] for k in keys if k in fault.expect), None)
     ours_flags, torch_flags = IMPLS[impl]
+    if impl in STORAGE and algo == "Rprop":  # (its step sizes start at lr: one bfloat16 holds)
+        kwargs = dict(kwargs, lr=2**-7)
     if expect == "forloop" or (as_impl == "fused" and algo not in TORCH_FUSED):
         torch_flags = dict(foreach=False)
     ours, theirs = _params(), _params()
@@ -429,6 +489,8 @@ def run_case(case: str) -> dict:
     theirs_opt = getattr(torch.optim, algo)(theirs, **kwargs, **torch_flags)
     if impl == "fused_clip":
         theirs_opt = _Clipped(theirs_opt, theirs)
+    if impl in STORAGE:
+        theirs_opt = _RoundedStates(theirs_opt, theirs)
     for step in range(2):
         _set_grads(ours, step)
         _set_grads(theirs, step)
@@ -450,6 +512,10 @@ def run_case(case: str) -> dict:
         if expect == "error":
             if mine is None:
                 return dict(case=case, ok=False, detail=f"expected an error ({fault.why})")
+        elif expect == "steps":
+            if mine is not None or yours is not None:
+                return dict(case=case, ok=False, detail=f"fuseopt: {mine}, torch: {yours}")
+            return dict(case=case, ok=True, detail=f"both step ({fault.why})")
         elif expect == "runs":
             if mine is not None or yours is None:
                 return dict(case=case, ok=False, detail=f"fuseopt: {mine}, torch: {yours}")

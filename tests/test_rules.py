@@ -43,7 +43,8 @@ def test_every_flag_combination_traces_and_generates(name):
             assert "np.float64(" not in src  # typed constants only: no promotion to float64
         # one store per output: rounded, or as it is where bfloat16 holds the value exactly
         assert src.count("= store_bf16(") + src.count("= store_bf16_exact(") == len(graph.outputs)
-        exact = numba_cpu._exact(graph, torch.bfloat16)
+        operands = ("param", "grad", *states)
+        exact = numba_cpu._exact(graph, operands, numba_cpu.per_operand(operands, torch.bfloat16))
         assert src.count("= store_bf16_exact(") == sum(n in exact for n in graph.outputs.values())
 
 

@@ -130,6 +130,47 @@ def store_bf16_exact(typingctx, x):
 
 
 @intrinsic
+def store_bf16_sr(typingctx, x, noise):
+    """``x`` rounded stochastically to bfloat16 bits: ``noise`` (16 random bits, an uint32) added
+    to its bits, then the low half cut off. Rounds away from zero with probability equal to the
+    fraction of the gap below ``x`` (unbiased); inf stays inf, NaN becomes 0xFFFF."""
+    if x != types.float32 or noise != types.uint32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        bits = builder.bitcast(args[0], _I32)
+        upper = builder.lshr(builder.add(bits, args[1]), _I32(16))
+        return _bf16_bits(builder, args[0], upper)
+
+    return types.uint16(x, noise), codegen
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+@numba.njit(inline="always")
+def _mix(z):
+    """splitmix64's finaliser: a bijection of the 64-bit ``z`` whose output bits all depend on
+    every input bit."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+@numba.njit(inline="always")
+def sr_key(seed, t, k):
+    """The key of the random stream of operand ``k`` of tensor ``t`` under a launch's ``seed``."""
+    return _mix(seed + (np.uint64(t) * np.uint64(64) + np.uint64(k) + np.uint64(1)) * _GOLDEN)
+
+
+@numba.njit(inline="always")
+def sr_bits(key, i):
+    """16 random bits for element ``i`` of the stream ``key`` (counter-based: any element,
+    in any order, on any thread, gets the same bits)."""
+    return np.uint32(_mix(key ^ (np.uint64(i) * _GOLDEN)) >> np.uint64(48))
+
+
+@intrinsic
 def load_f16(typingctx, bits):
     """The float32 value of IEEE half ``bits`` (exact; one instruction with F16C)."""
     if bits != types.uint16:

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import torch
 
+from fuseopt import _storage
 from fuseopt._dtensor import any_dtensor
 
 
@@ -143,9 +144,12 @@ def _each(x, n: int) -> list:
 def run(launch) -> None:
     """Apply the rule of ``launch`` (a :class:`fuseopt._plan.Launch`) to all its tensors at once,
     writing params and states in place."""
-    names = launch.operands[2:]
+    names = launch.operands[2:-1] if launch.kahan else launch.operands[2:]  # (the rule's)
     state = {n: TensorList(ts) for n, ts in zip(names, launch.tensors[2:])}
     p = TensorList(launch.tensors[0])
+    if launch.wide:  # a storage format: computed in float32, each result rounded as written
+        _run_wide(launch, p, state, names)
+        return
     # (a scalar with a value per tensor, e.g. LARS's trust ratio: foreach ops take a list)
     s = SimpleNamespace(
         **{
@@ -165,3 +169,36 @@ def run(launch) -> None:
             target.copy_(value)
     elif targets:
         torch._foreach_copy_(targets, values)
+
+
+def _widened(ts: list) -> TensorList:
+    """``ts`` in float32 (those stored otherwise copied; the others as they are)."""
+    return TensorList(t if t.dtype == _storage.COMPUTE else t.to(_storage.COMPUTE) for t in ts)
+
+
+def _run_wide(launch, p: TensorList, state: dict, names) -> None:
+    """:func:`run` of a ``wide`` launch (:mod:`fuseopt._storage`): the rule on float32 copies of
+    the operands stored in other dtypes, each result rounded once as it is written back
+    (stochastically for bfloat16 where ``sr``), as the fused kernels compute."""
+    s = SimpleNamespace(
+        **{
+            k: v.tolist() if isinstance(v, torch.Tensor) and v.dim() == 1 else v
+            for k, v in launch.scalars.items()
+        }
+    )
+    rng = _storage.seed_generator(launch.scalars["sr_seed"]) if launch.sr else None
+    wide = {n: _widened(ts) for n, ts in state.items()}
+    out = launch.rule.apply(
+        ForeachOps, launch.flags, s, _widened(p), _widened(launch.tensors[1]), **wide
+    )
+    for name, value in out.items():
+        targets = p if name == "param" else state.get(name)
+        if value is None or value is (wide.get(name) if name != "param" else None):
+            continue
+        if name == "param" and launch.kahan:  # (the compensations: the last operand)
+            for target, v, comp in zip(targets, value, launch.tensors[-1]):
+                _storage.kahan_write(target, v, comp)
+            continue
+        for target, v in zip(targets, value):
+            if v is not target:
+                _storage.write(target, v, rng)

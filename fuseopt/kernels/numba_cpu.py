@@ -74,14 +74,20 @@ def _expr(op: str, a: list[str], T: str) -> str:
     raise ValueError(f"numba backend: unknown op {op!r}")
 
 
-def _exact(graph: Graph, dtype: torch.dtype) -> set[int]:
-    """Nodes whose value a tensor of ``dtype`` holds exactly: a loaded operand, a constant it can
-    represent, a sign change or select among such. Storing them needs no rounding."""
+def per_operand(operands, dtype) -> tuple[torch.dtype, ...]:
+    """The dtype of each operand: ``dtype`` as given (a tuple, one per operand: a storage
+    format, see :mod:`fuseopt._storage`), or the one dtype of every operand."""
+    return tuple(dtype) if isinstance(dtype, tuple) else (dtype,) * len(operands)
+
+
+def _exact(graph: Graph, operands, dtypes) -> set[int]:
+    """Nodes whose value a bfloat16 tensor holds exactly: a loaded bfloat16 operand, a constant
+    it can represent, a sign change or select among such. Storing them needs no rounding."""
     exact: set[int] = set()
     for i, (op, args) in enumerate(graph.nodes):
         if (
-            op == "input"
-            or (op == "const" and float(torch.tensor(args[0], dtype=dtype)) == args[0])
+            (op == "input" and dtypes[operands.index(args[0])] == torch.bfloat16)
+            or (op == "const" and float(torch.tensor(args[0], dtype=torch.bfloat16)) == args[0])
             or (op in ("neg", "abs") and args[0] in exact)
             or (op == "where" and args[1] in exact and args[2] in exact)
         ):
@@ -90,16 +96,20 @@ def _exact(graph: Graph, dtype: torch.dtype) -> set[int]:
 
 
 def source(
-    graph: Graph, operands: tuple[str, ...], dtype: torch.dtype, parallel: bool = True
-) -> str:
-    """Python source of the kernel for ``graph`` on tensors of ``dtype`` (a key of ``DTYPES``);
-    ``parallel=False``: the same loop on the calling thread (``prange`` is then ``range``)."""
-    return _source(graph, operands, dtype, parallel, reduce=False)
+    graph: Graph, operands: tuple[str, ...], dtype, parallel: bool = True, sr: bool = False,
+    kahan: bool = False,
+) -> str:  # fmt: skip
+    """Python source of the kernel for ``graph`` on tensors of ``dtype`` (a key of ``DTYPES``, or
+    a tuple of them, one per operand: each is loaded and stored in its own, the arithmetic is in
+    the param's compute type); ``parallel=False``: the same loop on the calling thread
+    (``prange`` is then ``range``); ``sr``: bfloat16 stores round stochastically, with the seed
+    the kernel reads after the scalars (:func:`kernel` names it ``sr_seed``); ``kahan``: the last
+    operand (no input of ``graph``) is the compensation of a bfloat16 param, added to its update
+    and given the rounding error of its store (Kahan summation)."""
+    return _source(graph, operands, dtype, parallel, reduce=False, sr=sr, kahan=kahan)
 
 
-def reduce_source(
-    graph: Graph, operands: tuple[str, ...], dtype: torch.dtype, parallel: bool = True
-) -> str:
+def reduce_source(graph: Graph, operands: tuple[str, ...], dtype, parallel: bool = True) -> str:
     """Python source of a rule's reduction kernel ``reduce(ptrs, chunks, scal, out)``: for chunk
     ``c``, ``out[c, k]`` = the float64 sum over its elements of the ``k``-th output of ``graph``
     (a traced :meth:`~fuseopt.rule.Rule.reduce`). It reads its operands and writes nothing else.
@@ -108,26 +118,66 @@ def reduce_source(
     return _source(graph, operands, dtype, parallel, reduce=True)
 
 
-def _source(graph: Graph, operands, dtype, parallel: bool, reduce: bool) -> str:
-    """The update kernel (``graph``'s outputs stored into its operands) or, ``reduce``, the
-    reduction kernel (summed per chunk): the same loads and arithmetic either way."""
-    storage, compute = DTYPES[dtype]
-    T = f"np.{compute}"
+def _store(k: int, value: str, storage: str, compute: str, exact: bool, sr: bool):
+    """How operand ``k`` (of ``storage``) stores ``value`` (of ``compute``): the expression, and
+    the helpers it calls."""
+    if storage == "bf16" and exact:
+        return f"store_bf16_exact({value})", {"store_bf16_exact"}
+    if storage == "bf16" and sr:  # (a random stream per operand and tensor, see sr_key)
+        return f"store_bf16_sr({value}, sr_bits(key{k}, lo + j))", {"store_bf16_sr", "sr_bits"}
     if storage in ("bf16", "f16"):
-        pointer, load, store = "uint16", f"load_{storage}({{}})", f"store_{storage}({{}})"
-    else:
-        pointer, load, store = storage, "{}", "{}"
+        return f"store_{storage}({value})", {f"store_{storage}"}
+    return (value if storage == compute else f"np.{storage}({value})"), set()
+
+
+def _kahan_store(graph: Graph, node: int, storages, pointers, compute) -> list[str]:
+    """The lines that store the param's new value ``v{node}`` with Kahan summation: the
+    compensation (the last operand) joins the update, the param takes the sum rounded to
+    nearest, and the compensation what that rounding lost (exact in float32: the param and its
+    rounded sum are close)."""
+    kc = len(storages) - 1
+    old = f"v{graph.inputs['param']}"
+    load_c = f"load_{storages[kc]}(a{kc}[j])" if pointers[kc] == "uint16" else f"a{kc}[j]"
+    store_c = f"store_{storages[kc]}(kc)" if pointers[kc] == "uint16" else "kc"
+    if pointers[kc] != "uint16" and storages[kc] != compute:
+        store_c = f"np.{storages[kc]}(kc)"
+    return [
+        f"            ky = (v{node} - {old}) + {load_c}",
+        f"            kbits = store_bf16({old} + ky)",
+        "            a0[j] = kbits",
+        f"            kc = ky - (load_bf16(kbits) - {old})",
+        f"            a{kc}[j] = {store_c}",
+    ]
+
+
+def _source(
+    graph: Graph, operands, dtype, parallel: bool, reduce: bool, sr: bool = False,
+    kahan: bool = False,
+) -> str:  # fmt: skip
+    """The update kernel (``graph``'s outputs stored into its operands) or, ``reduce``, the
+    reduction kernel (summed per chunk): the same loads and arithmetic either way. Each operand
+    is read through a pointer of its own storage type, widened to the compute type on load."""
+    dtypes = per_operand(operands, dtype)
+    compute = DTYPES[dtypes[0]][1]  # (the param's)
+    T = f"np.{compute}"
+    storages = [DTYPES[d][0] for d in dtypes]
+    pointers = ["uint16" if st in ("bf16", "f16") else st for st in storages]
     hoisted = [
         f"    ONE = {T}(1.0)", f"    ZERO = {T}(0.0)", "    per = 1 if scal.shape[0] > 1 else 0",
     ]  # fmt: skip
+    helpers: set[str] = set()
     body, arrays, per_chunk = [], [], []
     for i, (op, args) in enumerate(graph.nodes):
         if op == "input":
             k = operands.index(args[0])
-            arrays.append(
-                f"        a{k} = numba.carray(PTR(ptrs[{k}, t] + lo * SIZE), n)  # {args[0]}"
-            )
-            body.append(f"            v{i} = {load.format(f'a{k}[j]')}")
+            helpers.add(f"ptr_{pointers[k]}")
+            at = f"ptr_{pointers[k]}(ptrs[{k}, t] + lo * {dtypes[k].itemsize})"
+            arrays.append(f"        a{k} = numba.carray({at}, n)  # {args[0]}")
+            load = f"a{k}[j]"
+            if pointers[k] == "uint16":
+                load = f"load_{storages[k]}({load})"
+                helpers.add(f"load_{storages[k]}")
+            body.append(f"            v{i} = {load}")
         elif op == "scalar":  # (a row per tensor where some scalar is per tensor, else one)
             per_chunk.append(
                 f"        v{i} = {T}(scal[r, {list(graph.scalars).index(args[0])}])  # {args[0]}"
@@ -136,11 +186,12 @@ def _source(graph: Graph, operands, dtype, parallel: bool, reduce: bool) -> str:
             hoisted.append(f"    v{i} = {T}({args[0]!r})")
         else:
             body.append(f"            v{i} = {_expr(op, [f'v{x}' for x in args], T)}")
-    exact: set[int] = set()
     outputs = list(graph.outputs.items())
     if reduce:
         inits = [f"        acc{k} = 0.0" for k in range(len(outputs))]
-        body += [f"            acc{k} += np.float64(v{node})" for k, (_, node) in enumerate(outputs)]
+        body += [
+            f"            acc{k} += np.float64(v{node})" for k, (_, node) in enumerate(outputs)
+        ]
         tail = [f"        out[c, {k}] = acc{k}  # {name}" for k, (name, _) in enumerate(outputs)]
         head = [
             f"@numba.njit(parallel={parallel}, cache=True, nogil=True, "
@@ -150,10 +201,29 @@ def _source(graph: Graph, operands, dtype, parallel: bool, reduce: bool) -> str:
     else:
         # bfloat16's rounding costs more vector instructions than most update rules: skip it
         # where the value is already a bfloat16 (Rprop's ``prev`` is the grad or 0)
-        exact = _exact(graph, dtype) if storage == "bf16" else set()
+        exact = _exact(graph, operands, dtypes) if "bf16" in storages else set()
+        if kahan:  # (the param's store, below, is compensated)
+            kc = len(operands) - 1
+            helpers.add(f"ptr_{pointers[kc]}")
+            at = f"ptr_{pointers[kc]}(ptrs[{kc}, t] + lo * {dtypes[kc].itemsize})"
+            arrays.append(f"        a{kc} = numba.carray({at}, n)  # {operands[kc]}")
         for name, node in outputs:
-            put = "store_bf16_exact({})" if node in exact else store
-            body.append(f"            a{operands.index(name)}[j] = {put.format(f'v{node}')}")
+            k = operands.index(name)
+            if kahan and name == "param":
+                body += _kahan_store(graph, node, storages, pointers, compute)
+                helpers |= {"load_bf16", "store_bf16"} | (
+                    {f"load_{storages[-1]}", f"store_{storages[-1]}"}
+                    if pointers[-1] == "uint16" else set()
+                )  # fmt: skip
+                continue
+            put, used = _store(k, f"v{node}", storages[k], compute, node in exact, sr)
+            helpers |= used
+            if "sr_bits" in used:
+                per_chunk.append(f"        key{k} = sr_key(seed, t, {k})")
+                helpers.add("sr_key")
+            body.append(f"            a{k}[j] = {put}")
+        if sr:  # (the seed follows the scalars in the table's first row)
+            hoisted.append(f"    seed = np.uint64(scal[0, {len(graph.scalars)}])  # sr_seed")
         inits, tail = [], []
         head = [
             f'@numba.njit(parallel={parallel}, cache=True, nogil=True, error_model="numpy")',
@@ -165,17 +235,10 @@ def _source(graph: Graph, operands, dtype, parallel: bool, reduce: bool) -> str:
             "import numba",
             "import numpy as np",
             "from fuseopt.kernels._numba_ops import clamp, fma, lerp, maximum, minimum, sign, sqrt",
-            *(
-                [f"from fuseopt.kernels._numba_ops import load_{storage}, store_{storage}"]
-                if pointer == "uint16"
-                else []
-            ),
-            *(["from fuseopt.kernels._numba_ops import store_bf16_exact"] if exact else []),
-            f"from fuseopt.kernels._numba_ops import ptr_{pointer} as PTR",
+            *(f"from fuseopt.kernels._numba_ops import {h}" for h in sorted(helpers)),
             "",
             "",
             *head,
-            f"    SIZE = {dtype.itemsize}",
             *hoisted,
             "    for c in numba.prange(chunks.shape[0]):",
             "        t = chunks[c, 0]",
@@ -283,20 +346,28 @@ def import_source(src: str, prefix: str):
 
 
 @cache
-def kernel(rule, flags, operands: tuple[str, ...], dtype: torch.dtype, parallel: bool = True):
-    """The compiled kernel for ``rule`` with ``flags`` on ``operands`` of ``dtype``, and the names
-    of the scalars it takes, in order. Its machine code is built here (numba's first call would
-    build it otherwise): a plan asks for it before the step changes anything."""
+def kernel(
+    rule, flags, operands: tuple[str, ...], dtype, parallel: bool = True, sr: bool = False,
+    kahan: bool = False,
+):  # fmt: skip
+    """The compiled kernel for ``rule`` with ``flags`` on ``operands`` of ``dtype`` (one, or one
+    per operand), and the names of the scalars it takes, in order (``sr_seed`` last where
+    ``sr``: stochastic rounding of its bfloat16 stores; ``kahan``: the last operand is the
+    bfloat16 param's compensation, see :func:`source`). Its machine code is built here (numba's
+    first call would build it otherwise): a plan asks for it before the step changes anything."""
     from numba import types as nt  # (imported here: ``import fuseopt`` stays light)
 
-    graph = trace(rule, flags, operands)
-    fn = import_source(source(graph, operands, dtype, parallel), "fuseopt_kernel_").kernel
+    graph = trace(rule, flags, operands[:-1] if kahan else operands)
+    if isinstance(dtype, tuple) and len(set(dtype)) == 1:
+        dtype = dtype[0]  # (the same source, and kernel, as a launch of one dtype)
+    src = source(graph, operands, dtype, parallel, sr, kahan)
+    fn = import_source(src, "fuseopt_kernel_").kernel
     signature = (nt.int64[:, ::1], nt.int64[:, ::1], nt.float64[:, ::1])
     wanted = torch.get_num_threads()
     fn.compile(signature)
     if torch.get_num_threads() != wanted:  # numba's OpenMP layer may start here: see _launch
         torch.set_num_threads(wanted)
-    return fn, tuple(graph.scalars)
+    return fn, tuple(graph.scalars) + (("sr_seed",) if sr else ())
 
 
 # -------------------------------------------------------------------------------------- launch
@@ -417,6 +488,8 @@ def reduce_kernel(rule, flags, operands: tuple[str, ...], dtype: torch.dtype, pa
     from fuseopt.kernels.trace import trace_reduce
 
     graph = trace_reduce(rule, flags, operands)
+    if isinstance(dtype, tuple) and len(set(dtype)) == 1:
+        dtype = dtype[0]
     fn = import_source(reduce_source(graph, operands, dtype, parallel), "fuseopt_reduce_").reduce
     wanted = torch.get_num_threads()
     fn.compile((nt.int64[:, ::1], nt.int64[:, ::1], nt.float64[:, ::1], nt.float64[:, ::1]))
@@ -428,9 +501,10 @@ def reduce_kernel(rule, flags, operands: tuple[str, ...], dtype: torch.dtype, pa
 def reduce(launch) -> dict[str, np.ndarray]:
     """The rule's per-tensor sums over ``launch`` (a launch the plan checked: its address table
     and scalars), float64, one value per tensor; reads only."""
-    fn, names, sums = reduce_kernel(
-        launch.rule, launch.flags, launch.operands, launch.dtype, not _forked
-    )
+    ops, dtypes = launch.operands, launch.dtypes
+    if launch.kahan:  # (the compensation, the last row of the table, is no operand of the rule)
+        ops, dtypes = ops[:-1], dtypes[:-1]
+    fn, names, sums = reduce_kernel(launch.rule, launch.flags, ops, dtypes, not _forked)
     if not sums:
         return {}
     scal = scalar_table([launch.scalars[name] for name in names], len(launch.numels))
@@ -487,7 +561,10 @@ def scalar_table(values: list, n: int) -> np.ndarray:
 
 def run(launch) -> None:
     """Run ``launch`` (a :class:`fuseopt._plan.Launch` the plan checked) in one kernel call."""
-    fn, names = kernel(launch.rule, launch.flags, launch.operands, launch.dtype, not _forked)
+    fn, names = kernel(
+        launch.rule, launch.flags, launch.operands, launch.dtypes, not _forked, launch.sr,
+        launch.kahan,
+    )  # fmt: skip
     scal = scalar_table([launch.scalars[name] for name in names], len(launch.numels))
     chunks = chunk_table(launch.numels)
     serial = sum(launch.numels) < SERIAL_BELOW

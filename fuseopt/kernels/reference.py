@@ -11,6 +11,8 @@ from types import SimpleNamespace
 
 import torch
 
+from fuseopt import _storage
+
 
 def _grad_valued(x) -> bool:
     """A tensor coefficient that autograd tracks (``differentiable=True``, a tensor ``lr`` that
@@ -192,13 +194,27 @@ def _per_tensor(scalars: dict) -> list:
     return [(k, v) for k, v in scalars.items() if isinstance(v, torch.Tensor) and v.dim() == 1]
 
 
+def _widened(t):
+    """``t`` in the compute type of a storage format (float32): a copy where it is stored in
+    another dtype."""
+    return None if t is None or t.dtype == _storage.COMPUTE else t.to(_storage.COMPUTE)
+
+
 def run(launch) -> None:
     """Apply the rule of ``launch`` (a :class:`fuseopt._plan.Launch`) to each param in turn,
-    writing params and states in place; a state a first update creates goes in its state dict."""
+    writing params and states in place; a state a first update creates goes in its state dict.
+
+    A ``wide`` launch (a storage format, :mod:`fuseopt._storage`) computes in float32 from its
+    operands widened, and rounds once as it writes each result back (stochastically for
+    bfloat16 where ``sr``): the fused kernels' arithmetic, with torch's ops."""
     rule, flags = launch.rule, launch.flags
+    wide = launch.wide
+    rng = _storage.seed_generator(launch.scalars["sr_seed"]) if launch.sr else None
     s = SimpleNamespace(**launch.scalars)
     per_tensor = _per_tensor(launch.scalars)
     names = launch.operands[2:]
+    if launch.kahan:  # (the last operand is the param's compensation, no state of the rule)
+        names = names[:-1]
     differentiable = torch.is_grad_enabled()
     for i, (p, g) in enumerate(zip(launch.tensors[0], launch.tensors[1])):
         if per_tensor:  # (each param its own value of a per-tensor scalar, e.g. LARS's trust)
@@ -213,6 +229,23 @@ def run(launch) -> None:
             p, g = torch.view_as_real(p), torch.view_as_real(g)
             state = {n: None if t is None else torch.view_as_real(t) for n, t in state.items()}
         odd = bool(launch.odd and launch.odd[i])
+        if wide:
+            out = update(rule, flags, s, _widened(p) if p.dtype != _storage.COMPUTE else p,
+                         _widened(g) if g.dtype != _storage.COMPUTE else g,
+                         {k: v if v is None or v.dtype == _storage.COMPUTE else _widened(v)
+                          for k, v in state.items()}, False)  # fmt: skip
+            for name, value in out.items():
+                target = p if name == "param" else state.get(name)
+                if value is None or value is target:
+                    continue
+                if name == "param" and launch.kahan:
+                    _storage.kahan_write(p, value, home[_storage.KAHAN])
+                    continue
+                if target is None:  # a first value, in the group's state dtype
+                    home[name] = torch.empty_like(value, dtype=wide)
+                    target = home[name]
+                _storage.write(target, value, rng)
+            continue
         if differentiable:
             # autograd may save the inputs for backward: the write-back below must not touch them
             inputs = {k: None if v is None else v.clone() for k, v in state.items()}

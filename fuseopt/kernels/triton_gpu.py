@@ -28,7 +28,7 @@ from functools import cache, lru_cache
 import numpy as np
 import torch
 
-from fuseopt.kernels.numba_cpu import chunk_table, import_source
+from fuseopt.kernels.numba_cpu import chunk_table, import_source, per_operand
 from fuseopt.kernels.trace import Graph, trace
 
 BLOCK = 1024  # elements per vector step of a program
@@ -112,6 +112,40 @@ def bf16_store(ptr, offs, x, mask):
     r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
     r = tl.where(x != x, 0x7FC0, r)
     tl.store(ptr + offs, r.to(tl.uint16), mask=mask)
+
+
+@triton.jit
+def bf16_rne(x):
+    """float32 ``x`` rounded to the nearest bfloat16 (ties to even), as float32: what
+    ``bf16_store`` stores."""
+    u = x.to(tl.uint32, bitcast=True)
+    r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
+    return tl.where(x != x, x, r.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def sr_mix(z):
+    """splitmix64's finaliser on uint64 ``z`` (numba's kernels use the same: the same bits)."""
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EB
+    return z ^ (z >> 31)
+
+
+@triton.jit
+def sr_key(seed, t, k):
+    """The key of the random stream of operand ``k`` of tensor ``t`` under a launch's seed."""
+    return sr_mix(seed.to(tl.uint64) + (t.to(tl.uint64) * 64 + k + 1) * 0x9E3779B97F4A7C15)
+
+
+@triton.jit
+def bf16_store_sr(ptr, offs, x, mask, key):
+    """float32 to bfloat16 bits, rounded stochastically: 16 random bits (a counter-based hash of
+    the stream ``key`` and the element's offset) added below the kept half, then cut off."""
+    u = x.to(tl.uint32, bitcast=True)
+    noise = (sr_mix(key ^ (offs.to(tl.uint64) * 0x9E3779B97F4A7C15)) >> 48).to(tl.uint32)
+    r = (u + noise) >> 16
+    r = tl.where(x != x, 0x7FC0, r)
+    tl.store(ptr + offs, r.to(tl.uint16), mask=mask)
 '''
 
 
@@ -139,15 +173,18 @@ def _expr(op: str, a: list[str], f64: bool) -> str:
     raise ValueError(f"triton backend: unknown op {op!r}")
 
 
-def _evaluate(graph: Graph, operands, dtype: torch.dtype, table: bool, unscale: bool):
+def _evaluate(graph: Graph, operands, dtype, table: bool, unscale: bool):
     """The lines that evaluate ``graph``'s nodes in a kernel, for an update or a reduction:
-    ``(hoisted, body)``, before and inside the loop over a chunk's blocks. ``unscale``: the grad
-    is divided by GradScaler's scale where the kernel's ``SCALE`` says so."""
-    storage, compute = DTYPES[dtype]
-    f64 = dtype == torch.float64
+    ``(hoisted, body)``, before and inside the loop over a chunk's blocks. ``dtype``: one, or one
+    per operand (each loaded in its own; the arithmetic in the param's compute type).
+    ``unscale``: the grad is divided by GradScaler's scale where the kernel's ``SCALE`` says so."""
+    dtypes = per_operand(operands, dtype)
+    compute = DTYPES[dtypes[0]][1]
+    f64 = dtypes[0] == torch.float64
     names = list(graph.scalars)
     hoisted, body = [], []
     for k, name in enumerate(operands):
+        storage = DTYPES[dtypes[k]][0]
         hoisted.append(
             f"    a{k} = tl.load(ptrs + {k} * NT + t).to(tl.pointer_type({storage}))  # {name}"
         )
@@ -158,7 +195,7 @@ def _evaluate(graph: Graph, operands, dtype: torch.dtype, table: bool, unscale: 
             if i not in used:
                 continue  # e.g. a FirstValue state on its first step: never read
             k = operands.index(a[0])
-            if dtype == torch.bfloat16:
+            if dtypes[k] == torch.bfloat16:
                 load = f"bf16_load(a{k}, offs, m)"
             else:
                 load = f"tl.load(a{k} + offs, mask=m).to({compute})"
@@ -177,19 +214,46 @@ def _evaluate(graph: Graph, operands, dtype: torch.dtype, table: bool, unscale: 
     return hoisted, body
 
 
-def source(graph: Graph, operands: tuple[str, ...], dtype: torch.dtype, table: bool) -> str:
-    """Python source of the Triton kernel for ``graph`` on tensors of ``dtype``; ``table``: the
-    scalars come from a device table instead of kernel arguments."""
-    storage, compute = DTYPES[dtype]
+def source(
+    graph: Graph, operands: tuple[str, ...], dtype, table: bool, sr: bool = False,
+    kahan: bool = False,
+) -> str:  # fmt: skip
+    """Python source of the Triton kernel for ``graph`` on tensors of ``dtype`` (one, or one per
+    operand); ``table``: the scalars come from a device table instead of kernel arguments;
+    ``sr``: bfloat16 stores round stochastically (the ``seed`` argument: one random stream per
+    operand and tensor, the numba kernels' hash); ``kahan``: the last operand (no input of
+    ``graph``) is a bfloat16 param's compensation (Kahan summation, as the numba kernels)."""
+    dtypes = per_operand(operands, dtype)
     names = list(graph.scalars)
     args = ["scal, scal_stride"] if table else [f"s{k}" for k in range(len(names))]
-    hoisted, body = _evaluate(graph, operands, dtype, table, unscale=True)
+    hoisted, body = _evaluate(graph, operands, dtypes, table, unscale=True)
     for name, node in graph.outputs.items():
         k = operands.index(name)
-        if dtype == torch.bfloat16:
+        if kahan and name == "param":
+            kc = len(operands) - 1
+            if dtypes[kc] == torch.bfloat16:
+                load_c, store_c = f"bf16_load(a{kc}, offs, m)", f"bf16_store(a{kc}, offs, kc, m)"
+            else:
+                load_c = f"tl.load(a{kc} + offs, mask=m).to(tl.float32)"
+                store_c = f"tl.store(a{kc} + offs, kc.to({DTYPES[dtypes[kc]][0]}), mask=m)"
+            body += [
+                "        kold = bf16_load(a0, offs, m)",
+                f"        ky = (v{node} - kold) + {load_c}",
+                "        ks = kold + ky",
+                "        bf16_store(a0, offs, ks, m)",
+                "        kc = ky - (bf16_rne(ks) - kold)",
+                f"        {store_c}",
+            ]
+            continue
+        if dtypes[k] == torch.bfloat16 and sr:
+            hoisted.append(f"    key{k} = sr_key(seed, t, {k})")
+            body.append(f"        bf16_store_sr(a{k}, offs, v{node}, m, key{k})")
+        elif dtypes[k] == torch.bfloat16:
             body.append(f"        bf16_store(a{k}, offs, v{node}, m)")
         else:
+            storage = DTYPES[dtypes[k]][0]
             body.append(f"        tl.store(a{k} + offs, v{node}.to({storage}), mask=m)")
+    compute = DTYPES[dtypes[0]][1]
     return "\n".join(
         [
             "# Generated by fuseopt.kernels.triton_gpu; do not edit.",
@@ -197,8 +261,8 @@ def source(graph: Graph, operands: tuple[str, ...], dtype: torch.dtype, table: b
             "import triton.language as tl",
             _HELPERS,
             "",
-            '@triton.jit(do_not_specialize=["NT"])',
-            f"def kernel(ptrs, chunks, NT, {', '.join(args)}, grad_scale, found_inf,",
+            '@triton.jit(do_not_specialize=["NT", "seed"])',
+            f"def kernel(ptrs, chunks, NT, {', '.join(args)}, grad_scale, found_inf, seed,",
             "           SCALE: tl.constexpr, INF: tl.constexpr, BLOCK: tl.constexpr,",
             "           CHUNK: tl.constexpr):",
             "    c = tl.program_id(0)",
@@ -263,18 +327,23 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def kernel(rule, flags, operands: tuple[str, ...], dtype: torch.dtype, table: bool):
+def kernel(
+    rule, flags, operands: tuple[str, ...], dtype, table: bool, sr: bool = False,
+    kahan: bool = False,
+):  # fmt: skip
     """The Triton kernel for ``rule`` with ``flags`` on ``operands`` of ``dtype``, and the names of
     the scalars it takes, in order: compiled, or interpreted under ``TRITON_INTERPRET=1`` (one
     cache entry per mode: a process may run both, and each kernel reads only its own kind of
     addresses)."""
-    return _kernel(rule, flags, operands, dtype, table, _interpreting())
+    if isinstance(dtype, tuple) and len(set(dtype)) == 1:
+        dtype = dtype[0]
+    return _kernel(rule, flags, operands, dtype, table, _interpreting(), sr, kahan)
 
 
 @cache
-def _kernel(rule, flags, operands, dtype, table, interpreting: bool):
-    graph = trace(rule, flags, operands)
-    src = source(graph, operands, dtype, table)
+def _kernel(rule, flags, operands, dtype, table, interpreting: bool, sr=False, kahan=False):
+    graph = trace(rule, flags, operands[:-1] if kahan else operands)
+    src = source(graph, operands, dtype, table, sr, kahan)
     # @triton.jit reads TRITON_INTERPRET when the module runs: one module per mode
     prefix = "fuseopt_triton_interp_" if interpreting else "fuseopt_triton_"
     return import_source(src, prefix).kernel, tuple(graph.scalars)
@@ -283,6 +352,8 @@ def _kernel(rule, flags, operands, dtype, table, interpreting: bool):
 def reduce_kernel(rule, flags, operands: tuple[str, ...], dtype: torch.dtype):
     """The Triton reduction kernel of ``rule`` with ``flags`` (:func:`reduce_source`), the names
     of its scalars and of its sums, in order (one per mode, as :func:`kernel`)."""
+    if isinstance(dtype, tuple) and len(set(dtype)) == 1:
+        dtype = dtype[0]
     return _reduce_kernel(rule, flags, operands, dtype, _interpreting())
 
 
@@ -340,7 +411,7 @@ def run(launch) -> None:
     grad_scale, found_inf = launch.grad_scale, launch.found_inf
     values = list(scalars.values())
     table = dtype == torch.float64 or any(torch.is_tensor(v) for v in values)
-    fn, names = kernel(rule, flags, operands, dtype, table)
+    fn, names = kernel(rule, flags, operands, launch.dtypes, table, launch.sr, launch.kahan)
     ptrs = _pointers(tuple(launch.address_table().ravel().tolist()), device)
     block, chunk = (INTERPRET_BLOCK, INTERPRET_CHUNK) if _interpreting() else (BLOCK, CHUNK)
     chunks = _chunks(launch.numels, device, chunk)
@@ -353,6 +424,7 @@ def run(launch) -> None:
         ptrs, chunks, len(launch.numels), *scalar_args,
         ptrs if grad_scale is None else grad_scale.to(device),
         ptrs if found_inf is None else found_inf.to(device),
+        int(launch.scalars.get("sr_seed", 0)) if launch.sr else 0,
         SCALE=grad_scale is not None, INF=found_inf is not None, BLOCK=block, CHUNK=chunk,
         enable_fp_fusion=False,  # FMAs exactly where the rule has them, as the numba kernels
     )  # fmt: skip
@@ -362,7 +434,10 @@ def reduce(launch) -> dict[str, torch.Tensor]:
     """The rule's per-tensor sums over ``launch`` (a launch the plan checked), float64 on the
     host, one value per tensor: one program per chunk, then the chunks' sums added on the host
     in chunk order (an atomic add on the device would make their order, and the bits, vary)."""
-    fn, names, sums = reduce_kernel(launch.rule, launch.flags, launch.operands, launch.dtype)
+    ops, dtypes = launch.operands, launch.dtypes
+    if launch.kahan:  # (the compensation, the last row of the table, is no operand of the rule)
+        ops, dtypes = ops[:-1], dtypes[:-1]
+    fn, names, sums = reduce_kernel(launch.rule, launch.flags, ops, dtypes)
     if not sums:
         return {}
     device = launch.tensors[0][0].device

@@ -422,7 +422,7 @@ def test_kernel_compiles_for_sm90(algo, launches, monkeypatch):
         signature.update(scal="*fp64", scal_stride="i32")
     else:
         signature.update({f"s{k}": "fp32" for k in range(len(graph.scalars))})
-    signature.update(grad_scale="*fp32", found_inf="*fp32")
+    signature.update(grad_scale="*fp32", found_inf="*fp32", seed="i64")
     constexprs = dict(SCALE=True, INF=True, BLOCK=triton_gpu.BLOCK, CHUNK=triton_gpu.CHUNK)
     signature.update(dict.fromkeys(constexprs, "constexpr"))
     import triton
@@ -495,3 +495,39 @@ def test_reduction_kernel_compiles_for_sm90(make, dtype, monkeypatch):
         options={"enable_fp_fusion": False},
     )
     assert ".approx" not in compiled.asm["ptx"]
+
+
+@pytest.mark.parametrize(
+    "dtypes", [(torch.float32, torch.float32, torch.bfloat16, torch.bfloat16),
+               (torch.bfloat16, torch.bfloat16, torch.float32, torch.float32)]
+)  # fmt: skip
+def test_storage_kernel_compiles_for_sm90(dtypes, monkeypatch):
+    """A storage format's kernel (a dtype per operand, stochastic rounding's hash on uint64)
+    compiles to PTX for an H100 without a GPU: Adam's moments in one dtype, the param in
+    another."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from fuseopt._plan import launch_flags
+
+    opt = fuseopt.Adam([torch.zeros(2)])
+    flags = launch_flags(opt.rule, opt.param_groups[0], False, 1.0, {})
+    operands = ("param", "grad", "exp_avg", "exp_avg_sq")
+    graph = triton_gpu.trace(opt.rule, flags, operands)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    src = triton_gpu.source(graph, operands, dtypes, table=False, sr=True)
+    fn = triton_gpu.import_source(src, "fuseopt_triton_").kernel
+    signature = {"ptrs": "*i64", "chunks": "*i64", "NT": "i32"}
+    signature.update({f"s{k}": "fp32" for k in range(len(graph.scalars))})
+    signature.update(grad_scale="*fp32", found_inf="*fp32", seed="i64")
+    constexprs = dict(SCALE=True, INF=True, BLOCK=triton_gpu.BLOCK, CHUNK=triton_gpu.CHUNK)
+    signature.update(dict.fromkeys(constexprs, "constexpr"))
+    compiled = triton.compile(
+        ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+        target=GPUTarget("cuda", 90, 32),
+        options={"enable_fp_fusion": False},
+    )
+    ptx = compiled.asm["ptx"]
+    assert "ld.global.b16" in ptx or "ld.global.u16" in ptx  # (the bfloat16 operands' bits)
+    assert "mul.lo.s64" in ptx or "mul.lo.u64" in ptx  # (the hash)

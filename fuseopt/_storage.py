@@ -1,0 +1,199 @@
+"""Storage formats of params and states: ``state_dtype=``, ``stochastic_rounding=``, ``kahan_sum=``.
+
+They change how values are *stored*, never an algorithm's math: every backend loads each operand
+in its own dtype, evaluates the rule in float32, and rounds once per store:
+
+- ``state_dtype``: the rule's state tensors (:class:`~fuseopt.rule.Zeros`, ``Fill``, ``Clone``,
+  ``FirstValue``; never ``step`` nor scalar states) are kept in this dtype (bfloat16 moments of
+  float32 params, or float32 moments of bfloat16 params);
+- ``stochastic_rounding``: a bfloat16 store (states, and bfloat16 params) rounds up or down at
+  random, with the probability of each given by the distance to it (unbiased: the expected stored
+  value is the float32 value). The random bits come from a per-step seed drawn from a generator the
+  optimizer holds, seeded from torch's default generator when the option is first seen (a run is
+  reproducible given ``torch.manual_seed`` before the optimizer is built);
+- ``kahan_sum``: a bfloat16 param carries the rounding error of its last store in a bfloat16
+  buffer, state ``kahan_comp``, added to its next update (Kahan summation).
+
+A group option is present only where it was asked for, so that groups stay torch's. The plan
+(:mod:`fuseopt._plan`) routes an entry of such a group to the kernels with a dtype per operand;
+the for-loop and foreach backends widen the operands to float32, run the rule with torch's ops
+and round on the write-back, so that they remain the oracle of the fused kernels.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fuseopt.rule import ScalarState
+
+__all__ = ["options", "check_group", "widened", "COMPUTE"]
+
+#: the state dtypes offered, and the params they may be given to (real, computed in float32)
+STATE_DTYPES = (torch.float32, torch.bfloat16)
+PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+COMPUTE = torch.float32  # what an entry with a storage format computes in
+KAHAN = "kahan_comp"  # the state key of a bfloat16 param's compensation
+
+
+def options(state_dtype: Any, stochastic_rounding: Any, kahan_sum: Any) -> dict:
+    """The group options for a constructor's storage arguments, checked: only those asked for
+    (none by default), so that the groups stay torch's."""
+    if state_dtype is not None and state_dtype not in STATE_DTYPES:
+        raise ValueError(
+            f"Invalid state_dtype: {state_dtype} (torch.float32 or torch.bfloat16, or None for "
+            "the param's dtype)"
+        )
+    for name, value in (("stochastic_rounding", stochastic_rounding), ("kahan_sum", kahan_sum)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    out: dict[str, Any] = {}
+    if state_dtype is not None:
+        out["state_dtype"] = state_dtype
+    if stochastic_rounding:
+        out["stochastic_rounding"] = True
+    if kahan_sum:
+        out["kahan_sum"] = True
+    return out
+
+
+def asked(group: dict) -> bool:
+    """Whether ``group`` asks for any storage format."""
+    return (
+        group.get("state_dtype") is not None
+        or bool(group.get("stochastic_rounding"))
+        or bool(group.get("kahan_sum"))
+    )
+
+
+def check_group(rule, group: dict) -> None:
+    """A clear error, when a group is added, for storage options its optimizer or params cannot
+    take."""
+    if not asked(group):
+        return
+    if rule is None:
+        raise ValueError(
+            "state_dtype, stochastic_rounding and kahan_sum apply to elementwise optimizers only"
+        )
+    options(
+        group.get("state_dtype"), group.get("stochastic_rounding", False),
+        group.get("kahan_sum", False),
+    )  # fmt: skip
+    if group.get("differentiable"):
+        raise ValueError(
+            "state_dtype, stochastic_rounding and kahan_sum are not supported with "
+            "differentiable=True"
+        )
+    if group.get("stochastic_rounding") and group.get("capturable"):
+        raise ValueError(
+            "stochastic_rounding=True is not supported with capturable=True: its seed is drawn "
+            "on the host at every step"
+        )
+    sd = group.get("state_dtype")
+    if sd is not None:
+        tensors = [s for s in rule.state if not isinstance(s, ScalarState) and s.wanted(group)]
+        if not tensors:
+            raise ValueError(
+                f"state_dtype={sd}: this optimizer keeps no elementwise state with these options"
+            )
+    for p in group["params"]:
+        if p.dtype not in PARAM_DTYPES:
+            raise ValueError(
+                "state_dtype, stochastic_rounding and kahan_sum need float32, bfloat16 or "
+                f"float16 params (computed in float32), got a param of {p.dtype}"
+            )
+
+
+def widened(group: dict, p: torch.Tensor) -> bool:
+    """Whether ``p``'s entry computes in float32 with a dtype per operand (a storage format)."""
+    return asked(group) and p.dtype in PARAM_DTYPES
+
+
+def state_dtype(group: dict, p: torch.Tensor) -> torch.dtype:
+    """The dtype of ``p``'s new state tensors."""
+    sd = group.get("state_dtype")
+    return p.dtype if sd is None or p.dtype not in PARAM_DTYPES else sd
+
+
+def kahan(group: dict, p: torch.Tensor) -> bool:
+    """Whether ``p``'s update is compensated (``kahan_sum`` on a bfloat16 param)."""
+    return bool(group.get("kahan_sum")) and p.dtype == torch.bfloat16
+
+
+# ------------------------------------------------------------------------ torch's ops (oracle)
+def sr_bits(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """float32 ``x`` rounded stochastically to bfloat16: 16 random low bits added, then cut
+    off (an exact bfloat16 value, as float32). NaN and inf stay as they are."""
+    bits = x.view(torch.int32)
+    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, generator=generator)
+    out = ((bits + noise) & -65536).view(torch.float32)
+    return torch.where(torch.isfinite(x), out, x)
+
+
+def write(target: torch.Tensor, value: torch.Tensor, generator: torch.Generator | None) -> None:
+    """``target.copy_(value)``; stochastically rounded where ``generator`` is given and
+    ``target`` is bfloat16 (``value`` float32)."""
+    if generator is not None and target.dtype == torch.bfloat16 and value.dtype == COMPUTE:
+        value = sr_bits(value.contiguous(), generator)
+    target.copy_(value)
+
+
+def seed_generator(seed: int) -> torch.Generator:
+    """A CPU generator for the for-loop's random bits of one launch."""
+    return torch.Generator().manual_seed(seed)
+
+
+def added(opt, group: dict) -> None:
+    """Check a group just added to ``opt`` (:func:`check_group`) and, where it is the first to
+    ask for ``stochastic_rounding``, seed ``opt``'s generator from torch's default one (so that
+    ``torch.manual_seed`` before building the optimizer makes its runs reproducible; other
+    optimizers draw nothing, and leave torch's random stream as torch's would)."""
+    check_group(opt.rule, group)
+    if group.get("stochastic_rounding") and "_storage_rng" not in opt.__dict__:
+        seed = int(torch.randint(0, 1 << 62, (), dtype=torch.int64))
+        opt._storage_rng = torch.Generator().manual_seed(seed)
+
+
+def draw_seed(opt) -> int:
+    """The seed of one launch's stochastic rounding: the next number of ``opt``'s generator
+    (below 2**52: exact as the float64 the numba kernels read their scalars in)."""
+    rng = opt.__dict__.get("_storage_rng")
+    if rng is None:  # (a group given the option after construction, e.g. by load_state_dict)
+        added(opt, {"params": [], "stochastic_rounding": True})
+        rng = opt._storage_rng
+    return int(torch.randint(0, 1 << 52, (), dtype=torch.int64, generator=rng))
+
+
+def kahan_write(p: torch.Tensor, new: torch.Tensor, comp: torch.Tensor) -> None:
+    """Store float32 ``new`` into bfloat16 param ``p`` with Kahan summation: the compensation
+    ``comp`` joins the update, ``p`` takes the sum rounded to nearest, and ``comp`` what that
+    rounding lost (the fused kernels' arithmetic, op for op)."""
+    old = p.float()
+    y = (new - old) + comp.float()
+    rounded = (old + y).to(p.dtype)
+    comp.copy_(y - (rounded.float() - old))
+    p.copy_(rounded)
+
+
+def carry_options(ours: dict, saved: dict) -> None:
+    """Give a loaded group ``saved`` our group's storage options where it has none (a torch
+    checkpoint loaded into an optimizer that keeps bfloat16 states: its states are converted, and
+    the format stays); a saved option wins, as every option of a loaded group does."""
+    for key in ("state_dtype", "stochastic_rounding", "kahan_sum"):
+        if key in ours and key not in saved:
+            saved[key] = ours[key]
+
+
+def loaded_dtype(param: torch.Tensor, value: torch.Tensor, key, state_dtype) -> torch.dtype:
+    """The dtype a loaded floating state ``value`` of ``param`` takes: the group's
+    ``state_dtype`` for a tensor shaped like the param (an elementwise state; not a bfloat16
+    param's ``kahan_comp``), else the param's (torch's)."""
+    if (
+        state_dtype is not None
+        and param.dtype in PARAM_DTYPES
+        and key != KAHAN
+        and value.shape == param.shape
+    ):
+        return state_dtype
+    return param.dtype
