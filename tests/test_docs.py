@@ -17,6 +17,7 @@ PAGES = [
     "checkpoints",
     "param_groups",
     "in_backward",
+    "storage",
 ]
 FILES = [ROOT / "README.md", *(ROOT / "docs" / f"{p}.md" for p in PAGES)]
 
