@@ -35,7 +35,7 @@ from operator import attrgetter, is_, is_not, itemgetter
 import numpy as np
 import torch
 
-from fuseopt import _dtensor, _facts
+from fuseopt import _dtensor, _facts, _storage
 from fuseopt._plan import Entry, GroupPlan, Launch, launch_flags, nan_safe, scalar_states
 from fuseopt.kernels import numba_cpu
 
@@ -47,13 +47,27 @@ _LIKE = [1, 2, 3, 4, *range(7, _facts.NFACTS)]
 _CACHED = ("numba", "foreach", "reference")  # backends whose entries the cache can give back
 
 
+def _options(group: dict) -> tuple:
+    """The group options that choose backends and operands: the same at every cached step."""
+    keys = ("fused", "foreach", "state_dtype", "stochastic_rounding", "kahan_sum")
+    return tuple(group.get(k) for k in keys)
+
+
+def _operand_names(launches: list, names: list) -> list:
+    """The state operands of the launches: the rule's, and ``kahan_comp`` where they carry one
+    (every launch of a cached group is alike: one dtype, one backend kind)."""
+    if launches and launches[0].kahan:
+        return [*names, _storage.KAHAN]
+    return names
+
+
 class PlanCache:
     """See the module docstring."""
 
     __slots__ = (
         "names", "options", "ids", "mask", "getters", "steps", "at", "facts", "expect",
         "itemsize", "numels", "starts", "stops", "step_ptrs", "step_dtype", "launch",
-        "backends", "kind", "scalar_names", "ndims", "wide",
+        "backends", "kind", "scalar_names", "ndims", "wide", "kahan", "operand_names",
     )  # fmt: skip
 
     @staticmethod
@@ -87,22 +101,24 @@ class PlanCache:
             or any(e.grad.layout != torch.strided or _dtensor.is_dtensor(e.param) for e in entries)
             or len({p.dtype for p in params}) > 1
             or not all(map(_CONTIGUOUS, chain(params, (e.grad for e in entries))))
-            or not all(_CONTIGUOUS(s[n]) for s in states for n in names)
+            or not all(_CONTIGUOUS(s[n]) for s in states for n in _operand_names(launches, names))
             or (has_step and len({s["step"].dtype for s in states}) > 1)
             or (has_step and not all(_facts.standard_step(s["step"]) for s in states))
             or any(p.dim() > _facts.MAXDIM for p in params)
             or len({launch.dtypes for launch in launches}) > 1  # (states of several dtypes)
-            or any(launch.kahan for launch in launches)  # (an operand beyond the rule's)
             or any(e.extra for e in entries)
         ):
             return
         cache = PlanCache()
         cache.names, cache.scalar_names = names, scalar_names
-        cache.options = (group.get("fused"), group.get("foreach"))
+        cache.options = _options(group)
         cache.ids = list(map(id, gps))
         mask = [p.grad is not None for p in gps]
         cache.mask = None if all(mask) else mask
-        cache.getters = [itemgetter(n) for n in names]
+        # (a compensated bfloat16 param's kahan_comp: an operand after the rule's states)
+        cache.kahan = bool(launches) and launches[0].kahan
+        cache.operand_names = all_names = _operand_names(launches, names)
+        cache.getters = [itemgetter(n) for n in all_names]
         cache.steps = itemgetter("step") if has_step else None
         first = params[0]
         keeps = names or has_step
@@ -125,9 +141,9 @@ class PlanCache:
         cache.launch = None
         if all(launch.backend == "numba" for launch in launches):
             n = len(params)  # numba launches only: their address table
-            table = cache.facts[: (1 + len(names)) * n, 0].reshape(1 + len(names), n)
+            table = cache.facts[: (1 + len(all_names)) * n, 0].reshape(1 + len(all_names), n)
             table = np.insert(table, 1, np.zeros(n, dtype=np.int64), axis=0)  # the grads' row
-            cache.launch = (("param", "grad", *names), launches[0].dtypes, numels, table)
+            cache.launch = (("param", "grad", *all_names), launches[0].dtypes, numels, table)
         opt.__dict__.setdefault("_plan_caches", {})[id(group)] = cache
 
     def _tensors(self, params: list, states: list) -> list:
@@ -154,7 +170,7 @@ class PlanCache:
         """Re-establish K1-K6 (see the module docstring); the plan, or None where anything
         moved."""
         gps = group["params"]
-        options = (group.get("fused"), group.get("foreach"))
+        options = _options(group)
         if (
             names != self.names
             or scalar_names != self.scalar_names
@@ -204,7 +220,7 @@ class PlanCache:
     def _entries(self, params: list, grads: list, states: list | None) -> list[Entry]:
         """The entries of this step: each param on the backend the full check chose for it."""
         entries = []
-        names, kind = self.names, self.kind
+        names, kind = self.operand_names, self.kind
         if states is None:  # (the rule keeps no state under these options)
             states = [{} for _ in params]
         for p, g, state, backend in zip(params, grads, states, self.backends):
@@ -257,13 +273,13 @@ class PlanCache:
         launch = Launch("numba", rule, flags, rule.scalars(group, step, sv), operands, [[]])
         launch.dtype, launch.dtypes = dtypes[0], dtypes
         launch.wide, launch.sr = self.wide
+        launch.kahan = self.kahan
         if idx is None:
             launch.numels, launch.table, launch.ndims = numels, table, self.ndims
         else:
             launch.numels = tuple(numels[i] for i in idx)
             launch.table = np.ascontiguousarray(table[:, idx])
             launch.ndims = tuple(self.ndims[i] for i in idx)
-        numba_cpu.kernel(
-            rule, flags, operands, dtypes, True, launch.sr
-        )  # compiled before any change
+        # (compiled before anything changes)
+        numba_cpu.kernel(rule, flags, operands, dtypes, True, launch.sr, launch.kahan)
         return launch

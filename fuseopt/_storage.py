@@ -35,6 +35,7 @@ STATE_DTYPES = (torch.float32, torch.bfloat16)
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 COMPUTE = torch.float32  # what an entry with a storage format computes in
 KAHAN = "kahan_comp"  # the state key of a bfloat16 param's compensation
+OPTIONS = ("state_dtype", "stochastic_rounding", "kahan_sum")  # group keys, only where asked
 
 
 def options(state_dtype: Any, stochastic_rounding: Any, kahan_sum: Any) -> dict:
@@ -180,7 +181,7 @@ def carry_options(ours: dict, saved: dict) -> None:
     """Give a loaded group ``saved`` our group's storage options where it has none (a torch
     checkpoint loaded into an optimizer that keeps bfloat16 states: its states are converted, and
     the format stays); a saved option wins, as every option of a loaded group does."""
-    for key in ("state_dtype", "stochastic_rounding", "kahan_sum"):
+    for key in OPTIONS:
         if key in ours and key not in saved:
             saved[key] = ours[key]
 

@@ -246,7 +246,11 @@ class Optimizer(torch.optim.Optimizer):
         if cls._setstate_defaults is not None:
             return cls._setstate_defaults
         defaults = cls._signature_defaults().items()
-        return {k: v for k, v in defaults if v is None or isinstance(v, bool)}
+        return {
+            k: v
+            for k, v in defaults
+            if (v is None or isinstance(v, bool)) and k not in _storage.OPTIONS  # (when asked)
+        }
 
     @classmethod
     def _signature_defaults(cls) -> dict[str, Any]:

@@ -545,3 +545,22 @@ def test_state_dict_round_trip_is_exact():
     for p, q in zip(params, o_params):
         for k, v in opt.state[p].items():
             assert v.dtype == o_opt.state[q][k].dtype and torch.equal(v, o_opt.state[q][k])
+
+
+def test_options_changed_between_steps_take_effect():
+    """The plan kept between steps (fuseopt._plan_cache) is dropped when a group's storage
+    options change: stochastic rounding and Kahan summation stop at once."""
+    for options in (dict(stochastic_rounding=True), dict(kahan_sum=True)):
+        p = torch.ones(N, dtype=BF16, requires_grad=True)
+        opt = fuseopt.SGD([p], lr=1.0, fused=True, **options)
+        for _ in range(4):  # (the plan is kept from the second step on)
+            p.grad = torch.full((N,), -ULP / 4, dtype=BF16)
+            opt.step()
+        assert (p.detach() != 1).any()
+        for key in options:
+            opt.param_groups[0][key] = False
+        p.data.fill_(1.0)
+        for _ in range(4):
+            p.grad = torch.full((N,), -ULP / 4, dtype=BF16)
+            opt.step()
+        assert (p.detach() == 1).all(), options
