@@ -564,3 +564,19 @@ def test_options_changed_between_steps_take_effect():
             p.grad = torch.full((N,), -ULP / 4, dtype=BF16)
             opt.step()
         assert (p.detach() == 1).all(), options
+
+
+@pytest.mark.parametrize("impl", ["fused", "foreach"])
+def test_first_pass_reads_states_in_their_dtype(impl, monkeypatch):
+    """Cautious AdamW's first pass (per-tensor mask counts) reads the bfloat16 moments through
+    the launch's dtypes, as the update does: the fused and foreach steps are the for-loop's
+    (the counts are sums of a mask: exact)."""
+    kwargs = dict(lr=0.01, cautious=True)
+    o_params, o_opt = ours("AdamW", kwargs, impl, state_dtype=BF16)
+    r_params, r_opt = ours("AdamW", kwargs, "forloop", state_dtype=BF16)
+    for p, q in zip(o_params, r_params):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=0.01 * PARAM_ATOL)
+        for k, v in _tensor_states(o_opt, p).items():
+            torch.testing.assert_close(
+                v.float(), _tensor_states(r_opt, q)[k].float(), rtol=2**-7, atol=1e-6
+            )
