@@ -59,7 +59,9 @@ class Algorithm:
 
     With ``max_grad_norm``, each step clips the grads to that global norm: fuseopt inside its
     step (the option of that name), torch as its users do, ``clip_grad_norm_(foreach=True)``
-    just before its step; ``optimizer`` then names the class (``name`` is the row's)."""
+    just before its step; ``optimizer`` then names the class (``name`` is the row's). ``options``
+    are fuseopt's alone (its storage formats, ``state_dtype=``): torch's columns time the plain
+    class, the baseline those options are measured against."""
 
     name: str
     kwargs: Mapping[str, Any] = field(default_factory=dict)
@@ -67,6 +69,8 @@ class Algorithm:
     max_grad_norm: float | None = None
     optimizer: str = ""
     reference: str = ""  # the package timed in torch's columns where torch.optim lacks the class
+    # fuseopt-only constructor options (storage formats): the torch columns time the plain class
+    options: Mapping[str, Any] = field(default_factory=dict)
 
     def make(self, library: str, params: list, flags: Mapping[str, Any]) -> Callable[[], Any]:
         """The step function of ``library``'s optimizer over ``params`` with ``flags``."""
@@ -84,9 +88,9 @@ class Algorithm:
             if flags.get("foreach"):
                 raise TypeError(f"{self.reference} has no foreach {self.name}")
             flags = {}
-        extra = {} if self.max_grad_norm is None or library == "torch" else {
-            "max_grad_norm": self.max_grad_norm
-        }  # fmt: skip
+        extra = {} if library == "torch" else dict(self.options)
+        if self.max_grad_norm is not None and library == "fuseopt":
+            extra["max_grad_norm"] = self.max_grad_norm
         opt = cls(params, **self.kwargs, **flags, **extra)
         if callable(getattr(opt, "train", None)):  # Schedule-Free steps only in train mode
             opt.train()
@@ -99,6 +103,8 @@ class Algorithm:
 
         return clipped_step
 
+
+BF16_STATES = {"state_dtype": torch.bfloat16}
 
 # One line per algorithm. bytes_per_element counts the tensors a fused kernel must stream.
 ALGORITHMS: dict[str, Algorithm] = {
@@ -117,6 +123,15 @@ ALGORITHMS: dict[str, Algorithm] = {
         Algorithm("Rprop", {}, 7 * 4),  # read p, g, prev, step_size; write three
         # + one read of the grads for their norm (torch: that read, then a read and a write)
         Algorithm("AdamW+clip", {"lr": 1e-3}, 8 * 4, max_grad_norm=1.0, optimizer="AdamW"),
+        # bfloat16 moments (state_dtype): read p, g (4 bytes each), m, v (2); write p (4), m, v (2)
+        Algorithm("AdamW+bf16", {"lr": 1e-3}, 20, optimizer="AdamW", options=BF16_STATES),
+        Algorithm(
+            "AdamW+bf16+SR",
+            {"lr": 1e-3},
+            20,
+            optimizer="AdamW",
+            options={**BF16_STATES, "stochastic_rounding": True},
+        ),
         # a first pass reads p and g for their norms; then read p, g, buf; write p, buf
         Algorithm("LARS", {"lr": 1e-3}, 7 * 4, reference="pytorch_optimizer"),
         # a first pass reads p, g, m, v for the norms; then read them again, write p, m, v

@@ -215,7 +215,8 @@ def run_probes(
 
     rows = []
     for name, algorithm in algorithms.items():
-        if algorithm.max_grad_norm is not None or algorithm.reference:  # (timing table only)
+        if algorithm.max_grad_norm is not None or algorithm.reference or algorithm.options:
+            # (the timing table only)
             continue
         row: dict[str, Any] = {"algorithm": name, "dtype": str(dtype)[6:]}
         numel = sum(math.prod(s) for s in shapes)
