@@ -104,6 +104,22 @@ def clone_params(params) -> list[torch.Tensor]:
     return [p.detach().clone().requires_grad_() for p in params]
 
 
+def assert_bfloat16_close(ours, theirs, share: float = 0.99, worst: float = 2**-3) -> None:
+    """bfloat16 results of fuseopt's kernels (float32 math, one rounding per store) against a
+    reference that rounds every op to bfloat16: at least ``share`` of the elements within 2**-6
+    (relative and absolute), none further apart than ``worst``. Each side is a tensor, or a list
+    of tensors compared as one flat tensor."""
+
+    def flat(x):
+        x = x if isinstance(x, (list, tuple)) else [x]
+        return torch.cat([t.detach().double().flatten() for t in x])
+
+    a, b = flat(ours), flat(theirs)
+    if a.numel():
+        assert torch.isclose(a, b, rtol=2**-6, atol=2**-6).double().mean() >= share
+        assert (a - b).abs().max() <= worst
+
+
 @pytest.fixture(params=list(IMPLS))
 def impl(request) -> str:
     return request.param

@@ -22,7 +22,7 @@ import copy
 import layout_faults
 import pytest
 import torch
-from conftest import clone_params, make_grads, make_params
+from conftest import assert_bfloat16_close, clone_params, make_grads, make_params
 
 from fuseopt.lion import Lion
 
@@ -100,10 +100,7 @@ def test_bfloat16(impl):
         torch.bfloat16, steps=5,
     )  # fmt: skip
     _, params, _, ref_params = out
-    ours = torch.cat([p.detach().float().flatten() for p in params])
-    theirs = torch.cat([q.detach().float().flatten() for q in ref_params])
-    assert torch.isclose(ours, theirs, rtol=2**-6, atol=2**-6).float().mean() >= 0.999
-    assert (ours - theirs).abs().max() <= 2**-4
+    assert_bfloat16_close(params, ref_params, share=0.999, worst=2**-4)
 
 
 def test_decoupled_decay_follows_the_schedule():
