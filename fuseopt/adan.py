@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from fuseopt import _docs, _first_pass, _storage
-from fuseopt._validate import check_lr, check_non_negative
+from fuseopt._validate import check_lr, check_non_negative, check_three_betas
 from fuseopt.optimizer import Optimizer
 from fuseopt.rule import FirstValue, Rule, Zeros
 
@@ -64,20 +64,6 @@ class AdanRule(Rule):
             param=param, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, exp_avg_diff=exp_avg_diff,
             previous_grad=-grad,
         )  # fmt: skip
-
-
-def check_three_betas(betas, beta3_closed: bool) -> None:
-    """Three numbers: the first two in [0, 1), the third in [0, 1] (``beta3_closed``) or
-    [0, 1); torch's message for the index out of range."""
-    if not isinstance(betas, (tuple, list)) or len(betas) != 3:
-        raise ValueError(f"betas must hold three values (beta1, beta2, beta3), got {betas!r}")
-    for i, beta in enumerate(betas):
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)):
-            raise TypeError(f"betas[{i}] must be a number, got {type(beta).__name__}")
-        closed = i == 2 and beta3_closed
-        if not (0.0 <= beta <= 1.0 if closed else 0.0 <= beta < 1.0):
-            rng = "[0, 1]" if closed else "[0, 1)"
-            raise ValueError(f"Invalid beta parameter at index {i}: {beta} (in {rng})")
 
 
 class Adan(Optimizer):

@@ -9,8 +9,7 @@ import torch
 from torch import Tensor
 
 from fuseopt import _docs, _first_pass, _storage
-from fuseopt._validate import check_lr, check_non_negative
-from fuseopt.adan import check_three_betas
+from fuseopt._validate import check_lr, check_non_negative, check_three_betas
 from fuseopt.optimizer import Optimizer
 from fuseopt.rule import Rule, Zeros
 
