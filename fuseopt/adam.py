@@ -18,9 +18,9 @@ class AdamRule(Rule):
     """Adam's elementwise update, the same for Adam and AdamW (``decoupled_weight_decay``)."""
 
     state = (
-        Zeros("exp_avg"),
-        Zeros("exp_avg_sq"),
-        Zeros("max_exp_avg_sq", when=lambda g: g["amsgrad"]),
+        Zeros("exp_avg", signed=True),
+        Zeros("exp_avg_sq", signed=False),
+        Zeros("max_exp_avg_sq", when=lambda g: g["amsgrad"], signed=False),
     )
     sparse_error = "Adam does not support sparse gradients, please consider SparseAdam instead"
     differentiable_on_tensors = True

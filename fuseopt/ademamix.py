@@ -37,7 +37,11 @@ class AdEMAMixRule(Rule):
     """AdEMAMix's elementwise update; with ``cautious``, :meth:`reduce` counts per tensor the
     elements whose fast average agrees in sign with the grad (as Adam's, fuseopt/adam.py)."""
 
-    state = (Zeros("exp_avg"), Zeros("exp_avg_sq"), Zeros("exp_avg_slow"))
+    state = (
+        Zeros("exp_avg", signed=True),
+        Zeros("exp_avg_sq", signed=False),
+        Zeros("exp_avg_slow", signed=True),
+    )
 
     def flags(self, g, first, step, sv):
         wd = g["weight_decay"]

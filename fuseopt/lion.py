@@ -18,7 +18,7 @@ class LionRule(Rule):
     """Lion's elementwise update. Only ``cautious=True`` runs a first pass: it counts per tensor
     the elements whose update agrees in sign with the grad."""
 
-    state = (Zeros("exp_avg"),)
+    state = (Zeros("exp_avg", signed=True),)
     has_step = False  # (lion-pytorch keeps no step: the update does not depend on it)
 
     def flags(self, g, first, step, sv):

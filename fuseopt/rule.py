@@ -34,10 +34,14 @@ __all__ = [
 
 @dataclass(frozen=True)
 class StateSpec:
-    """A state tensor kept per param, under torch's key ``name``, when ``when(group)`` holds."""
+    """A state tensor kept per param, under torch's key ``name``, when ``when(group)`` holds.
+    ``signed`` says which 8-bit map it may be stored in (``state_bits=8``, :mod:`fuseopt._quant`):
+    True for values of either sign, False for values never negative, None where the algorithm
+    does not offer 8-bit storage of it."""
 
     name: str
     when: Callable[[dict], bool] | None = None
+    signed: bool | None = None
 
     def wanted(self, group: dict) -> bool:
         """Whether a param of ``group`` keeps this state."""

@@ -16,7 +16,7 @@ __all__ = ["SGD"]
 class SGDRule(Rule):
     """SGD's elementwise update; the momentum buffer is the first step's gradient, as in torch."""
 
-    state = (FirstValue("momentum_buffer", when=lambda g: g["momentum"] != 0),)
+    state = (FirstValue("momentum_buffer", when=lambda g: g["momentum"] != 0, signed=True),)
     has_step = False
     sparse_ok = True
 
