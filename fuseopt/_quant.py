@@ -153,11 +153,13 @@ def absmax_key(name: str) -> str:
 def quantized(rule, group: dict, p: torch.Tensor) -> dict[str, bool]:
     """``{state name: signed}`` for the states of ``p`` kept in 8 bits: those its rule offers
     (:attr:`~fuseopt.rule.StateSpec.signed`) and its group's options want, in a group with
-    ``state_bits=8``, for a param of at least ``min_8bit_size`` elements (the group's, else
-    :data:`MIN_SIZE`); empty otherwise."""
+    ``state_bits=8``, for a contiguous param of at least ``min_8bit_size`` elements (the
+    group's, else :data:`MIN_SIZE`); empty otherwise."""
     if rule is None or group.get("state_bits") != 8:
         return {}
-    if p.numel() < group.get("min_8bit_size", MIN_SIZE):
+    if p.numel() < group.get("min_8bit_size", MIN_SIZE) or not p.is_contiguous():
+        # (blocks run in the flat order of a contiguous state: a param laid out otherwise keeps
+        # full-precision states, as a small one does)
         return {}
     return {
         s.name: s.signed
