@@ -39,7 +39,13 @@ storage = """state_dtype (torch.dtype, optional): keep the state tensors (moment
             (default: False)
         kahan_sum (bool, optional): keep a bfloat16 param's rounding error in a bfloat16
             state ``kahan_comp`` and add it to its next update (Kahan summation; float32 params
-            are unaffected) (default: False)"""
+            are unaffected) (default: False)
+        state_bits (int, optional): 8: keep the states the algorithm offers in 8 bits
+            (Adam's, AdamW's, Lion's and AdEMAMix's moments, SGD's momentum), blockwise
+            quantized as bitsandbytes' 8-bit optimizers (Dettmers et al. 2022): uint8 codes of
+            the dynamic map and a float32 scale per block of 256 elements (state
+            ``<name>_absmax``); params of fewer than ``min_8bit_size`` elements (a group key,
+            default 4096) or not contiguous keep full-precision states (default: None)"""
 
 
 def fill(doc: str) -> str:

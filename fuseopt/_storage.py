@@ -1,4 +1,5 @@
-"""Storage formats of params and states: ``state_dtype=``, ``stochastic_rounding=``, ``kahan_sum=``.
+"""Storage formats of params and states: ``state_dtype=``, ``stochastic_rounding=``, ``kahan_sum=``,
+``state_bits=``.
 
 They change how values are *stored*, never an algorithm's math: every backend loads each operand
 in its own dtype, evaluates the rule in float32, and rounds once per store:
@@ -13,6 +14,13 @@ in its own dtype, evaluates the rule in float32, and rounds once per store:
   reproducible given ``torch.manual_seed`` before the optimizer is built);
 - ``kahan_sum``: a bfloat16 param carries the rounding error of its last store in a bfloat16
   buffer, state ``kahan_comp``, added to its next update (Kahan summation).
+- ``state_bits=8``: the states the algorithm offers in 8 bits (:attr:`~fuseopt.rule.StateSpec.
+  signed`: Adam's and AdamW's moments, SGD's momentum, Lion's and AdEMAMix's moments) are kept
+  blockwise quantized (:mod:`fuseopt._quant`): ``state[name]`` holds uint8 codes in the param's
+  shape, ``state[name + "_absmax"]`` a float32 scale per block of 256 elements; params of fewer
+  than ``min_8bit_size`` elements (a group key, default 4096, as bitsandbytes'), and params that
+  are not contiguous, keep full-precision states. Each step dequantizes, runs the rule in
+  float32 and quantizes the new values again.
 
 A group option is present only where it was asked for, so that groups stay torch's. The plan
 (:mod:`fuseopt._plan`) routes an entry of such a group to the kernels with a dtype per operand;
@@ -26,7 +34,7 @@ from typing import Any
 
 import torch
 
-from fuseopt.rule import ScalarState
+from fuseopt.rule import Flags, Rule, ScalarState
 
 __all__ = ["options", "check_group", "widened", "COMPUTE"]
 
@@ -35,12 +43,18 @@ STATE_DTYPES = (torch.float32, torch.bfloat16)
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 COMPUTE = torch.float32  # what an entry with a storage format computes in
 KAHAN = "kahan_comp"  # the state key of a bfloat16 param's compensation
-OPTIONS = ("state_dtype", "stochastic_rounding", "kahan_sum")  # group keys, only where asked
+# group keys, only where asked
+OPTIONS = ("state_dtype", "stochastic_rounding", "kahan_sum", "state_bits")
+STATE_BITS = (8,)  # besides None: full precision
 
 
-def options(state_dtype: Any, stochastic_rounding: Any, kahan_sum: Any) -> dict:
+def options(
+    state_dtype: Any, stochastic_rounding: Any, kahan_sum: Any, state_bits: Any = None
+) -> dict:
     """The group options for a constructor's storage arguments, checked: only those asked for
     (none by default), so that the groups stay torch's."""
+    if state_bits is not None and (isinstance(state_bits, bool) or state_bits not in STATE_BITS):
+        raise ValueError(f"Invalid state_bits: {state_bits} (8, or None for full precision)")
     if state_dtype is not None and state_dtype not in STATE_DTYPES:
         raise ValueError(
             f"Invalid state_dtype: {state_dtype} (torch.float32 or torch.bfloat16, or None for "
@@ -56,6 +70,8 @@ def options(state_dtype: Any, stochastic_rounding: Any, kahan_sum: Any) -> dict:
         out["stochastic_rounding"] = True
     if kahan_sum:
         out["kahan_sum"] = True
+    if state_bits is not None:
+        out["state_bits"] = state_bits
     return out
 
 
@@ -65,27 +81,35 @@ def asked(group: dict) -> bool:
         group.get("state_dtype") is not None
         or bool(group.get("stochastic_rounding"))
         or bool(group.get("kahan_sum"))
+        or group.get("state_bits") is not None
     )
 
 
 def check_group(rule, group: dict) -> None:
     """A clear error, when a group is added, for storage options its optimizer or params cannot
     take."""
+    if "min_8bit_size" in group:
+        size = group["min_8bit_size"]
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ValueError(f"Invalid min_8bit_size: {size!r} (an int >= 0)")
     if not asked(group):
         return
     if rule is None:
         raise ValueError(
-            "state_dtype, stochastic_rounding and kahan_sum apply to elementwise optimizers only"
+            "state_dtype, stochastic_rounding, kahan_sum and state_bits apply to elementwise "
+            "optimizers only"
         )
     options(
         group.get("state_dtype"), group.get("stochastic_rounding", False),
-        group.get("kahan_sum", False),
+        group.get("kahan_sum", False), group.get("state_bits"),
     )  # fmt: skip
     if group.get("differentiable"):
         raise ValueError(
-            "state_dtype, stochastic_rounding and kahan_sum are not supported with "
+            "state_dtype, stochastic_rounding, kahan_sum and state_bits are not supported with "
             "differentiable=True"
         )
+    if group.get("state_bits") is not None:
+        _check_bits(rule, group)
     if group.get("stochastic_rounding") and group.get("capturable"):
         raise ValueError(
             "stochastic_rounding=True is not supported with capturable=True: its seed is drawn "
@@ -103,6 +127,30 @@ def check_group(rule, group: dict) -> None:
             raise ValueError(
                 "state_dtype, stochastic_rounding and kahan_sum need float32, bfloat16 or "
                 f"float16 params (computed in float32), got a param of {p.dtype}"
+            )
+
+
+def _check_bits(rule, group: dict) -> None:
+    """Errors for ``state_bits=8`` where the algorithm, or its options, keep no state it may
+    quantize, or step in a way 8-bit states do not support."""
+    if not any(getattr(s, "signed", None) is not None and s.wanted(group) for s in rule.state):
+        raise ValueError(
+            "state_bits=8 is offered by Adam, AdamW, SGD with momentum, Lion and AdEMAMix "
+            "(this optimizer, with these options, keeps no state it may store in 8 bits)"
+        )
+    if group.get("capturable"):
+        raise ValueError(
+            "state_bits=8 is not supported with capturable=True (its kernels are not capturable)"
+        )
+    if type(rule).reduces is not Rule.reduces:
+        try:
+            reduces = rule.reduces(Flags(rule.flags(group, False, 1.0, {})))
+        except (KeyError, TypeError):
+            reduces = False
+        if reduces:  # (the first pass would read the codes as values)
+            raise ValueError(
+                "state_bits=8 is not supported with options whose step first sums over its "
+                "tensors (cautious=True)"
             )
 
 

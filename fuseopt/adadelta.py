@@ -94,6 +94,7 @@ class Adadelta(Optimizer):
         state_dtype: torch.dtype | None = None,
         stochastic_rounding: bool = False,
         kahan_sum: bool = False,
+        state_bits: int | None = None,
     ) -> None:
         check_lr(lr)
         if not 0.0 <= rho <= 1.0:
@@ -106,7 +107,7 @@ class Adadelta(Optimizer):
         grad_options = _first_pass.options(
             max_grad_norm, norm_type, error_if_nonfinite, skip_if_nonfinite
         )
-        grad_options |= _storage.options(state_dtype, stochastic_rounding, kahan_sum)
+        grad_options |= _storage.options(state_dtype, stochastic_rounding, kahan_sum, state_bits)
         super().__init__(params, with_fused({**defaults, **grad_options}, fused))
 
 

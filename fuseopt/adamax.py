@@ -91,6 +91,7 @@ class Adamax(Optimizer):
         state_dtype: torch.dtype | None = None,
         stochastic_rounding: bool = False,
         kahan_sum: bool = False,
+        state_bits: int | None = None,
     ) -> None:
         check_lr(lr)
         check_non_negative(eps=eps)
@@ -103,7 +104,7 @@ class Adamax(Optimizer):
         grad_options = _first_pass.options(
             max_grad_norm, norm_type, error_if_nonfinite, skip_if_nonfinite
         )
-        grad_options |= _storage.options(state_dtype, stochastic_rounding, kahan_sum)
+        grad_options |= _storage.options(state_dtype, stochastic_rounding, kahan_sum, state_bits)
         super().__init__(params, with_fused({**defaults, **grad_options}, fused))
 
 

@@ -58,6 +58,7 @@ class AdamW(Adam):
         state_dtype: torch.dtype | None = None,
         stochastic_rounding: bool = False,
         kahan_sum: bool = False,
+        state_bits: int | None = None,
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
@@ -66,6 +67,7 @@ class AdamW(Adam):
             norm_type=norm_type,
             error_if_nonfinite=error_if_nonfinite, skip_if_nonfinite=skip_if_nonfinite,
             state_dtype=state_dtype, stochastic_rounding=stochastic_rounding, kahan_sum=kahan_sum,
+            state_bits=state_bits,
         )  # fmt: skip
 
     def _after_setstate(self) -> None:

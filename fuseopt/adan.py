@@ -140,6 +140,7 @@ class Adan(Optimizer):
         state_dtype: torch.dtype | None = None,
         stochastic_rounding: bool = False,
         kahan_sum: bool = False,
+        state_bits: int | None = None,
         use_gc: bool = False,
         adanorm: bool = False,
     ) -> None:
@@ -164,7 +165,7 @@ class Adan(Optimizer):
         grad_options = _first_pass.options(
             max_grad_norm, norm_type, error_if_nonfinite, skip_if_nonfinite
         )
-        grad_options |= _storage.options(state_dtype, stochastic_rounding, kahan_sum)
+        grad_options |= _storage.options(state_dtype, stochastic_rounding, kahan_sum, state_bits)
         super().__init__(params, {**defaults, **grad_options})
 
 

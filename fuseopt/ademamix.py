@@ -187,6 +187,7 @@ class AdEMAMix(Optimizer):
         state_dtype: torch.dtype | None = None,
         stochastic_rounding: bool = False,
         kahan_sum: bool = False,
+        state_bits: int | None = None,
     ) -> None:
         if isinstance(lr, Tensor):
             raise TypeError("AdEMAMix: lr must be a number (a tensor lr is not supported)")
@@ -226,7 +227,7 @@ class AdEMAMix(Optimizer):
         grad_options = _first_pass.options(
             max_grad_norm, norm_type, error_if_nonfinite, skip_if_nonfinite
         )
-        grad_options |= _storage.options(state_dtype, stochastic_rounding, kahan_sum)
+        grad_options |= _storage.options(state_dtype, stochastic_rounding, kahan_sum, state_bits)
         super().__init__(params, {**defaults, **grad_options})
 
 

@@ -193,6 +193,7 @@ class ADOPT(Optimizer):
         state_dtype: torch.dtype | None = None,
         stochastic_rounding: bool = False,
         kahan_sum: bool = False,
+        state_bits: int | None = None,
     ) -> None:
         if isinstance(lr, Tensor):
             raise TypeError("ADOPT: lr must be a number (the reference takes no tensor lr)")
@@ -215,7 +216,7 @@ class ADOPT(Optimizer):
         grad_options = _first_pass.options(
             max_grad_norm, norm_type, error_if_nonfinite, skip_if_nonfinite
         )
-        grad_options |= _storage.options(state_dtype, stochastic_rounding, kahan_sum)
+        grad_options |= _storage.options(state_dtype, stochastic_rounding, kahan_sum, state_bits)
         super().__init__(params, {**defaults, **grad_options})
 
     def state_dict(self) -> dict[str, Any]:

@@ -103,6 +103,7 @@ class ASGD(Optimizer):
         state_dtype: torch.dtype | None = None,
         stochastic_rounding: bool = False,
         kahan_sum: bool = False,
+        state_bits: int | None = None,
     ) -> None:
         check_lr(lr)
         check_non_negative(weight_decay=weight_decay)
@@ -113,7 +114,7 @@ class ASGD(Optimizer):
         grad_options = _first_pass.options(
             max_grad_norm, norm_type, error_if_nonfinite, skip_if_nonfinite
         )
-        grad_options |= _storage.options(state_dtype, stochastic_rounding, kahan_sum)
+        grad_options |= _storage.options(state_dtype, stochastic_rounding, kahan_sum, state_bits)
         super().__init__(params, with_fused({**defaults, **grad_options}, fused))
 
 

@@ -114,6 +114,7 @@ class LARS(Optimizer):
         state_dtype: torch.dtype | None = None,
         stochastic_rounding: bool = False,
         kahan_sum: bool = False,
+        state_bits: int | None = None,
     ) -> None:
         if isinstance(lr, Tensor):
             raise TypeError("LARS: lr must be a number (the reference takes no tensor lr)")
@@ -132,7 +133,7 @@ class LARS(Optimizer):
         grad_options = _first_pass.options(
             max_grad_norm, norm_type, error_if_nonfinite, skip_if_nonfinite
         )
-        grad_options |= _storage.options(state_dtype, stochastic_rounding, kahan_sum)
+        grad_options |= _storage.options(state_dtype, stochastic_rounding, kahan_sum, state_bits)
         super().__init__(params, {**defaults, **grad_options})
 
 

@@ -315,6 +315,7 @@ class SGDScheduleFree(_ScheduleFree):
         state_dtype: torch.dtype | None = None,
         stochastic_rounding: bool = False,
         kahan_sum: bool = False,
+        state_bits: int | None = None,
     ) -> None:
         _check_common(lr, 0.0, weight_decay, warmup_steps, r, weight_lr_power, "SGDScheduleFree")
         if not 0.0 < momentum < 1.0:
@@ -325,7 +326,7 @@ class SGDScheduleFree(_ScheduleFree):
             foreach=foreach,
         )  # fmt: skip
         clipping = (max_grad_norm, norm_type, error_if_nonfinite, skip_if_nonfinite)
-        defaults |= _storage.options(state_dtype, stochastic_rounding, kahan_sum)
+        defaults |= _storage.options(state_dtype, stochastic_rounding, kahan_sum, state_bits)
         super().__init__(params, defaults, fused, clipping)
 
 
@@ -379,6 +380,7 @@ class AdamWScheduleFree(_ScheduleFree):
         state_dtype: torch.dtype | None = None,
         stochastic_rounding: bool = False,
         kahan_sum: bool = False,
+        state_bits: int | None = None,
     ) -> None:
         _check_common(lr, eps, weight_decay, warmup_steps, r, weight_lr_power, "AdamWScheduleFree")
         _check_adam_betas(betas)
@@ -388,7 +390,7 @@ class AdamWScheduleFree(_ScheduleFree):
             foreach=foreach,
         )  # fmt: skip
         clipping = (max_grad_norm, norm_type, error_if_nonfinite, skip_if_nonfinite)
-        defaults |= _storage.options(state_dtype, stochastic_rounding, kahan_sum)
+        defaults |= _storage.options(state_dtype, stochastic_rounding, kahan_sum, state_bits)
         super().__init__(params, defaults, fused, clipping)
 
 
@@ -447,6 +449,7 @@ class RAdamScheduleFree(_ScheduleFree):
         state_dtype: torch.dtype | None = None,
         stochastic_rounding: bool = False,
         kahan_sum: bool = False,
+        state_bits: int | None = None,
     ) -> None:
         _check_common(lr, eps, weight_decay, 0, r, weight_lr_power, "RAdamScheduleFree")
         _check_adam_betas(betas)
@@ -456,7 +459,7 @@ class RAdamScheduleFree(_ScheduleFree):
             foreach=foreach,
         )  # fmt: skip
         clipping = (max_grad_norm, norm_type, error_if_nonfinite, skip_if_nonfinite)
-        defaults |= _storage.options(state_dtype, stochastic_rounding, kahan_sum)
+        defaults |= _storage.options(state_dtype, stochastic_rounding, kahan_sum, state_bits)
         super().__init__(params, defaults, fused, clipping)
 
 
