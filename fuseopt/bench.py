@@ -4,8 +4,9 @@
 every implementation of :data:`IMPLEMENTATIONS` (for-loop, foreach, fused), for fuseopt and for
 torch.optim, on the parameter shapes of real models (``workloads.json``: gpt2-small, resnet18,
 many-small), in float32 (or ``--dtype``). It prints ms/step, each fuseopt implementation's time
-relative to torch's best implementation, and the effective memory bandwidth of the fastest fuseopt
-implementation.
+relative to torch's best implementation, the memory of each library's optimizer state (MiB and
+bytes per param: every tensor in ``optimizer.state`` after the warm-up steps), and the bytes moved
+per param and effective memory bandwidth of the fastest fuseopt implementation.
 
 Method: for each (workload, algorithm, implementation), torch's and fuseopt's optimizers are built
 on fresh params (zeros) with small random grads; two warm-up steps each (the first compiles numba
@@ -50,6 +51,7 @@ __all__ = [
     "load_workloads",
     "main",
     "run",
+    "state_bytes",
 ]
 
 
@@ -65,7 +67,7 @@ class Algorithm:
 
     name: str
     kwargs: Mapping[str, Any] = field(default_factory=dict)
-    bytes_per_element: int = 0  # float32 bytes read + written per param element and step
+    bytes_per_element: float = 0  # float32 bytes read + written per param element and step
     max_grad_norm: float | None = None
     optimizer: str = ""
     reference: str = ""  # the package timed in torch's columns where torch.optim lacks the class
@@ -74,6 +76,12 @@ class Algorithm:
 
     def make(self, library: str, params: list, flags: Mapping[str, Any]) -> Callable[[], Any]:
         """The step function of ``library``'s optimizer over ``params`` with ``flags``."""
+        return self.build(library, params, flags)[1]
+
+    def build(
+        self, library: str, params: list, flags: Mapping[str, Any]
+    ) -> tuple[Any, Callable[[], Any]]:
+        """``library``'s optimizer over ``params`` with ``flags``, and its step function."""
         module = LIBRARIES[library]
         if library == "torch" and self.reference:
             if flags.get("fused"):
@@ -95,13 +103,23 @@ class Algorithm:
         if callable(getattr(opt, "train", None)):  # Schedule-Free steps only in train mode
             opt.train()
         if self.max_grad_norm is None or library == "fuseopt":
-            return opt.step
+            return opt, opt.step
 
         def clipped_step() -> None:
             torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm, foreach=True)
             opt.step()
 
-        return clipped_step
+        return opt, clipped_step
+
+    def moved_per_element(self, library: str) -> float | None:
+        """Float32 bytes ``library``'s step reads and writes per param element: the row's own
+        for fuseopt; for torch, whose columns time the plain class, that class's row's where the
+        row has storage options (None where no row names it)."""
+        if library == "torch" and self.options:
+            plain = ALGORITHMS.get(self.optimizer or self.name)
+            known = plain is not None and not plain.options
+            return (plain.bytes_per_element or None) if known else None
+        return self.bytes_per_element or None  # (0: not counted)
 
 
 BF16_STATES = {"state_dtype": torch.bfloat16}
@@ -235,6 +253,26 @@ def _make_params(
     return params
 
 
+def state_bytes(optimizer: Any) -> int:
+    """Bytes of every tensor in ``optimizer.state`` (moments, step counters, 8-bit codes and
+    their scales, ...): the memory the optimizer's state holds. A tensor held twice counts once.
+    """
+    seen: set[int] = set()
+    total = 0
+    stack = list(optimizer.state.values())
+    while stack:
+        value = stack.pop()
+        if isinstance(value, torch.Tensor):
+            if id(value) not in seen:
+                seen.add(id(value))
+                total += value.nbytes
+        elif isinstance(value, Mapping):
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            stack.extend(value)
+    return total
+
+
 def _synchronizer(device: str):
     """What waits for the device's queued work (a CUDA step returns before it runs)."""
     if torch.device(device).type == "cuda":
@@ -251,7 +289,7 @@ def _time_pair(
     device: str = "cpu",
     calibration: _Calibration | None = None,
     calibrate_each_round: bool = False,
-) -> dict[str, list[float] | Exception]:
+) -> dict[str, Any]:
     """Seconds per step of ``steps`` timed steps for each library, after the warm-up steps.
 
     Both libraries' optimizers live at once and their steps alternate, so that a slow spell of a
@@ -259,24 +297,30 @@ def _time_pair(
     whose optimizer cannot be built or stepped gets the exception instead of times. With
     ``calibration``, a bandwidth pass runs just before and just after the timed steps, or before
     each round of steps with ``calibrate_each_round``: ``"calibration"`` holds the GB/s the
-    machine gave then.
+    machine gave then. ``"state_bytes"`` maps each library that ran to :func:`state_bytes` of its
+    optimizer after the warm-up steps.
     """
     opts: dict[str, Any] = {}
-    results: dict[str, list[float] | Exception] = {}
+    results: dict[str, Any] = {"state_bytes": {}}
     try:
         for library in LIBRARIES:
             try:
-                step = algorithm.make(
+                opt, step = algorithm.build(
                     library, _make_params(shapes, dtype=dtype, device=device),
                     IMPLEMENTATIONS[impl],
                 )  # fmt: skip
                 for _ in range(WARMUP_STEPS):
                     step()
+                size = state_bytes(opt)
             except (RuntimeError, ValueError, TypeError) as e:
                 results[library] = e
             else:
                 opts[library] = step
                 results[library] = []
+                results["state_bytes"][library] = size
+            finally:
+                # the step function keeps a working optimizer alive; a failed one is freed now
+                opt = step = None
         sync = _synchronizer(device)
         # Calibrate just before and after the timed steps; between rounds only for steps larger
         # than the caches (a calibration pass evicts them: small workloads would be timed cold).
@@ -324,8 +368,12 @@ def run(
 
     Each row has ``workload, algorithm, library, impl, numel, tensors, steps, ms`` (median ms/step),
     ``times_ms``, ``ratio`` (``ms`` over the best torch ``ms`` of the same workload and algorithm),
-    ``gbps`` (effective GB/s) and ``error`` (None, or why the implementation could not run; then
-    ``ms``, ``ratio`` and ``gbps`` are None).
+    ``gbps`` (effective GB/s: ``moved_bytes_per_param`` times ``numel`` per step),
+    ``moved_bytes_per_param`` (bytes a step reads and writes per param element, None where the
+    bench does not know them), ``state_bytes`` (:func:`state_bytes` of the optimizer after the
+    warm-up steps), ``state_mib`` (the same in MiB), ``state_bytes_per_param`` (``state_bytes /
+    numel``) and ``error`` (None, or why the implementation could not run; then ``ms``, ``ratio``,
+    ``gbps`` and the state's sizes are None).
 
     Raises:
         ValueError: an unknown workload, algorithm or implementation name, or ``steps < 1``.
@@ -345,7 +393,13 @@ def run(
         for algo_name in algos:
             algorithm = ALGORITHMS[algo_name]
             group = []
-            moved = numel * algorithm.bytes_per_element * dtype.itemsize // 4
+            # bytes per element of this dtype (bytes_per_element counts float32 ones)
+            per_element = {
+                library: None if b is None else b * dtype.itemsize / 4
+                for library in LIBRARIES
+                for b in [algorithm.moved_per_element(library)]
+            }
+            moved = numel * per_element["fuseopt"]
             # Bandwidth drifts within seconds here: a step far larger than the caches is paired
             # with a pass of its own; a smaller one would then be timed cold, so it is not.
             each_round = moved > CALIBRATE_EACH_ROUND_ABOVE
@@ -368,6 +422,10 @@ def run(
                         ratio=None,
                         gbps=None,
                         bandwidth_gbps=statistics.median(timed["calibration"]),
+                        moved_bytes_per_param=per_element[library],
+                        state_bytes=None,
+                        state_mib=None,
+                        state_bytes_per_param=None,
                         error=None,
                     )
                     times = timed[library]
@@ -378,7 +436,11 @@ def run(
                     else:
                         row["times_ms"] = [t * 1e3 for t in times]
                         row["ms"] = statistics.median(row["times_ms"])
-                        row["gbps"] = moved / (row["ms"] * 1e6)
+                        if per_element[library] is not None:
+                            row["gbps"] = numel * per_element[library] / (row["ms"] * 1e6)
+                        size = timed["state_bytes"][library]
+                        row["state_bytes"], row["state_mib"] = size, size / 2**20
+                        row["state_bytes_per_param"] = size / numel if numel else None
                     group.append(row)
                     result = f"{row['ms']:.3f} ms/step" if row["error"] is None else "n/a"
                     bar.update(note=f"{workload} {algo_name} {library} {impl}: {result}")
@@ -441,11 +503,21 @@ def _fmt_ms(ms: float | None) -> str:
     return f"{ms:.0f}" if ms >= 100 else f"{ms:.1f}" if ms >= 10 else f"{ms:.2f}"
 
 
+def _fastest(rows: Iterable[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """The row of least ``ms`` among those that ran (None if none did)."""
+    ran = [r for r in rows if r and r["ms"] is not None]
+    return min(ran, key=lambda r: r["ms"]) if ran else None
+
+
 def format_table(rows: list[dict[str, Any]], bandwidth: float | None = None) -> str:
     """The results as a text table: one line per (workload, algorithm).
 
-    With ``bandwidth`` (GB/s, :func:`measure_bandwidth`), a last column gives the fastest
-    fuseopt time over the bandwidth bound (bytes moved per step / bandwidth).
+    ``state MiB`` and ``state B/param`` give the optimizer state of torch's fastest and
+    fuseopt's fastest implementation (every tensor in ``optimizer.state`` after the warm-up
+    steps, step counters included; per param element); ``moved`` the bytes the fastest fuseopt
+    step reads and writes per param element, from which ``GB/s`` is computed. With
+    ``bandwidth`` (GB/s, :func:`measure_bandwidth`), a last column gives the fastest fuseopt
+    time over the bandwidth bound (bytes moved per step / bandwidth).
     """
     impls = list(dict.fromkeys(r["impl"] for r in rows))
     index = {(r["workload"], r["algorithm"], r["library"], r["impl"]): r for r in rows}
@@ -453,15 +525,21 @@ def format_table(rows: list[dict[str, Any]], bandwidth: float | None = None) -> 
     w_name = max([len("workload"), *(len(w) for w, _ in keys)])
     w_algo = max([len("algorithm"), *(len(a) for _, a in keys)])
     sections = ("torch ms/step", "fuseopt ms/step", "fuseopt / torch best")
+    states = ("state MiB", "state B/param")
     # Columns wide enough for the impl names, and for the section titles over few columns.
     w = max(9, *(len(i) for i in impls), -(-(max(map(len, sections)) + 1) // len(impls)) - 1)
     block = len(impls) * (w + 1) - 1
+    w_s = 7  # each state column (torch, fuseopt)
+    fastest = [f"{'impl':>{w}}", f"{'moved':>5}", f"{'GB/s':>6}"]
+    if bandwidth:
+        fastest.append(f"{'x bound':>7}")
     head1 = " ".join(
         [
             " " * w_name,
             " " * w_algo,
             *(f"{s:^{block}}" for s in sections),
-            f"{'fastest fuseopt':^{w + 7}}",
+            *(f"{s:^{2 * w_s + 1}}" for s in states),
+            f"{'fastest fuseopt':^{len(' '.join(fastest))}}",
         ]
     )
     head2 = " ".join(
@@ -469,9 +547,8 @@ def format_table(rows: list[dict[str, Any]], bandwidth: float | None = None) -> 
             f"{'workload':<{w_name}}",
             f"{'algorithm':<{w_algo}}",
             *(f"{i:>{w}}" for _ in sections for i in impls),
-            f"{'impl':>{w}}",
-            f"{'GB/s':>6}",
-            *([f"{'x bound':>7}"] if bandwidth else []),
+            *(f"{lib:>{w_s}}" for _ in states for lib in LIBRARIES),
+            *fastest,
         ]
     )
     lines = [head1, head2, "-" * len(head2)]
@@ -485,15 +562,26 @@ def format_table(rows: list[dict[str, Any]], bandwidth: float | None = None) -> 
             r = index.get((workload, algo, "fuseopt", impl))
             ratio = r and r["ratio"]
             cells.append(f"{'n/a' if ratio is None else f'{ratio:.2f}x':>{w}}")
-        ran = [index.get((workload, algo, "fuseopt", i)) for i in impls]
-        ran = [r for r in ran if r and r["ms"] is not None]
-        best = min(ran, key=lambda r: r["ms"]) if ran else None
-        cells.append(f"{best['impl'] if best else 'n/a':>{w}}")
-        cells.append(f"{best['gbps']:>6.1f}" if best else f"{'n/a':>6}")
+        best = {
+            library: _fastest(index.get((workload, algo, library, i)) for i in impls)
+            for library in LIBRARIES
+        }
+        for library in LIBRARIES:
+            mib = best[library] and best[library]["state_mib"]
+            cells.append(f"{_fmt_ms(mib):>{w_s}}")
+        for library in LIBRARIES:
+            per = best[library] and best[library]["state_bytes_per_param"]
+            cells.append(f"{'n/a' if per is None else f'{per:.2f}':>{w_s}}")
+        ours = best["fuseopt"]
+        moved = ours and ours["moved_bytes_per_param"]
+        gbps = ours and ours["gbps"]
+        cells.append(f"{ours['impl'] if ours else 'n/a':>{w}}")
+        cells.append(f"{'n/a' if moved is None else f'{moved:.3g}':>5}")
+        cells.append(f"{'n/a' if gbps is None else f'{gbps:.1f}':>6}")
         if bandwidth:
             # the bandwidth measured around this row's steps where the run has it
-            bw = best and (best.get("bandwidth_gbps") or bandwidth)
-            cells.append(f"{bw / best['gbps']:>6.2f}x" if best else f"{'n/a':>7}")
+            bw = ours and (ours.get("bandwidth_gbps") or bandwidth)
+            cells.append(f"{'n/a':>7}" if not gbps else f"{bw / gbps:>6.2f}x")
         lines.append(" ".join(cells))
     # torch has fused kernels for few algorithms: one line for those, then any other failure
     no_fused = [
@@ -658,7 +746,9 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         f"median of {steps} steps; torch {env['torch']}, "
         f"numba {env['numba']}, {env['torch_threads']} threads; bandwidth {env['bandwidth_gbps']:.1f} "
         "GB/s at the start (x bound: fastest fuseopt time / time of its bytes at the bandwidth "
-        "measured around its steps)"
+        "measured around its steps; moved: bytes its step reads and writes per param; state: "
+        "every tensor in optimizer.state after the warm-up steps, of torch's and fuseopt's "
+        "fastest implementation)"
     )
     print(format_table(rows, env["bandwidth_gbps"]))
     probes = None

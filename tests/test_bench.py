@@ -58,6 +58,90 @@ def test_ratio_is_relative_to_the_best_torch_implementation(tiny_rows):
         assert min(r["ratio"] for r in torch_rows if r["ratio"]) == pytest.approx(1.0)
 
 
+# Bytes of optimizer state per param element of the tiny workload, counted from what each
+# optimizer keeps (torch's layout): float32 moments (4 bytes each, 2 for bfloat16 ones), and a
+# float32 step tensor per param (4 bytes) where the algorithm counts steps.
+STATE_PER_ELEMENT = {  # (torch, fuseopt) bytes per element, step tensor or not
+    "SGD": (4, 4, False),  # momentum_buffer
+    "Adam": (8, 8, True),  # exp_avg, exp_avg_sq
+    "AdamW": (8, 8, True),
+    "AdamW+clip": (8, 8, True),
+    "AdamW+bf16": (8, 4, True),  # torch's columns: float32 AdamW; fuseopt: bfloat16 moments
+    "AdamW+bf16+SR": (8, 4, True),  # (the rounding's generator is not state)
+    "Adagrad": (4, 4, True),  # sum
+    "RMSprop": (4, 4, True),  # square_avg
+}
+
+
+def expected_state_bytes(algorithm: str, library: str, shapes=TINY["tiny"]) -> int:
+    torch_bytes, ours, step = STATE_PER_ELEMENT[algorithm]
+    per_element = torch_bytes if library == "torch" else ours
+    return sum(per_element * math.prod(s) + 4 * step for s in shapes)
+
+
+@pytest.mark.parametrize("algorithm", STATE_PER_ELEMENT)
+def test_state_size_matches_an_independent_count(tiny_rows, algorithm):
+    rows = [r for r in tiny_rows if r["algorithm"] == algorithm and r["error"] is None]
+    assert {r["library"] for r in rows} == set(bench.LIBRARIES)
+    for r in rows:
+        expected = expected_state_bytes(algorithm, r["library"])
+        assert r["state_bytes"] == expected, r
+        assert r["state_mib"] == expected / 2**20
+        assert r["state_bytes_per_param"] == expected / 105
+
+
+def test_state_size_is_the_same_in_every_implementation(tiny_rows):
+    sizes = {}
+    for r in tiny_rows:
+        if r["error"] is None:
+            sizes.setdefault((r["algorithm"], r["library"]), set()).add(r["state_bytes"])
+    assert all(len(s) == 1 and min(s) > 0 for s in sizes.values()), sizes
+    for algorithm in bench.ALGORITHMS:
+        assert sizes[algorithm, "torch"] and sizes[algorithm, "fuseopt"]
+
+
+def test_moved_bytes_per_param(tiny_rows):
+    """fuseopt's row moves the bytes its row declares; torch's columns time the plain class,
+    so a row with storage options counts the plain class's bytes for torch (bfloat16 moments:
+    20 bytes per param against float32 AdamW's 28)."""
+    for r in tiny_rows:
+        algorithm = bench.ALGORITHMS[r["algorithm"]]
+        expected = algorithm.bytes_per_element
+        if r["library"] == "torch" and algorithm.options:
+            expected = bench.ALGORITHMS[algorithm.optimizer].bytes_per_element
+        assert r["moved_bytes_per_param"] == expected
+        if r["error"] is None:
+            assert r["gbps"] == pytest.approx(expected * 105 / (r["ms"] * 1e6))
+    bf16 = {r["library"]: r["moved_bytes_per_param"] for r in tiny_rows
+            if r["algorithm"] == "AdamW+bf16"}  # fmt: skip
+    assert bf16 == {"torch": 28, "fuseopt": 20}
+
+
+def test_state_bytes_counts_each_tensor_once():
+    """Every tensor in ``optimizer.state``, nested ones too, one held twice once; numbers and
+    strings are not memory the bench counts."""
+    shared = torch.zeros(3, dtype=torch.float64)  # 24 bytes
+
+    class Fake:
+        state = {
+            "a": {"m": torch.zeros(10), "step": torch.tensor(1.0), "lr": 0.1, "name": "x"},
+            "b": {"codes": torch.zeros(7, dtype=torch.uint8), "pair": [shared, (shared, 2)]},
+        }
+
+    assert bench.state_bytes(Fake()) == 40 + 4 + 7 + 24
+
+
+def test_table_shows_the_state_of_each_library(tiny_rows):
+    table = bench.format_table(tiny_rows, bandwidth=50.0).splitlines()
+    assert "state MiB" in table[0] and "state B/param" in table[0]
+    (line,) = [x for x in table if x.split()[:2] == ["tiny", "AdamW+bf16"]]
+    per_param = [f"{expected_state_bytes('AdamW+bf16', lib) / 105:.2f}" for lib in bench.LIBRARIES]
+    assert per_param == ["8.08", "4.08"]
+    assert " ".join(per_param) in " ".join(line.split())
+    assert line.split()[-3] == "20"  # moved bytes per param of fuseopt's fastest
+    assert line.endswith("x")  # (x bound stays last)
+
+
 def test_subsets_of_algorithms_and_impls():
     rows = bench.run(TINY, algorithms=["sgd"], impls=["fused"], steps=1, progress=False)
     assert [(r["algorithm"], r["library"], r["impl"]) for r in rows] == [
@@ -172,6 +256,12 @@ def test_main_writes_json(tmp_path, capsys):
     )
     assert all(r["workload"] == "many-small" for r in rows)
     assert all(r["ms"] > 0 for r in rows if r["library"] == "fuseopt")
+    adamw = {r["library"]: r for r in rows if r["algorithm"] == "AdamW"}
+    shapes = bench.load_workloads()["many-small"]
+    numel = sum(math.prod(s) for s in shapes)
+    for r in adamw.values():  # float32 moments and a step tensor per param
+        assert r["state_bytes"] == 8 * numel + 4 * len(shapes)
+        assert r["state_bytes_per_param"] == pytest.approx(8 + 4 * len(shapes) / numel)
     assert data["environment"]["torch"] and data["environment"]["bandwidth_gbps"] > 0
     out = capsys.readouterr().out
     assert all(name in out for name in bench.ALGORITHMS)
