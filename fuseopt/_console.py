@@ -120,14 +120,14 @@ def check_image_format(path: Path, option: str) -> None:
 MISSING_EXTRA = 'pip install "fuseopt[demo]"'
 
 
-def write_plot(draw, path: str | os.PathLike[str], prog: str) -> int:
+def write_plot(draw, path: str | os.PathLike[str], prog: str, option: str = "-o/--output") -> int:
     """Run ``draw()`` (which writes the picture to ``path``) and report it; the exit status: 0,
-    or 1 with an error line when the file cannot be written after all (checked at the start, but
-    the disk may have changed since)."""
+    or 1 with an error line naming ``option`` when the file cannot be written after all (checked
+    at the start, but the disk may have changed since)."""
     try:
         draw()
     except OSError as e:
-        print(f"{prog}: error: cannot write -o/--output: {e}", file=sys.stderr)
+        print(f"{prog}: error: cannot write {option}: {e}", file=sys.stderr)
         return 1
     print(f"wrote {path}")
     return 0

@@ -460,21 +460,6 @@ def test_kahan_comp_made_for_a_loaded_state():
     assert opt.state[p]["kahan_comp"].dtype == BF16 and "kahan_comp" not in opt.state[f]
 
 
-def test_compensated_bfloat16_reaches_the_float32_loss():
-    """The convergence run (fuseopt.bf16_convergence, 300 steps): plain bfloat16 stalls (its
-    loss more than 1.5x float32's), Kahan summation and stochastic rounding land within 10% of
-    float32's loss (measured: float32 0.441, bfloat16 0.979, Kahan 0.445, SR 0.437)."""
-    pytest.importorskip("sklearn")
-    from fuseopt import bf16_convergence as demo
-
-    data = demo.digits()
-    loss = {v: demo.train(v, steps=300, data=data) for v in demo.VARIANTS}
-    f32 = loss["float32"]
-    assert loss["bfloat16"] > 1.5 * f32
-    assert abs(loss["bfloat16 + kahan_sum"] - f32) < 0.1 * f32
-    assert abs(loss["bfloat16 + stochastic_rounding"] - f32) < 0.1 * f32
-
-
 # ---------------------------------------------------------------------------------- checkpoints
 def test_torch_loads_bfloat16_states_and_continues(tmp_path):
     """``state_dict()`` keeps torch's layout, the states bfloat16 tensors (weights_only loads
