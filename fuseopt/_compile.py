@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
+from itertools import chain
+from operator import attrgetter, is_
 from typing import TYPE_CHECKING
 
 import torch
@@ -31,6 +33,7 @@ import torch
 if TYPE_CHECKING:
     from fuseopt.optimizer import Optimizer
 
+_GRAD = attrgetter("grad")
 _LIVE: weakref.WeakValueDictionary[int, Optimizer] = weakref.WeakValueDictionary()
 
 
@@ -87,15 +90,19 @@ def _step(optimizer: int, params: list[torch.Tensor], grads: list[torch.Tensor |
         raise RuntimeError(
             "fuseopt::step: the optimizer this graph was compiled for no longer exists"
         )
-    live = [p for group in opt.param_groups for p in group["params"]]
+    live = list(chain.from_iterable(group["params"] for group in opt.param_groups))
     if len(params) != len(live):
         raise RuntimeError(
             "fuseopt::step: the optimizer's params changed since this graph was compiled"
         )
-    # (only what differs is swapped or copied: usually nothing, and a grad's setter costs a
-    # microsecond per param)
-    copies = [(p, given) for p, given in zip(live, params) if given is not p]
-    swaps = [(p, p.grad, g) for p, g in zip(live, grads) if p.grad is not g]
+    # (only what differs is swapped or copied: usually nothing, found without a Python call per
+    # param; a grad's setter costs a microsecond per param)
+    copies, swaps = [], []
+    if not all(map(is_, live, params)):
+        copies = [(p, given) for p, given in zip(live, params) if given is not p]
+    current = list(map(_GRAD, live))
+    if not all(map(is_, current, grads)):
+        swaps = [(p, now, g) for p, now, g in zip(live, current, grads) if now is not g]
     try:
         with torch.no_grad():
             for p, given in copies:
