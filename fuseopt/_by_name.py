@@ -32,7 +32,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from fuseopt.optimizer import Optimizer, _cast_state
+from fuseopt import _quant_io
+from fuseopt.optimizer import Optimizer, _loaded_state
 
 __all__ = ["IncompatibleKeys", "load_by_name"]
 
@@ -104,12 +105,12 @@ def load_by_name(
     state: defaultdict[Any, dict[str, Any]] = defaultdict(dict)
     for name, (param, i) in ours.items():
         if name in saved.state and name in saved_group_of and name not in misfits:
-            # the step's place follows the group the param steps in from now on
-            on_device = bool(groups[i].get("fused")) or bool(groups[i].get("capturable"))
-            state[param] = _cast_state(
-                param, saved.state[name], on_device, keep=keep,
-                state_dtype=groups[i].get("state_dtype"),
-            )  # fmt: skip
+            # the step's place, the state dtype and the 8-bit states follow the group the param
+            # steps in from now on
+            try:
+                state[param] = _loaded_state(opt.rule, groups[i], param, saved.state[name], keep)
+            except ValueError as e:  # (nothing has changed yet)
+                raise ValueError(f"by_name=True: the saved state of {name!r}: {e}") from None
     state.update(saved.orphans)
     opt.__setstate__({"state": state, "param_groups": groups})
     return IncompatibleKeys(missing, unexpected)
@@ -250,9 +251,12 @@ def _misfits(opt: Optimizer, param: torch.Tensor, value: Any) -> list[str]:
 
     rule = getattr(opt, "rule", None)
     like_param = {s.name for s in (rule.state if rule else ()) if not isinstance(s, ScalarState)}
-    bad = []
+    # 8-bit states saved compact: codes and scales checked as such (uint8 in the param's shape;
+    # float32, one per block)
+    bad = _quant_io.problems(rule, param, value)
+    checked = {*_quant_io.compact_states(rule, value), *_quant_io.scale_keys(rule)}
     for key, v in value.items():
-        if not isinstance(v, torch.Tensor):
+        if not isinstance(v, torch.Tensor) or key in checked:
             continue
         if key in like_param:
             fits = v.shape == param.shape

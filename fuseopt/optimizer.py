@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from fuseopt import _compile, _storage
+from fuseopt import _compile, _quant_io, _storage
 
 __all__ = ["Optimizer", "register_optimizer_step_pre_hook", "register_optimizer_step_post_hook"]
 
@@ -572,12 +572,23 @@ class Optimizer(torch.optim.Optimizer):
         return _add_hook(self._optimizer_load_state_dict_post_hooks, hook, prepend)
 
     # -------------------------------------------------------------------------------- state dict
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, *, compact: bool = False) -> dict[str, Any]:
         r"""Return the optimizer's state as a :class:`dict`, in torch.optim's format.
 
         ``state`` maps integer param ids to each param's state; ``param_groups`` lists the groups
         with their options, ``params`` as ids (and ``param_names`` where the group was built from
         named parameters). Ids number the params in group order.
+
+        8-bit states (``state_bits=8``) are saved dequantized, in torch's layout: each under its
+        own key, in the dtype of the param's full-precision states (the group's ``state_dtype``,
+        else the param's), so that ``torch.optim`` loads them. Loading them back into an 8-bit
+        optimizer quantizes them again, to codes within one step of the saved ones.
+
+        Args:
+            compact (bool, keyword-only): save 8-bit states as they are held, the uint8 codes
+                under the state's key and the float32 scales of its blocks under
+                ``<key>_absmax``: a quarter of the bytes, and a load gives back exactly the
+                state saved (fuseopt only: torch.optim cannot load it) (default: False)
         """
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
@@ -587,7 +598,10 @@ class Optimizer(torch.optim.Optimizer):
         ids: dict[int, int] = {}
         groups = []
         position = 0
+        group_of: dict[int, dict[str, Any]] = {}  # (each param's first group, as its id)
         for group in self.param_groups:
+            for p in group["params"]:
+                group_of.setdefault(id(p), group)
             packed = {k: v for k, v in group.items() if k != "params"}
             new_ids = {}
             for p in group["params"]:
@@ -598,7 +612,12 @@ class Optimizer(torch.optim.Optimizer):
             packed["params"] = [ids[id(p)] for p in group["params"]]
             groups.append(packed)
         state = {
-            (ids[id(k)] if isinstance(k, torch.Tensor) else k): v for k, v in self.state.items()
+            (ids[id(k)] if isinstance(k, torch.Tensor) else k): (
+                _quant_io.saved(self.rule, group_of[id(k)], k, v, compact)
+                if isinstance(k, torch.Tensor) and id(k) in group_of
+                else v
+            )
+            for k, v in self.state.items()
         }
         state_dict = {"state": state, "param_groups": groups}
         for hook in self._optimizer_state_dict_post_hooks.values():
@@ -683,18 +702,18 @@ class Optimizer(torch.optim.Optimizer):
                 chain.from_iterable(g["params"] for g in groups),
             )
         )
-        flags_of, dtype_of = {}, {}
+        group_of = {}  # each saved param's group, with our storage options where it has none
         for g, saved in zip(groups, saved_groups):
             _storage.carry_options(g, saved)
             for pid in saved["params"]:
-                flags_of.setdefault(pid, bool(saved.get("fused")) or bool(saved.get("capturable")))
-                dtype_of.setdefault(pid, saved.get("state_dtype"))
+                group_of.setdefault(pid, saved)
         state: defaultdict[Any, dict[str, Any]] = defaultdict(dict)
         for k, v in state_dict["state"].items():
             if k in id_map:
-                state[id_map[k]] = _cast_state(
-                    id_map[k], v, flags_of.get(k, False), keep=keep, state_dtype=dtype_of.get(k)
-                )
+                try:
+                    state[id_map[k]] = _loaded_state(self.rule, group_of[k], id_map[k], v, keep)
+                except ValueError as e:  # (nothing has changed yet)
+                    raise ValueError(f"loaded state dict: the state of param {k!r}: {e}") from None
             else:
                 state[k] = v  # state of no param is kept as is (torch does so for old checkpoints)
         for group, saved in zip(groups, saved_groups):
@@ -702,6 +721,22 @@ class Optimizer(torch.optim.Optimizer):
             if "param_names" in group and "param_names" not in saved:
                 saved["param_names"] = group["param_names"]
         self.__setstate__({"state": state, "param_groups": saved_groups})
+
+
+def _loaded_state(rule, group: dict[str, Any], param: torch.Tensor, value: Any, keep: bool) -> Any:
+    """A copy of a loaded param state ``value`` for ``param``, in the format of ``group`` (the
+    group it steps in after the load): its 8-bit states quantized or dequantized as the group
+    asks (:mod:`fuseopt._quant_io`; ``ValueError`` for codes and scales that cannot be the
+    param's), the rest cast as :func:`_cast_state` casts it."""
+    on_device = bool(group.get("fused")) or bool(group.get("capturable"))
+    sd = group.get("state_dtype")
+    if not isinstance(value, dict) or rule is None:
+        return _cast_state(param, value, on_device, keep=keep, state_dtype=sd)
+    value, final = _quant_io.loaded(rule, group, param, value)
+    return {
+        k: v if k in final else _cast_state(param, v, on_device, k, keep=keep, state_dtype=sd)
+        for k, v in value.items()
+    }
 
 
 def _cast_state(
