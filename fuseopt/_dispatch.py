@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from fuseopt import _storage
+from fuseopt import _quant, _storage
 from fuseopt.kernels import numba_cpu, triton_gpu
 from fuseopt.rule import Clone, Fill, ScalarState, Zeros, to_scalar
 
@@ -92,8 +92,10 @@ def backend_for(group: dict, p: torch.Tensor, sparse: bool) -> str:
 def new_state(rule, group: dict, p: torch.Tensor, specs, grad: torch.Tensor | None = None) -> dict:
     """A new param's state, in torch's keys and dtypes: ``step`` and the rule's tensors
     (a :class:`~fuseopt.rule.FirstValue` is made by the first update that writes it); the
-    tensors in the group's ``state_dtype`` where it has one, and a bfloat16 param's
-    ``kahan_comp`` where the group asks for ``kahan_sum`` (:mod:`fuseopt._storage`)."""
+    tensors in the group's ``state_dtype`` where it has one, 8-bit (codes and block scales,
+    :func:`zero_codes`) where ``state_bits=8`` quantizes them (:func:`fuseopt._quant.quantized`),
+    and a bfloat16 param's ``kahan_comp`` where the group asks for ``kahan_sum``
+    (:mod:`fuseopt._storage`)."""
     state = {}
     if rule.has_step:
         on_device = bool(group.get("capturable") or group.get("fused"))
@@ -103,8 +105,11 @@ def new_state(rule, group: dict, p: torch.Tensor, specs, grad: torch.Tensor | No
             else torch.tensor(0.0, dtype=scalar_dtype())
         )
     dtype = _storage.state_dtype(group, p)
+    bits8 = _quant.quantized(rule, group, p)
     for spec in specs:
-        if isinstance(spec, ScalarState):
+        if spec.name in bits8 and isinstance(spec, Zeros):
+            state[spec.name], state[_quant.absmax_key(spec.name)] = zero_codes(p, bits8[spec.name])
+        elif isinstance(spec, ScalarState):
             value = group[spec.key] if spec.key else spec.value
             device = p.device if spec.on_param_device or group.get("capturable") else "cpu"
             state[spec.name] = torch.as_tensor(value, dtype=scalar_dtype(), device=device).clone()
@@ -124,6 +129,20 @@ def new_state(rule, group: dict, p: torch.Tensor, specs, grad: torch.Tensor | No
     if _storage.kahan(group, p):
         state[_storage.KAHAN] = torch.zeros_like(p, memory_format=torch.preserve_format)
     return state
+
+
+def zero_codes(p: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """An 8-bit state of zeros for ``p``: the code of 0.0 (uint8, ``p``'s shape, contiguous) and
+    a zero scale per block (float32)."""
+    zero = _quant.zero_code(signed)
+    codes = torch.full(p.shape, zero, dtype=torch.uint8, device=p.device)
+    return codes, torch.zeros(_quant.blocks(p.numel()), dtype=torch.float32, device=p.device)
+
+
+def empty_codes(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uninitialised codes and scales for ``p`` (a first value the step writes in full)."""
+    codes = torch.empty(p.shape, dtype=torch.uint8, device=p.device)
+    return codes, torch.empty(_quant.blocks(p.numel()), dtype=torch.float32, device=p.device)
 
 
 def init_state(opt, group: dict, params) -> None:

@@ -158,6 +158,43 @@ def entry_check(p, g, tensors: dict[str, torch.Tensor], also=None) -> tuple[str 
     return None, g
 
 
+def bits_problem(p, g, written: list, packed: dict[str, tuple]) -> str | None:
+    """K10 for one param's 8-bit states on a kernel: why ``packed`` (``{name: (codes,
+    absmax)}``) cannot be walked beside param ``p`` (what the kernel walks: ``g`` its grad,
+    ``written`` its other written tensors, for which K2-K5 hold), or None.
+
+    The kernel reads codes as flat uint8 arrays in the param's flat order, one block of
+    :data:`~fuseopt._quant.BLOCK` per ``absmax`` element, so: a contiguous param; codes uint8,
+    contiguous, of the param's shape; ``absmax`` float32, contiguous, exactly one element per
+    block; all on the param's device, without the negative bit, and no byte of them reached
+    through another tensor of the param (its grad included)."""
+    from fuseopt import _quant
+
+    if not p.is_contiguous():
+        return "the param is not contiguous (its 8-bit states' blocks run in flat order)"
+    want = {"codes": (torch.uint8, p.shape), "absmax": (torch.float32, (_quant.blocks(p.numel()),))}
+    for name, pair in packed.items():
+        for what, t in zip(want, pair):
+            dtype, shape = want[what]
+            if (
+                t.layout != torch.strided
+                or t.dtype != dtype
+                or t.shape != shape
+                or t.device != p.device
+                or not t.is_contiguous()
+                or t.is_neg()
+            ):
+                return (
+                    f"the {what} of 8-bit state {name!r}: not a contiguous {dtype} {tuple(shape)}"
+                )
+    spans = [span(t) for pair in packed.values() for t in pair]
+    others = [span(t) for t in written] + [span(g)]
+    for i, a in enumerate(spans):
+        if any(overlap(a, b) for b in spans[i + 1 :] + others):
+            return "its 8-bit states share memory with another of its tensors"
+    return None
+
+
 def standard_step(step: torch.Tensor) -> bool:
     """K6: a counter the host may bump through its address."""
     return (

@@ -35,9 +35,21 @@ the one place that establishes, at every step and before any address is read:
   whose tensors K2 admits (a grad of another dtype, or a state of a third one, is ``odd``: torch's
   for-loop math); stochastic rounding reads no memory beyond its operands (its random bits are
   a function of the launch's seed, a runtime scalar, and each element's index).
+- K10 *8-bit states* (``state_bits=8``, :mod:`fuseopt._quant`): an 8-bit state of a kernel
+  entry is two operands, its codes (uint8, the param's shape, contiguous: the param is
+  contiguous too, so that blocks of :data:`~fuseopt._quant.BLOCK` run in the flat order of
+  both) and its ``absmax`` (float32, contiguous, exactly ``blocks(numel)`` elements), on the
+  param's device, K4 for both, and neither reaching memory of the other nor of any other tensor
+  of the launch (K5: :func:`~fuseopt._facts.bits_problem`). A launch starts every tensor at its
+  element 0 and cuts it into chunks of a multiple of a block, so that a chunk holds whole blocks.
+  The kernels' quantization tables are module-owned constants whose sizes are checked when they
+  are built (:mod:`fuseopt.kernels._numba_ops`). Codes of another dtype or shape, an ``absmax``
+  of another dtype or size, or one missing are errors on every path
+  (:func:`_check_bits`); an 8-bit state that only no longer fits a kernel (a param made
+  non-contiguous, codes or scales laid out otherwise or sharing memory) takes the for-loop.
 
-A step checked in full establishes K2-K5 per param (:func:`~fuseopt._facts.entry_check`, with
-its grad and state) and K6 per counter (:func:`~fuseopt._facts.standard_step`); a group seen
+A step checked in full establishes K2-K5 and K10 per param
+(:func:`~fuseopt._facts.entry_check`, :func:`~fuseopt._facts.bits_problem`, with its grad and state) and K6 per counter (:func:`~fuseopt._facts.standard_step`); a group seen
 before is re-checked by :mod:`fuseopt._plan_cache`, which reads every fact of every tensor again
 (:mod:`fuseopt._facts`). A param that fails K2, K3 or K5 within itself takes the for-loop
 implementation (torch's ops decide: its numbers, or its error), a grad merely laid out otherwise
@@ -55,10 +67,11 @@ from operator import attrgetter
 import numpy as np
 import torch
 
-from fuseopt import _dtensor, _first_pass, _storage, kernels
-from fuseopt._dispatch import CAPTURABLE_DEVICES, KERNELS, backend_for, new_state
+from fuseopt import _dtensor, _first_pass, _quant, _storage, kernels
+from fuseopt._dispatch import CAPTURABLE_DEVICES, KERNELS, backend_for, empty_codes, new_state
 from fuseopt._facts import (
     STEP_DTYPES,
+    bits_problem,
     broadcasts,
     entry_check,
     overlap,
@@ -79,7 +92,7 @@ class Entry:
 
     __slots__ = (
         "param", "grad", "state", "backend", "kind", "views", "odd", "round",
-        "first", "step", "step_value", "sv", "wide", "extra",
+        "first", "step", "step_value", "sv", "wide", "extra", "quant",
     )  # fmt: skip
 
     def __init__(self, param, grad, state, backend, kind):
@@ -95,6 +108,7 @@ class Entry:
         self.step = None  # the step tensor
         self.step_value = None  # its value once bumped (a float, or a tensor on the device)
         self.sv = ()
+        self.quant = ()  # ((name, signed), ...): its 8-bit states (fuseopt._quant)
 
     def tensor(self, name: str):
         """The state tensor ``name`` this step reads (one the step will attach included)."""
@@ -148,6 +162,55 @@ def _check_state(rule, specs, state: dict, p: torch.Tensor, where: str) -> None:
             raise RuntimeError(f"{where}: state {spec.name!r}: {problem}")
     if rule.has_step:
         _step_tensor(state, rule.reads_step)
+
+
+def _check_bits(rule, group, specs, state: dict, p: torch.Tensor, where: str) -> dict:
+    """``{name: signed}`` for the 8-bit states of ``p`` at this step: those its state holds as
+    codes (an ``absmax`` beside them, or uint8 codes), and a first value the group would make
+    8-bit; errors (K10) for codes or scales that no path can read: another dtype, shape,
+    device, a missing ``absmax``."""
+    want = None
+    out = {}
+    for spec in specs:
+        signed = getattr(spec, "signed", None)
+        if signed is None:
+            continue
+        name, key = spec.name, _quant.absmax_key(spec.name)
+        codes = state.get(name)
+        if codes is None:  # (a missing Zeros state raised in _check_state)
+            if want is None:
+                want = _quant.quantized(rule, group, p)
+            if name in want:
+                out[name] = signed
+            continue
+        if key not in state and not (torch.is_tensor(codes) and codes.dtype == torch.uint8):
+            continue  # a full-precision state
+        absmax = state[key]  # KeyError naming the key, as torch's for a missing state
+        for what, t, dtype, shape in (
+            ("codes", codes, torch.uint8, p.shape),
+            ("absmax", absmax, torch.float32, (_quant.blocks(p.numel()),)),
+        ):
+            label = name if what == "codes" else key
+            if not torch.is_tensor(t):
+                raise RuntimeError(
+                    f"{where}: state {label!r} is a {type(t).__name__}, not a Tensor"
+                )
+            if t.dtype != dtype or t.shape != shape or t.device != p.device:
+                raise RuntimeError(
+                    f"{where}: 8-bit state {name!r}: its {what} {label!r} must be {dtype} of shape "
+                    f"{tuple(shape)} on {p.device}, got {t.dtype} of shape {tuple(t.shape)} on "
+                    f"{t.device}"
+                )
+            if self_overlapping(t):
+                raise RuntimeError(
+                    f"{where}: state {label!r}: unsupported operation: more than one element of "
+                    "the written-to tensor refers to a single memory location"
+                )
+            problem = storage_problem(t)
+            if problem:
+                raise RuntimeError(f"{where}: state {label!r}: {problem}")
+        out[name] = signed
+    return out
 
 
 def _views(entry: Entry, names: list[str]):
@@ -221,7 +284,9 @@ def _collect(opt, group: dict, rule, specs, names) -> tuple[list[Entry], dict]:
         entry = Entry(p, g, state, backend, kind)
         if rule.has_step:
             entry.step = state["step"]
-        entry.wide = _storage.widened(group, p)
+        entry.quant = tuple(_check_bits(rule, group, specs, state, p, where).items())
+        # (8-bit states: dequantized to float32, the rule in float32, as a storage format)
+        entry.wide = _storage.widened(group, p) or bool(entry.quant)
         if kahan and _storage.KAHAN not in state:  # (a checkpoint without one: none to carry)
             entry.extra = {_storage.KAHAN: torch.zeros_like(p, memory_format=torch.preserve_format)}
         _route(entry, [*names, _storage.KAHAN] if kahan else names, where, group.get("state_dtype"))
@@ -236,7 +301,13 @@ def _route(entry: Entry, names: list[str], where: str, state_dtype=None) -> None
     p, g, state = entry.param, entry.grad, entry.state
     if entry.kind[2]:  # sparse: the rule's own per-tensor code
         return
-    tensors = [entry.tensor(n) for n in names if entry.tensor(n) is not None]
+    quant = dict(entry.quant)
+    if quant and entry.backend == "triton":
+        # 8-BIT STATES ON TRITON: no Triton kernel reads them yet; foreach steps them (the one
+        # place that routes them so; the Triton generator would take these launches as numba's)
+        entry.backend = "foreach"
+    # (an 8-bit state's codes and scales are checked by K10, below and in _check_bits)
+    tensors = [entry.tensor(n) for n in names if entry.tensor(n) is not None and n not in quant]
     also = state_dtype if entry.wide else None  # (a storage format: fp32 math, own dtypes)
     odd = any(t.dtype != p.dtype or t.device != p.device for t in (g, *tensors)) and not (
         # a storage format computes in float32 whatever the grad's dtype (the for-loop's
@@ -272,6 +343,9 @@ def _route(entry: Entry, names: list[str], where: str, state_dtype=None) -> None
     entry.odd = odd
     if entry.backend not in KERNELS:
         return
+    if quant and (_dtensor.is_dtensor(p) or p.dtype not in _storage.PARAM_DTYPES):
+        entry.backend = "reference"  # (the kernels quantize in float32, on whole tensors)
+        return
     if _dtensor.is_dtensor(p):  # FSDP2: the kernel runs on shards sharded alike
         entry.backend = _dtensor.fused_backend(p, g, state, names)
         if entry.backend != "numba":
@@ -279,8 +353,15 @@ def _route(entry: Entry, names: list[str], where: str, state_dtype=None) -> None
     if entry.odd or (entry.step is not None and not _kernel_step(entry)):
         entry.backend = "reference"
         return
-    kp, kg, kstates = _views(entry, names)
+    kp, kg, kstates = _views(entry, [n for n in names if n not in quant])
     problem, kg = entry_check(kp, kg, kstates, also)
+    if problem is None and quant:  # K10
+        packed = {
+            n: (state[n], state[_quant.absmax_key(n)]) for n in quant if state.get(n) is not None
+        }
+        problem = bits_problem(kp, kg, [kp, *kstates.values()], packed)
+        for n, (codes, absmax) in packed.items():
+            kstates[n], kstates[_quant.absmax_key(n)] = codes, absmax
     if problem is not None:
         entry.backend = "reference"
         return
@@ -334,8 +415,8 @@ def _rounds(entries: list[Entry]) -> int:
 class Launch:
     """One backend call: ``rule`` over a batch of tensors, with everything the backend reads.
 
-    ``tensors`` holds one list per operand (``operands``: param, grad, then states) in batch
-    order; for a kernel, what the kernel walks, checked here (K1-K5). ``states`` holds the
+    ``tensors`` holds one list per operand (``operands``: param, grad, then states, then a
+    bfloat16 param's ``kahan_comp``, then the scales of 8-bit states) in batch order; for a kernel, what the kernel walks, checked here (K1-K5). ``states`` holds the
     params' state dicts for the for-loop, which reads them when it runs (a
     :class:`~fuseopt.rule.FirstValue` it creates there), and ``odd`` whether each param's
     tensors differ in dtype (the for-loop then rounds as torch's in-place ops do).
@@ -345,7 +426,7 @@ class Launch:
     __slots__ = (
         "backend", "rule", "flags", "scalars", "operands", "tensors", "states", "odd", "numels",
         "dtype", "table", "grad_scale", "found_inf", "grads", "real_view", "shards", "ndims",
-        "dtypes", "wide", "sr", "kahan",
+        "dtypes", "wide", "sr", "kahan", "quant",
     )  # fmt: skip
 
     def __init__(self, backend, rule, flags, scalars, operands, tensors):
@@ -361,7 +442,14 @@ class Launch:
         # a storage format (:mod:`fuseopt._storage`): computed in float32, stochastically rounded
         # bfloat16 stores where ``sr`` (the seed, ``scalars["sr_seed"]``, drawn when it runs)
         self.wide = self.sr = False
-        self.kahan = False  # the last operand is a bfloat16 param's compensation (kahan_comp)
+        self.kahan = False  # the operand after the rule's states is a bfloat16 param's
+        # compensation (kahan_comp)
+        # 8-bit states (``state_bits=8``): ``((name, signed), ...)``. The operand ``name`` holds
+        # the codes (uint8; ``signed``: the signed dynamic map, else the unsigned one); a kernel
+        # launch ends with one operand per 8-bit state, in this order, its float32 scales
+        # (``absmax_key(name)``, one per block of 256, K10). The for-loop and foreach read the
+        # scales from ``states``.
+        self.quant = ()
         self.grad_scale = self.found_inf = None
         # the params' own grads, and whether the kernel walks real views of complex params or
         # DTensor shards instead of them (the clipping norm pass reads these)
@@ -580,8 +668,13 @@ def plan_group(opt, group: dict) -> GroupPlan | None:
             e.first = bool(firsts) and any(n not in e.state for n in firsts)
             if e.first and e.backend != "reference":  # (the for-loop clones its first value)
                 have = made[id(e.state)]
+                quant = dict(e.quant)
                 for n in firsts:
-                    if n not in e.state:  # (empty_like preserves a dense layout)
+                    if n not in e.state and n in quant:  # codes and scales, written in full
+                        key = _quant.absmax_key(n)
+                        have[n], have[key] = empty_codes(e.param)
+                        new_firsts += [(e.state, n, have[n]), (e.state, key, have[key])]
+                    elif n not in e.state:  # (empty_like preserves a dense layout)
                         dtype = _storage.state_dtype(group, e.param)
                         have[n] = torch.empty_like(e.param, dtype=dtype)
                         new_firsts.append((e.state, n, have[n]))
@@ -720,17 +813,20 @@ def _launches(
         kahan = e.wide and not e.odd and _storage.kahan(group, e.param)
         if kahan:
             dtypes += (e.tensor(_storage.KAHAN).dtype,)
-        key = (e.backend, e.kind, e.first, e.odd, key_step, e.sv, e.wide, dtypes, kahan)
+        key = (e.backend, e.kind, e.first, e.odd, key_step, e.sv, e.wide, dtypes, kahan, e.quant)
         keyed.setdefault(key, []).append(e)
     launches = []
     operands = ("param", "grad", *names)
     sr = bool(group.get("stochastic_rounding"))
-    for (backend, kind, first, odd, key_step, sv, wide, _, kahan), es in keyed.items():
+    for (backend, kind, first, odd, key_step, sv, wide, _, kahan, quant), es in keyed.items():
         sparse = kind[2]
         wide = wide and not odd  # (a tensor of another dtype: torch's in-place rounding)
-        # (a compensated bfloat16 param: its ``kahan_comp``, the last operand, no rule's)
+        # (a compensated bfloat16 param: its ``kahan_comp``, the operand after the rule's)
         ops = (*operands, _storage.KAHAN) if kahan else operands
         all_names = [*names, _storage.KAHAN] if kahan else names
+        if backend in KERNELS and quant:  # (K10: each 8-bit state's scales, the last operands)
+            scales = [_quant.absmax_key(n) for n, _ in quant]
+            ops, all_names = (*ops, *scales), [*all_names, *scales]
         sv = dict(zip(scalar_names, sv))
         step = es[0].step_value
         if key_step == "stacked" and len(es) > 1:
@@ -748,9 +844,9 @@ def _launches(
             tensors = [list(ts) for ts in zip(*views)] if views else [[] for _ in ops]
             launch = Launch(backend, rule, flags, scalars, ops, tensors)
             launch.wide, launch.sr = wide and _storage.state_dtype(group, es[0].param), wide and sr
-            launch.kahan = kahan
+            launch.kahan, launch.quant = kahan, quant
             if backend == "numba":  # compiled before any change
-                numba_cpu.kernel(rule, flags, ops, launch.dtypes, True, launch.sr, kahan)
+                numba_cpu.kernel(rule, flags, ops, launch.dtypes, True, launch.sr, kahan, quant)
         elif sparse and rule.sparse_update is not None:  # the rule's own per-tensor code
             launch = Launch("sparse", rule, flags, scalars, (), [[e.param for e in es]])
             launch.states = [(e.param, e.grad, e.state, e.step_value) for e in es]
@@ -767,7 +863,7 @@ def _launches(
                 tensors = [[torch.view_as_real(t) for t in ts] for ts in tensors]
             launch = Launch(backend, rule, flags, scalars, ops, tensors)
             launch.wide, launch.sr = wide and _storage.state_dtype(group, es[0].param), wide and sr
-            launch.kahan = kahan
+            launch.kahan, launch.quant = kahan, quant
             launch.states = [e.state for e in es]
             launch.odd = [e.odd for e in es]
             if any(launch.odd):  # torch's ops may refuse these dtypes: find out now

@@ -35,7 +35,7 @@ from operator import attrgetter, is_, is_not, itemgetter
 import numpy as np
 import torch
 
-from fuseopt import _dtensor, _facts, _storage
+from fuseopt import _dtensor, _facts, _quant, _storage
 from fuseopt._plan import Entry, GroupPlan, Launch, launch_flags, nan_safe, scalar_states
 from fuseopt.kernels import numba_cpu
 
@@ -49,16 +49,23 @@ _CACHED = ("numba", "foreach", "reference")  # backends whose entries the cache 
 
 def _options(group: dict) -> tuple:
     """The group options that choose backends and operands: the same at every cached step."""
-    keys = ("fused", "foreach", "state_dtype", "stochastic_rounding", "kahan_sum")
+    keys = (
+        "fused", "foreach", "state_dtype", "stochastic_rounding", "kahan_sum", "state_bits",
+        "min_8bit_size",
+    )  # fmt: skip
     return tuple(group.get(k) for k in keys)
 
 
 def _operand_names(launches: list, names: list) -> list:
-    """The state operands of the launches: the rule's, and ``kahan_comp`` where they carry one
-    (every launch of a cached group is alike: one dtype, one backend kind)."""
+    """The state operands of the launches: the rule's, ``kahan_comp`` where they carry one, and
+    the scales of 8-bit states (every launch of a cached group is alike: one dtype per operand,
+    one backend kind, the same 8-bit states; K10 rests on the scales' facts as on the codes')."""
+    out = list(names)
     if launches and launches[0].kahan:
-        return [*names, _storage.KAHAN]
-    return names
+        out.append(_storage.KAHAN)
+    if launches and launches[0].quant:
+        out += [_quant.absmax_key(n) for n, _ in launches[0].quant]
+    return out
 
 
 class PlanCache:
@@ -67,7 +74,7 @@ class PlanCache:
     __slots__ = (
         "names", "options", "ids", "mask", "getters", "steps", "at", "facts", "expect",
         "itemsize", "numels", "starts", "stops", "step_ptrs", "step_dtype", "launch",
-        "backends", "kind", "scalar_names", "ndims", "wide", "kahan", "operand_names",
+        "backends", "kind", "scalar_names", "ndims", "wide", "kahan", "operand_names", "quant",
     )  # fmt: skip
 
     @staticmethod
@@ -101,6 +108,7 @@ class PlanCache:
             or any(e.grad.layout != torch.strided or _dtensor.is_dtensor(e.param) for e in entries)
             or len({p.dtype for p in params}) > 1
             or not all(map(_CONTIGUOUS, chain(params, (e.grad for e in entries))))
+            or len({launch.quant for launch in launches}) > 1  # (8-bit and full-precision)
             or not all(_CONTIGUOUS(s[n]) for s in states for n in _operand_names(launches, names))
             or (has_step and len({s["step"].dtype for s in states}) > 1)
             or (has_step and not all(_facts.standard_step(s["step"]) for s in states))
@@ -117,6 +125,7 @@ class PlanCache:
         cache.mask = None if all(mask) else mask
         # (a compensated bfloat16 param's kahan_comp: an operand after the rule's states)
         cache.kahan = bool(launches) and launches[0].kahan
+        cache.quant = launches[0].quant if launches else ()
         cache.operand_names = all_names = _operand_names(launches, names)
         cache.getters = [itemgetter(n) for n in all_names]
         cache.steps = itemgetter("step") if has_step else None
@@ -226,6 +235,7 @@ class PlanCache:
         for p, g, state, backend in zip(params, grads, states, self.backends):
             e = Entry(p, g, state, backend, kind)
             e.wide = bool(self.wide[0])
+            e.quant = self.quant
             if self.steps is not None:
                 e.step = state["step"]
             if backend == "numba":  # (real, contiguous, one dtype: the tensors themselves)
@@ -273,7 +283,7 @@ class PlanCache:
         launch = Launch("numba", rule, flags, rule.scalars(group, step, sv), operands, [[]])
         launch.dtype, launch.dtypes = dtypes[0], dtypes
         launch.wide, launch.sr = self.wide
-        launch.kahan = self.kahan
+        launch.kahan, launch.quant = self.kahan, self.quant
         if idx is None:
             launch.numels, launch.table, launch.ndims = numels, table, self.ndims
         else:
@@ -281,5 +291,5 @@ class PlanCache:
             launch.table = np.ascontiguousarray(table[:, idx])
             launch.ndims = tuple(self.ndims[i] for i in idx)
         # (compiled before anything changes)
-        numba_cpu.kernel(rule, flags, operands, dtypes, True, launch.sr, launch.kahan)
+        numba_cpu.kernel(rule, flags, operands, dtypes, True, launch.sr, launch.kahan, self.quant)
         return launch

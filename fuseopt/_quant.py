@@ -29,7 +29,9 @@ from functools import cache
 
 import torch
 
-__all__ = ["BLOCK", "MIN_SIZE", "dynamic_map", "quantize", "dequantize", "blocks", "tables"]
+__all__ = [
+    "BLOCK", "MIN_SIZE", "dynamic_map", "quantize", "dequantize", "blocks", "tables", "zero_code",
+]  # fmt: skip
 
 BLOCK = 256  # elements per block (one absmax each)
 MIN_SIZE = 4096  # params with fewer elements keep full-precision states (bitsandbytes' default)
@@ -55,6 +57,12 @@ def _map(signed: bool) -> torch.Tensor:
     out = torch.cat(parts).sort().values
     assert out.numel() == 256 and bool((out.diff() > 0).all())
     return out
+
+
+@cache
+def zero_code(signed: bool) -> int:
+    """The code of 0.0 in the signed or unsigned map."""
+    return int((_map(bool(signed)) == 0).nonzero()[0, 0])
 
 
 def dynamic_map(signed: bool, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -75,6 +75,7 @@ def _pointer_cast(nbtype):
 ptr_float32 = _pointer_cast(types.float32)
 ptr_float64 = _pointer_cast(types.float64)
 ptr_uint16 = _pointer_cast(types.uint16)  # bfloat16 and float16 storage: numba has no bfloat16
+ptr_uint8 = _pointer_cast(types.uint8)  # 8-bit states' codes
 
 _I16, _I32, _F32 = ir.IntType(16), ir.IntType(32), ir.FloatType()
 
@@ -143,6 +144,85 @@ def store_bf16_sr(typingctx, x, noise):
         return _bf16_bits(builder, args[0], upper)
 
     return types.uint16(x, noise), codegen
+
+
+@intrinsic
+def f32_bits(typingctx, x):
+    """The bits of float32 ``x`` as an uint32."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], _I32)
+
+    return types.uint32(x), codegen
+
+
+@intrinsic
+def mag_bits(typingctx, x):
+    """The bits of ``abs(x)`` (float32) as an uint32: ordered as the magnitudes are, NaN above
+    inf (an integer max over them is the float max, NaN-propagating, and vectorises)."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.and_(builder.bitcast(args[0], _I32), _I32(0x7FFFFFFF))
+
+    return types.uint32(x), codegen
+
+
+@numba.njit(inline="always")
+def umax(a, b):
+    """The larger of two uint32."""
+    return a if a > b else b
+
+
+@intrinsic
+def bits_f32(typingctx, bits):
+    """The float32 whose bits are the uint32 ``bits``."""
+    if bits != types.uint32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], _F32)
+
+    return types.float32(bits), codegen
+
+
+# ------------------------------------------------------------------- 8-bit states (K10 tables)
+def _quant_tables(signed: bool):
+    """The dynamic map (float32, 256), the bucket table (uint8, one entry per value of the top
+    ``32 - shift`` bits) and the midpoint above each code (float32, 256) of :mod:`fuseopt._quant`,
+    as module-owned constants (numba freezes them into the kernels), their sizes checked: every
+    index a kernel forms (a code; an uint32 shifted right by ``shift``) is inside them."""
+    from fuseopt import _quant
+
+    qmap = _quant.dynamic_map(signed).numpy().astype(np.float32)
+    low, above, shift = _quant.tables(signed)
+    lut, above = low.numpy().astype(np.uint8), above.numpy().astype(np.float32)
+    if qmap.shape != (256,) or above.shape != (256,) or lut.shape != (1 << (32 - shift),):
+        raise AssertionError("fuseopt: 8-bit quantization tables of unexpected sizes")
+    for a in (qmap, lut, above):
+        a.setflags(write=False)
+    return qmap, lut, above, np.uint32(shift)
+
+
+QMAP_S, LUT_S, ABOVE_S, SHIFT_S = _quant_tables(True)  # signed states
+QMAP_U, LUT_U, ABOVE_U, SHIFT_U = _quant_tables(False)  # unsigned (second moments)
+
+
+@numba.njit(inline="always")
+def code_s(y):
+    """The code of the scaled value ``y`` in the signed map (:func:`fuseopt._quant.tables`)."""
+    c = LUT_S[f32_bits(y) >> SHIFT_S]
+    return np.uint8(c + (y > ABOVE_S[c]))
+
+
+@numba.njit(inline="always")
+def code_u(y):
+    """The code of the scaled value ``y`` in the unsigned map."""
+    c = LUT_U[f32_bits(y) >> SHIFT_U]
+    return np.uint8(c + (y > ABOVE_U[c]))
 
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)

@@ -12,6 +12,7 @@ import torch
 
 from fuseopt import _storage
 from fuseopt._dtensor import any_dtensor
+from fuseopt.kernels.reference import pack, unpack
 
 
 class TensorList(list):
@@ -187,13 +188,22 @@ def _run_wide(launch, p: TensorList, state: dict, names) -> None:
         }
     )
     rng = _storage.seed_generator(launch.scalars["sr_seed"]) if launch.sr else None
-    wide = {n: _widened(ts) for n, ts in state.items()}
+    quant = dict(launch.quant)
+    wide = {n: _widened(ts) for n, ts in state.items() if n not in quant}
+    if quant:  # 8-bit states: their float32 values (the scales in the params' state dicts)
+        read = [unpack({n: state[n][i] for n in quant}, home, quant)
+                for i, home in enumerate(launch.states)]  # fmt: skip
+        wide.update({n: TensorList(r[n] for r in read) for n in quant})
     out = launch.rule.apply(
         ForeachOps, launch.flags, s, _widened(p), _widened(launch.tensors[1]), **wide
     )
     for name, value in out.items():
         targets = p if name == "param" else state.get(name)
         if value is None or value is (wide.get(name) if name != "param" else None):
+            continue
+        if name in quant:
+            for home, v in zip(launch.states, value):
+                pack(home, name, v, quant[name])
             continue
         if name == "param" and launch.kahan:  # (the compensations: the last operand)
             for target, v, comp in zip(targets, value, launch.tensors[-1]):

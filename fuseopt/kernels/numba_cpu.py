@@ -31,6 +31,7 @@ import torch
 from fuseopt.kernels.trace import Graph, trace
 
 CHUNK = 1 << 16  # elements per work item: large enough to amortise, small enough to balance threads
+BLOCK = 256  # elements per scale of an 8-bit state (fuseopt._quant.BLOCK; CHUNK is a multiple)
 SERIAL_BELOW = CHUNK  # steps over fewer elements (all tensors together) run on one thread
 # param dtype -> (how the kernel reads the storage, the type it computes in). 16-bit floats are
 # read as their bits and widened in registers: math in float32, one rounding back per store.
@@ -97,16 +98,18 @@ def _exact(graph: Graph, operands, dtypes) -> set[int]:
 
 def source(
     graph: Graph, operands: tuple[str, ...], dtype, parallel: bool = True, sr: bool = False,
-    kahan: bool = False,
+    kahan: bool = False, quant: tuple = (),
 ) -> str:  # fmt: skip
     """Python source of the kernel for ``graph`` on tensors of ``dtype`` (a key of ``DTYPES``, or
     a tuple of them, one per operand: each is loaded and stored in its own, the arithmetic is in
     the param's compute type); ``parallel=False``: the same loop on the calling thread
     (``prange`` is then ``range``); ``sr``: bfloat16 stores round stochastically, with the seed
     the kernel reads after the scalars (:func:`kernel` names it ``sr_seed``); ``kahan``: the last
-    operand (no input of ``graph``) is the compensation of a bfloat16 param, added to its update
-    and given the rounding error of its store (Kahan summation)."""
-    return _source(graph, operands, dtype, parallel, reduce=False, sr=sr, kahan=kahan)
+    operand after the rule's (no input of ``graph``) is the compensation of a bfloat16 param,
+    added to its update and given the rounding error of its store (Kahan summation); ``quant``:
+    ``((name, signed), ...)``, the 8-bit states (uint8 codes), whose float32 scales are the last
+    operands, in this order (see :func:`_quant_lines`)."""
+    return _source(graph, operands, dtype, parallel, reduce=False, sr=sr, kahan=kahan, quant=quant)
 
 
 def reduce_source(graph: Graph, operands: tuple[str, ...], dtype, parallel: bool = True) -> str:
@@ -130,12 +133,11 @@ def _store(k: int, value: str, storage: str, compute: str, exact: bool, sr: bool
     return (value if storage == compute else f"np.{storage}({value})"), set()
 
 
-def _kahan_store(graph: Graph, node: int, storages, pointers, compute) -> list[str]:
+def _kahan_store(graph: Graph, node: int, storages, pointers, compute, kc: int) -> list[str]:
     """The lines that store the param's new value ``v{node}`` with Kahan summation: the
-    compensation (the last operand) joins the update, the param takes the sum rounded to
+    compensation (operand ``kc``) joins the update, the param takes the sum rounded to
     nearest, and the compensation what that rounding lost (exact in float32: the param and its
     rounded sum are close)."""
-    kc = len(storages) - 1
     old = f"v{graph.inputs['param']}"
     load_c = f"load_{storages[kc]}(a{kc}[j])" if pointers[kc] == "uint16" else f"a{kc}[j]"
     store_c = f"store_{storages[kc]}(kc)" if pointers[kc] == "uint16" else "kc"
@@ -150,18 +152,67 @@ def _kahan_store(graph: Graph, node: int, storages, pointers, compute) -> list[s
     ]
 
 
+def _quant_lines(graph: Graph, operands, quant: tuple, T: str):
+    """What 8-bit states change in an update kernel whose chunks are walked a block
+    (:data:`BLOCK` elements, one scale) at a time (``lo``, ``n``: the block's start and size):
+    ``(before, loads, stores, after)``, the lines before the block's loop, the expressions
+    that read and write an operand there, and the lines after it.
+
+    Operand ``k`` of ``quant`` holds its codes (uint8); its scales are an operand after the
+    others (``quant``'s order). Before the loop, the block's values are dequantized into a
+    float32 buffer ``q{k}``: the map's value times the block's scale, as
+    :func:`fuseopt._quant.dequantize` (a loop of its own: it vectorises, a table gather, and
+    leaves the main loop fewer arrays to prove apart). The main loop reads ``q{k}`` and writes
+    the new value back into it; after it, the block's largest magnitude (an integer max over
+    the magnitudes' bits: the float max, NaN above inf; vectorises) is the new scale, and each
+    code is the nearest to the value times the scale's reciprocal (0 for a block of zeros),
+    found through the tables of :func:`fuseopt._quant.tables`."""
+    before, loads, stores, after = [], {}, {}, []
+    n_ops = len(operands)
+    for i, (name, signed) in enumerate(quant):
+        k, s = operands.index(name), n_ops - len(quant) + i
+        mark = "S" if signed else "U"
+        before += [
+            f"            a{k} = numba.carray(ptr_uint8(ptrs[{k}, t] + lo), n)  # {name}",
+            f"            m{k} = numba.carray(ptr_float32(ptrs[{s}, t] + (lo >> 8) * 4), 1)",
+        ]
+        if name in graph.inputs:
+            before += [
+                f"            s{k} = m{k}[0]  # {operands[s]}",
+                "            for j in range(n):",
+                f"                q{k}[j] = QMAP_{mark}[a{k}[j]] * s{k}",
+            ]
+            loads[k] = f"q{k}[j]"
+        if name in graph.outputs:
+            stores[k] = f"q{k}[j] = {{}}"
+            after += [
+                f"            x{k} = np.uint32(0)",
+                "            for j in range(n):",
+                f"                x{k} = umax(x{k}, mag_bits(q{k}[j]))",
+                f"            amax = bits_f32(x{k})",
+                f"            m{k}[0] = amax",
+                "            inv = ONE / amax if amax > ZERO else ZERO",
+                "            for j in range(n):",
+                f"                a{k}[j] = code_{mark.lower()}(q{k}[j] * inv)",
+            ]
+    return before, loads, stores, after
+
+
 def _source(
     graph: Graph, operands, dtype, parallel: bool, reduce: bool, sr: bool = False,
-    kahan: bool = False,
+    kahan: bool = False, quant: tuple = (),
 ) -> str:  # fmt: skip
     """The update kernel (``graph``'s outputs stored into its operands) or, ``reduce``, the
     reduction kernel (summed per chunk): the same loads and arithmetic either way. Each operand
-    is read through a pointer of its own storage type, widened to the compute type on load."""
+    is read through a pointer of its own storage type, widened to the compute type on load;
+    8-bit states (``quant``, update kernels only) are read and written a block at a time
+    (:func:`_quant_lines`)."""
     dtypes = per_operand(operands, dtype)
     compute = DTYPES[dtypes[0]][1]  # (the param's)
     T = f"np.{compute}"
-    storages = [DTYPES[d][0] for d in dtypes]
+    storages = ["uint8" if d == torch.uint8 else DTYPES[d][0] for d in dtypes]
     pointers = ["uint16" if st in ("bf16", "f16") else st for st in storages]
+    per_block, q_loads, q_stores, q_after = _quant_lines(graph, operands, quant, T)
     hoisted = [
         f"    ONE = {T}(1.0)", f"    ZERO = {T}(0.0)", "    per = 1 if scal.shape[0] > 1 else 0",
     ]  # fmt: skip
@@ -172,8 +223,11 @@ def _source(
             k = operands.index(args[0])
             helpers.add(f"ptr_{pointers[k]}")
             at = f"ptr_{pointers[k]}(ptrs[{k}, t] + lo * {dtypes[k].itemsize})"
-            arrays.append(f"        a{k} = numba.carray({at}, n)  # {args[0]}")
             load = f"a{k}[j]"
+            if k in q_loads:  # (an 8-bit state: its block's values, see _quant_lines)
+                body.append(f"            v{i} = {q_loads[k]}")
+                continue
+            arrays.append(f"        a{k} = numba.carray({at}, n)  # {args[0]}")
             if pointers[k] == "uint16":
                 load = f"load_{storages[k]}({load})"
                 helpers.add(f"load_{storages[k]}")
@@ -202,15 +256,18 @@ def _source(
         # bfloat16's rounding costs more vector instructions than most update rules: skip it
         # where the value is already a bfloat16 (Rprop's ``prev`` is the grad or 0)
         exact = _exact(graph, operands, dtypes) if "bf16" in storages else set()
+        kc = len(operands) - 1 - len(quant)  # (a compensation: after the rule's operands)
         if kahan:  # (the param's store, below, is compensated)
-            kc = len(operands) - 1
             helpers.add(f"ptr_{pointers[kc]}")
             at = f"ptr_{pointers[kc]}(ptrs[{kc}, t] + lo * {dtypes[kc].itemsize})"
             arrays.append(f"        a{kc} = numba.carray({at}, n)  # {operands[kc]}")
         for name, node in outputs:
             k = operands.index(name)
+            if k in q_stores:  # (an 8-bit state: its codes after the block, see _quant_lines)
+                body.append(f"            {q_stores[k].format(f'v{node}')}")
+                continue
             if kahan and name == "param":
-                body += _kahan_store(graph, node, storages, pointers, compute)
+                body += _kahan_store(graph, node, storages, pointers, compute, kc)
                 helpers |= {"load_bf16", "store_bf16"} | (
                     {f"load_{storages[-1]}", f"store_{storages[-1]}"}
                     if pointers[-1] == "uint16" else set()
@@ -225,26 +282,52 @@ def _source(
         if sr:  # (the seed follows the scalars in the table's first row)
             hoisted.append(f"    seed = np.uint64(scal[0, {len(graph.scalars)}])  # sr_seed")
         inits, tail = [], []
+        if quant:
+            helpers |= {"ptr_uint8", "ptr_float32", "mag_bits", "umax", "bits_f32"}
+            helpers |= {"QMAP_S", "QMAP_U", "code_s", "code_u"}
         head = [
             f'@numba.njit(parallel={parallel}, cache=True, nogil=True, error_model="numpy")',
             "def kernel(ptrs, chunks, scal):",
         ]
+    imports = [
+        "# Generated by fuseopt.kernels.numba_cpu; do not edit.",
+        "import numba",
+        "import numpy as np",
+        "from fuseopt.kernels._numba_ops import clamp, fma, lerp, maximum, minimum, sign, sqrt",
+        *(f"from fuseopt.kernels._numba_ops import {h}" for h in sorted(helpers)),
+        "",
+        "",
+    ]
+    chunk_head = [
+        "    for c in numba.prange(chunks.shape[0]):",
+        "        t = chunks[c, 0]",
+        "        lo = chunks[c, 1]",
+        "        n = chunks[c, 2] - lo",
+        "        r = t * per",
+    ]
+    if quant:  # the chunk a block at a time: ``lo`` and ``n`` are the block's
+        indent = "    "
+        return "\n".join(
+            [
+                *imports, *head, *hoisted, *chunk_head, *per_chunk,
+                "        start, stop = lo, lo + n",
+                *(f"        q{operands.index(n)} = np.empty({BLOCK}, np.float32)" for n, _ in quant),
+                f"        for lo in range(start, stop, {BLOCK}):",
+                f"            n = min(stop - lo, {BLOCK})",
+                *(indent + line for line in arrays),
+                *per_block,
+                "            for j in range(n):",
+                *(indent + line for line in body),
+                *q_after,
+                "",
+            ]
+        )  # fmt: skip
     return "\n".join(
         [
-            "# Generated by fuseopt.kernels.numba_cpu; do not edit.",
-            "import numba",
-            "import numpy as np",
-            "from fuseopt.kernels._numba_ops import clamp, fma, lerp, maximum, minimum, sign, sqrt",
-            *(f"from fuseopt.kernels._numba_ops import {h}" for h in sorted(helpers)),
-            "",
-            "",
+            *imports,
             *head,
             *hoisted,
-            "    for c in numba.prange(chunks.shape[0]):",
-            "        t = chunks[c, 0]",
-            "        lo = chunks[c, 1]",
-            "        n = chunks[c, 2] - lo",
-            "        r = t * per",
+            *chunk_head,
             *per_chunk,
             # Arrays start at the chunk and the loop at 0: numba then knows j >= 0 (no
             # wraparound code), and LLVM vectorises the loop.
@@ -348,19 +431,21 @@ def import_source(src: str, prefix: str):
 @cache
 def kernel(
     rule, flags, operands: tuple[str, ...], dtype, parallel: bool = True, sr: bool = False,
-    kahan: bool = False,
+    kahan: bool = False, quant: tuple = (),
 ):  # fmt: skip
     """The compiled kernel for ``rule`` with ``flags`` on ``operands`` of ``dtype`` (one, or one
     per operand), and the names of the scalars it takes, in order (``sr_seed`` last where
     ``sr``: stochastic rounding of its bfloat16 stores; ``kahan``: the last operand is the
-    bfloat16 param's compensation, see :func:`source`). Its machine code is built here (numba's
-    first call would build it otherwise): a plan asks for it before the step changes anything."""
+    bfloat16 param's compensation; ``quant``: the 8-bit states, see :func:`source`). Its machine
+    code is built here (numba's first call would build it otherwise): a plan asks for it before
+    the step changes anything."""
     from numba import types as nt  # (imported here: ``import fuseopt`` stays light)
 
-    graph = trace(rule, flags, operands[:-1] if kahan else operands)
+    # (the rule's operands: a compensation and 8-bit scales come after them)
+    graph = trace(rule, flags, operands[: len(operands) - int(kahan) - len(quant)])
     if isinstance(dtype, tuple) and len(set(dtype)) == 1:
         dtype = dtype[0]  # (the same source, and kernel, as a launch of one dtype)
-    src = source(graph, operands, dtype, parallel, sr, kahan)
+    src = source(graph, operands, dtype, parallel, sr, kahan, quant)
     fn = import_source(src, "fuseopt_kernel_").kernel
     signature = (nt.int64[:, ::1], nt.int64[:, ::1], nt.float64[:, ::1])
     wanted = torch.get_num_threads()
@@ -563,7 +648,7 @@ def run(launch) -> None:
     """Run ``launch`` (a :class:`fuseopt._plan.Launch` the plan checked) in one kernel call."""
     fn, names = kernel(
         launch.rule, launch.flags, launch.operands, launch.dtypes, not _forked, launch.sr,
-        launch.kahan,
+        launch.kahan, launch.quant,
     )  # fmt: skip
     scal = scalar_table([launch.scalars[name] for name in names], len(launch.numels))
     chunks = chunk_table(launch.numels)

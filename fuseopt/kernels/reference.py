@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import torch
 
-from fuseopt import _storage
+from fuseopt import _quant, _storage
 
 
 def _grad_valued(x) -> bool:
@@ -173,17 +173,21 @@ def check(launch) -> None:
     for meta tensors.)"""
     s = _Placeholders(**launch.scalars)
     names = launch.operands[2:]
+    quant = dict(launch.quant)
 
-    def meta(t):
+    def meta(t, dtype=None):
         if t is None:
             return None
         if t.is_complex():
             t = torch.view_as_real(t)
-        return torch.empty_like(t, device="meta")
+        return torch.empty_like(t, device="meta", dtype=dtype)
 
     for i, odd in enumerate(launch.odd):
-        if odd:
-            state = {n: meta(launch.tensors[2 + k][i]) for k, n in enumerate(names)}
+        if odd:  # (an 8-bit state's codes: the rule reads their float32 values)
+            state = {
+                n: meta(launch.tensors[2 + k][i], _storage.COMPUTE if n in quant else None)
+                for k, n in enumerate(names)
+            }
             p, g = meta(launch.tensors[0][i]), meta(launch.tensors[1][i])
             with torch.no_grad():
                 update(launch.rule, launch.flags, s, p, g, state, True)
@@ -200,13 +204,40 @@ def _widened(t):
     return None if t is None or t.dtype == _storage.COMPUTE else t.to(_storage.COMPUTE)
 
 
+def unpack(state: dict, home: dict, quant: dict) -> dict:
+    """``state`` (``{name: tensor}`` of one param) with each 8-bit state (``quant``: ``{name:
+    signed}``) read as its float32 values (:func:`fuseopt._quant.dequantize`, the scales from
+    the param's state dict ``home``); a missing first value stays None."""
+    out = dict(state)
+    for name, signed in quant.items():
+        codes = out.get(name)
+        if codes is not None:
+            out[name] = _quant.dequantize(codes, home[_quant.absmax_key(name)], signed)
+    return out
+
+
+def pack(home: dict, name: str, value: torch.Tensor, signed: bool) -> None:
+    """Store float32 ``value`` as the 8-bit state ``name`` of the state dict ``home``: its codes
+    and scales (:func:`fuseopt._quant.quantize`), written into the tensors there (made where the
+    state is a first value)."""
+    codes, absmax = _quant.quantize(value, signed)
+    key = _quant.absmax_key(name)
+    if home.get(name) is None:
+        home[name], home[key] = codes, absmax
+    else:
+        home[name].copy_(codes)
+        home[key].copy_(absmax)
+
+
 def run(launch) -> None:
     """Apply the rule of ``launch`` (a :class:`fuseopt._plan.Launch`) to each param in turn,
     writing params and states in place; a state a first update creates goes in its state dict.
 
     A ``wide`` launch (a storage format, :mod:`fuseopt._storage`) computes in float32 from its
     operands widened, and rounds once as it writes each result back (stochastically for
-    bfloat16 where ``sr``): the fused kernels' arithmetic, with torch's ops."""
+    bfloat16 where ``sr``): the fused kernels' arithmetic, with torch's ops. Its 8-bit states
+    (``launch.quant``) are dequantized before the rule and quantized again after it
+    (:mod:`fuseopt._quant`'s spec: the kernels' oracle)."""
     rule, flags = launch.rule, launch.flags
     wide = launch.wide
     rng = _storage.seed_generator(launch.scalars["sr_seed"]) if launch.sr else None
@@ -216,6 +247,7 @@ def run(launch) -> None:
     if launch.kahan:  # (the last operand is the param's compensation, no state of the rule)
         names = names[:-1]
     differentiable = torch.is_grad_enabled()
+    quant = dict(launch.quant)
     for i, (p, g) in enumerate(zip(launch.tensors[0], launch.tensors[1])):
         if per_tensor:  # (each param its own value of a per-tensor scalar, e.g. LARS's trust)
             s = SimpleNamespace(**{**launch.scalars, **{k: float(v[i]) for k, v in per_tensor}})
@@ -224,6 +256,8 @@ def run(launch) -> None:
             state = {n: home.get(n) for n in names}
         else:
             state = {n: launch.tensors[2 + k][i] for k, n in enumerate(names)}
+        if quant:
+            state = unpack(state, home, quant)
         complex_ = p.is_complex()
         if complex_:  # as torch: complex math is real math on the (re, im) view
             p, g = torch.view_as_real(p), torch.view_as_real(g)
@@ -237,6 +271,9 @@ def run(launch) -> None:
             for name, value in out.items():
                 target = p if name == "param" else state.get(name)
                 if value is None or value is target:
+                    continue
+                if name in quant:
+                    pack(home, name, value, quant[name])
                     continue
                 if name == "param" and launch.kahan:
                     _storage.kahan_write(p, value, home[_storage.KAHAN])
@@ -254,6 +291,9 @@ def run(launch) -> None:
             out = update(rule, flags, s, p, g, state, odd)
         for name, value in out.items():
             if value is None:
+                continue
+            if name in quant:
+                pack(home, name, value.to(_storage.COMPUTE), quant[name])
                 continue
             target = p if name == "param" else state.get(name)
             if target is None:  # a first value: torch's first buffer is a detached clone
