@@ -16,7 +16,9 @@ Three layouts are read:
 
 Group options (lr, betas, ...): where the groups correspond one to one (every group of ours holds
 matched params of at most one saved group, and every saved group's matched params went to at most
-one group of ours) a group takes the options of its saved group, as the positional load does;
+one group of ours) a group takes the options of its saved group, with our storage options where
+it has none (a torch checkpoint keeps our ``state_dtype``, ``state_bits``), as the positional
+load does;
 otherwise (groups split or merged) every group keeps its own options, since the saved ones
 disagree within a group. A group with no matched param keeps its own options either way. DCP
 does otherwise: it gives each group the options of every saved group that shares a param with it
@@ -32,7 +34,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from fuseopt import _quant_io
+from fuseopt import _quant_io, _storage
 from fuseopt.optimizer import Optimizer, _loaded_state
 
 __all__ = ["IncompatibleKeys", "load_by_name"]
@@ -286,7 +288,11 @@ def _options(
     for i, group in enumerate(opt.param_groups):
         if one_to_one and i in to_saved:
             (j,) = to_saved[i]
-            options.append(deepcopy(saved.groups[j][1]))
+            taken = deepcopy(saved.groups[j][1])
+            # our storage options where the saved group has none (a torch checkpoint loaded
+            # into a bfloat16-state or 8-bit optimizer keeps that format), as by position
+            _storage.carry_options(group, taken)
+            options.append(taken)
         else:
             options.append({k: v for k, v in group.items() if k not in _NOT_OPTIONS})
     return options

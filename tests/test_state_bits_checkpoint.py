@@ -531,6 +531,32 @@ def test_by_name_loads_both_forms(row):
         assert_same_state(plain.state[fresh_params[n]], dequantized(opt, params[n]))
 
 
+@pytest.mark.parametrize("storage", ["state_bits", "state_dtype"])
+def test_by_name_keeps_our_storage_format_for_a_torch_checkpoint(storage):
+    # as the positional load: a saved group without the option takes ours (the groups
+    # correspond one to one, so the saved options are taken)
+    params = named_params()
+    theirs = torch.optim.Adam(list(params.items()), lr=1e-2)
+    train(theirs, params, range(STEPS))
+    fresh_params = named_params()
+    ours = fuseopt.Adam(list(fresh_params.items()), lr=0.5)
+    if storage == "state_bits":
+        as_8bit(ours)
+    else:
+        ours.param_groups[0]["state_dtype"] = torch.bfloat16
+    assert ours.load_state_dict(copy.deepcopy(theirs.state_dict()), by_name=True) == ([], [])
+    group = ours.param_groups[0]
+    assert group["lr"] == 1e-2  # the saved options, with our storage format
+    w, p = ours.state[fresh_params["w"]], theirs.state[params["w"]]
+    if storage == "state_bits":
+        assert group["state_bits"] == 8
+        codes, absmax = _quant.quantize(p["exp_avg_sq"], False)
+        assert torch.equal(w["exp_avg_sq"], codes) and torch.equal(w["exp_avg_sq_absmax"], absmax)
+    else:
+        assert group["state_dtype"] is torch.bfloat16
+        assert torch.equal(w["exp_avg_sq"], p["exp_avg_sq"].bfloat16())
+
+
 @pytest.mark.parametrize("flatten", [False, True], ids=["nested", "flattened"])
 def test_dcp_get_optimizer_state_dict_of_an_8bit_optimizer(flatten):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
