@@ -123,6 +123,7 @@ class Algorithm:
 
 
 BF16_STATES = {"state_dtype": torch.bfloat16}
+STATE_BITS_8 = {"state_bits": 8}  # (params under 4,096 elements keep float32 states)
 
 # One line per algorithm. bytes_per_element counts the tensors a fused kernel must stream.
 ALGORITHMS: dict[str, Algorithm] = {
@@ -149,6 +150,11 @@ ALGORITHMS: dict[str, Algorithm] = {
             20,
             optimizer="AdamW",
             options={**BF16_STATES, "stochastic_rounding": True},
+        ),
+        # 8-bit moments (state_bits=8): read p, g (4 bytes each), m, v (1); write p (4), m, v
+        # (1); and each block's two float32 absmax, read and written (16 bytes per 256 elements)
+        Algorithm(
+            "AdamW+8bit", {"lr": 1e-3}, 16 + 16 / 256, optimizer="AdamW", options=STATE_BITS_8
         ),
         # a first pass reads p and g for their norms; then read p, g, buf; write p, buf
         Algorithm("LARS", {"lr": 1e-3}, 7 * 4, reference="pytorch_optimizer"),

@@ -3,10 +3,10 @@
 An MLP (64-256-256-10) learns scikit-learn's bundled digits with AdamW at a small learning rate
 (1e-4): the same initial weights and minibatches for every run of :data:`VARIANTS`: float32
 params, then bfloat16 params, grads and states (the forward pass too) stored to nearest, with
-``kahan_sum=True``, and with ``stochastic_rounding=True``. Adam's updates are about ``lr`` per
-element, below half a bfloat16 ulp of most weights (|w| ~ 0.06: ulp 2**-12..2**-11), so
-to-nearest stores lose most of them and the plain bfloat16 run stalls; the compensated ones keep
-them and follow float32. The command prints the full-batch train loss of each run at the end and,
+``kahan_sum=True``, and with ``stochastic_rounding=True``; then float32 params with 8-bit
+blockwise moments (``state_bits=8``). Adam's updates are about ``lr`` per element, below half a
+bfloat16 ulp of most weights (|w| ~ 0.06: ulp 2**-12..2**-11), so to-nearest stores lose most
+of them and the plain bfloat16 run stalls; the compensated ones keep them and follow float32. The command prints the full-batch train loss of each run at the end and,
 with ``--plot PATH``, draws each run's loss curve (the full-batch loss every ``--every`` steps).
 
 A run is one row of :data:`VARIANTS`: the dtype of the model and the optimizer's storage options.
@@ -36,6 +36,9 @@ VARIANTS: dict[str, tuple[torch.dtype, dict[str, Any]]] = {
     "bfloat16": (torch.bfloat16, {}),
     "bfloat16 + kahan_sum": (torch.bfloat16, dict(kahan_sum=True)),
     "bfloat16 + stochastic_rounding": (torch.bfloat16, dict(stochastic_rounding=True)),
+    # 8-bit moments of the 64x256 and 256x256 weights (4,096 elements or more: the rest keep
+    # float32 ones)
+    "float32 + state_bits=8": (torch.float32, dict(state_bits=8)),
 }
 
 EVERY = 10  # steps between two points of a loss curve

@@ -68,6 +68,7 @@ STATE_PER_ELEMENT = {  # (torch, fuseopt) bytes per element, step tensor or not
     "AdamW+clip": (8, 8, True),
     "AdamW+bf16": (8, 4, True),  # torch's columns: float32 AdamW; fuseopt: bfloat16 moments
     "AdamW+bf16+SR": (8, 4, True),  # (the rounding's generator is not state)
+    "AdamW+8bit": (8, 8, True),  # params under 4,096 elements keep float32 moments
     "Adagrad": (4, 4, True),  # sum
     "RMSprop": (4, 4, True),  # square_avg
 }
@@ -98,6 +99,28 @@ def test_state_size_is_the_same_in_every_implementation(tiny_rows):
     assert all(len(s) == 1 and min(s) > 0 for s in sizes.values()), sizes
     for algorithm in bench.ALGORITHMS:
         assert sizes[algorithm, "torch"] and sizes[algorithm, "fuseopt"]
+
+
+def test_8bit_state_size_matches_an_independent_count():
+    """``state_bits=8``: a param of 4,096 elements or more keeps each moment as one byte per
+    element and a float32 scale per block of 256 (the last block partial); a smaller one keeps
+    float32 moments; torch's columns keep float32 AdamW's."""
+    shapes = [(70, 70), (5,)]  # 4,900 elements: 20 blocks, the last of 36
+    rows = bench.run({"t": shapes}, ["AdamW+8bit"], steps=1, progress=False)
+    assert len(rows) == 6 and all(r["error"] is None for r in rows)
+    steps = 4 * len(shapes)
+    expected = {
+        "torch": 8 * (4900 + 5) + steps,
+        "fuseopt": 2 * (4900 * 1 + math.ceil(4900 / 256) * 4) + 8 * 5 + steps,
+    }
+    assert expected["fuseopt"] == 2 * (4900 + 20 * 4) + 40 + 8
+    for r in rows:
+        assert r["state_bytes"] == expected[r["library"]], r
+        assert r["state_bytes_per_param"] == expected[r["library"]] / 4905
+    assert {r["library"]: r["moved_bytes_per_param"] for r in rows} == {
+        "torch": 28,
+        "fuseopt": 16 + 16 / 256,
+    }
 
 
 def test_moved_bytes_per_param(tiny_rows):
