@@ -642,8 +642,12 @@ class Optimizer(torch.optim.Optimizer):
         saved (moved to the param's device as float32 where the group is ``fused`` or
         ``capturable``). In a group with a ``state_dtype`` (ours, kept where the saved group has
         none: a torch checkpoint loads into a bfloat16-state optimizer), the state tensors shaped
-        like the param are cast to that dtype instead: the format the group asks for. The load
-        hooks run before and after, either way.
+        like the param are cast to that dtype instead: the format the group asks for. Likewise
+        with ``state_bits=8`` (ours where the saved group has none): a full-precision state of a
+        param that keeps 8-bit states is quantized, and a compact one
+        (``state_dict(compact=True)``: codes and scales) is taken as saved, or dequantized where
+        the param keeps full precision; codes or scales that cannot be the param's raise
+        ``ValueError`` and nothing changes. The load hooks run before and after, either way.
 
         Args:
             state_dict (dict): optimizer state, as returned by :meth:`state_dict`, or a name-keyed
@@ -660,7 +664,7 @@ class Optimizer(torch.optim.Optimizer):
             keep_state_dtype (bool, keyword-only): keep each floating state tensor in its saved
                 dtype (moved to the param's device only), where torch casts it to the param's
                 dtype (torch issue #43706: float32 moments of bfloat16 params would become
-                bfloat16) (default: False)
+                bfloat16); 8-bit states keep their group's format (default: False)
 
         Returns:
             None for the positional load; with ``by_name``, a named tuple
