@@ -12,8 +12,9 @@ value (tested).
 
 The quantizer here is the spec: the nearest code, ties to the lower one; ``x * (1 / absmax)``
 scales a block (as bitsandbytes does), and a block of zeros (``absmax == 0``) stores the code of
-0. A block holding inf or NaN stores ``absmax`` inf or NaN and dequantizes to non-finite values,
-as a float32 state would stay non-finite.
+0. A block holding inf or NaN stores ``absmax`` inf or NaN (its scaled values are 0, or NaN where
+the value was not finite: code 0) and dequantizes to non-finite values, as a float32 state would
+stay non-finite.
 
 The fused kernels cannot search a 256-entry table per element at memory speed. They find the same
 code in two reads (:func:`tables`): a table indexed by the top bits of the scaled value's float32
@@ -91,6 +92,7 @@ def quantize(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]
     y, absmax = _scaled(x)
     mids = _midpoints(signed).to(y.device)
     codes = torch.searchsorted(mids, y.contiguous(), right=False)
+    codes = torch.where(torch.isnan(y), 0, codes)  # (the kernels' tables give NaN code 0)
     codes = codes.reshape(-1)[: x.numel()].to(torch.uint8).reshape(x.shape)
     return codes, absmax
 
@@ -107,7 +109,8 @@ def dequantize(codes: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torch
 def _shift(signed: bool) -> int:
     # bucket = the float32 pattern's top bits: sign, exponent and 7 mantissa bits (signed: a
     # bucket is 0.78% wide, under the 1.4% between the signed map's closest codes), or exponent
-    # and 8 mantissa bits (unsigned: 0.39%, under its 0.70%); 65,536 buckets either way
+    # and 8 mantissa bits (unsigned: 0.39%, under its 0.70%): 2**16 and 2**17 buckets (the upper
+    # half of the unsigned table, negative values, is read only for a NaN with its sign set)
     return 16 if signed else 15
 
 
