@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 import fuseopt
+from fuseopt import _quant
 from fuseopt._plan import storage_problem
 
 # The implementations, and which of torch's each is compared with: torch's fused where it has one
@@ -46,8 +47,15 @@ IMPLS = {
     # (:class:`_RoundedStates`); on the fused kernels (expectations as "fused") and the for-loop
     "fused_bf16_state": (dict(fused=True, state_dtype=torch.bfloat16), dict(foreach=False)),
     "forloop_bf16_state": (dict(foreach=False, state_dtype=torch.bfloat16), dict(foreach=False)),
+    # 8-bit states (fuseopt._quant; min_8bit_size=0 in the group: every param quantizes), against
+    # torch's for-loop with its states quantized and dequantized after every step
+    # (:class:`_QuantizedStates`), on the fused kernels (expectations as "fused") and the for-loop
+    "fused_8bit_state": (dict(fused=True, state_bits=8), dict(foreach=False)),
+    "forloop_8bit_state": (dict(foreach=False, state_bits=8), dict(foreach=False)),
 }
 STORAGE = {"fused_bf16_state", "forloop_bf16_state"}  # the states are compared as bfloat16
+BITS = {"fused_8bit_state", "forloop_8bit_state"}  # 8-bit states: compared dequantized
+EIGHT_BIT = {"SGD", "Adam", "AdamW"}  # the algorithms of the table that offer them
 CLIP = 1.0
 TORCH_FUSED = {"SGD", "Adam", "AdamW", "Adagrad"}
 # Each algorithm with options that give it every kind of state it can keep.
@@ -169,6 +177,7 @@ class Fault:
     after_grads: bool = False
     expect: dict[str, str] = field(default_factory=dict)
     why: str = ""
+    impls: tuple[str, ...] | None = None  # the implementations it applies to (None: all)
 
 
 _FOREACH_FUSED_ORDER = (
@@ -183,14 +192,82 @@ _UNSAFE = (
 )
 _LAYOUT = "torch's fused kernels walk a tensor with gaps, or transposed, as if laid out like its param"
 _ROUNDS_TWICE = (
-    "a bfloat16 state is rounded at every store, so at each of the two updates of a param "
-    "stepped twice in one step; the oracle (torch's float32 states, rounded after the step) "
-    "rounds once"
+    "a bfloat16 (or 8-bit) state is rounded (quantized) at every store, so at each of the two "
+    "updates of a param stepped twice in one step; the oracle (torch's float32 states, rounded "
+    "or quantized after the step) rounds once"
 )
 _UNSAFE_GRAD = (
     "torch's fused kernels read a grad of another shape past its end; fuseopt broadcasts it, "
     "as torch's for-loop does"
 )
+
+_BITS = (
+    "8-bit codes (uint8) and their scales are read only as what K10 allows: codes or scales of "
+    "another dtype, shape or size are an error on every fuseopt path (torch's float32 state of "
+    "the same fault would step)"
+)
+_BITS_LOOP = "an 8-bit state laid out otherwise takes the for-loop (K10), with its numbers"
+
+
+def _each_8bit(fn: Callable) -> Callable:
+    """A mutation ``fn(state, name, absmax key)`` of each 8-bit state of the first param (none
+    on torch's side, or where the state is kept in full precision)."""
+
+    def apply(opt, params):
+        state = opt.state[params[0]]
+        for k in [k for k in state if _quant.absmax_key(k) in state]:
+            fn(state, k, _quant.absmax_key(k))
+
+    return apply
+
+
+def _square_8bit(fn: Callable) -> Callable:
+    """``fn(state, name, absmax key)`` on each 8-bit state of the square param (3, 3)."""
+
+    def apply(opt, params):
+        state = opt.state[params[2]]
+        for k in [k for k in state if _quant.absmax_key(k) in state]:
+            fn(state, k, _quant.absmax_key(k))
+
+    return apply
+
+
+_EIGHT = {n: BASE[n] for n in sorted(EIGHT_BIT)}
+# faults of the 8-bit states' own tensors (their codes, their scales): on the 8-bit
+# implementations only (torch keeps none)
+BITS_FAULTS = [
+    Fault("absmax_resize_", _each_8bit(lambda s, k, a: s[a].resize_(3)), _EIGHT,
+          expect={i: "error" for i in BITS}, why=_BITS, impls=tuple(BITS)),
+    Fault("absmax_storage_shrunk",
+          _each_8bit(lambda s, k, a: s[a].untyped_storage().resize_(0)), _EIGHT,
+          expect={i: "error" for i in BITS}, why=_BITS + " (K4)", impls=tuple(BITS)),
+    Fault("absmax_float64", _each_8bit(lambda s, k, a: s.__setitem__(a, s[a].double())), _EIGHT,
+          expect={i: "error" for i in BITS}, why=_BITS, impls=tuple(BITS)),
+    Fault("absmax_missing", _each_8bit(lambda s, k, a: s.pop(a)), _EIGHT,
+          expect={i: "error" for i in BITS}, why=_BITS + " (a KeyError, as torch's)",
+          impls=tuple(BITS)),
+    Fault("absmax_aliases_codes",
+          _each_8bit(lambda s, k, a: s.__setitem__(a, s[k].view(-1)[:4].view(torch.float32))),
+          _EIGHT, expect={i: "steps" for i in BITS},
+          why="scales that are the bytes of their own codes: the kernel never takes them (K10, "
+          "K5); the for-loop steps them, writing the codes, then the scales over them (a state "
+          "the user broke: no oracle gives its numbers)", impls=tuple(BITS)),
+    Fault("codes_float32", _each_8bit(lambda s, k, a: s.__setitem__(k, s[k].float())), _EIGHT,
+          expect={i: "error" for i in BITS}, why=_BITS, impls=tuple(BITS)),
+    Fault("codes_transposed", _each_8bit(lambda s, k, a: s.__setitem__(k, s[k].t())), _EIGHT,
+          expect={i: "error" for i in BITS}, why=_BITS, impls=tuple(BITS)),
+    Fault("codes_not_contiguous",
+          _square_8bit(lambda s, k, a: s.__setitem__(k, s[k].t().contiguous().t())), _EIGHT,
+          expect={"fused_8bit_state": "forloop"}, why=_BITS_LOOP, impls=tuple(BITS)),
+    Fault("absmax_strided",
+          _each_8bit(lambda s, k, a: s.__setitem__(a, torch.stack([s[a], s[a]], 1)[:, 0])),
+          _EIGHT, expect={"fused_8bit_state": "forloop"}, why=_BITS_LOOP, impls=tuple(BITS)),
+    Fault("param_not_contiguous_8bit",
+          lambda opt, ps: setattr(ps[2], "data", ps[2].data.t().contiguous().t()), _EIGHT,
+          expect={"fused_8bit_state": "forloop"},
+          why=_BITS_LOOP + " (a param made non-contiguous after its 8-bit states)",
+          impls=tuple(BITS)),
+]
 
 FAULTS = [
     Fault("momentum_warmup", _set_group(momentum=0.9),
@@ -211,13 +288,13 @@ FAULTS = [
           why="a state of another shape is an error on every fuseopt path; torch's for-loop "
           "happens to run ASGD with one (no update reads ax), and fails Rprop with an IndexError"),
     Fault("state_bfloat16", _each_state(lambda s, k: s.__setitem__(k, s[k].bfloat16())),
-          expect={"fused": "forloop", "foreach": "forloop"},
+          expect={"fused": "forloop", "foreach": "forloop", **dict.fromkeys(BITS, "error")},
           why="fuseopt hands params with cast states to torch's for-loop math (its foreach "
-          "rounds some of their mixed-dtype ops otherwise)"),
+          "rounds some of their mixed-dtype ops otherwise); " + _BITS),
     Fault("state_float16", _each_state(lambda s, k: s.__setitem__(k, s[k].half())),
-          expect={"fused": "forloop"}, why=_LOOP),
+          expect={"fused": "forloop", **dict.fromkeys(BITS, "error")}, why=_LOOP + "; " + _BITS),
     Fault("state_float64", _each_state(lambda s, k: s.__setitem__(k, s[k].double())),
-          expect={"fused": "forloop"}, why=_LOOP),
+          expect={"fused": "forloop", **dict.fromkeys(BITS, "error")}, why=_LOOP + "; " + _BITS),
     Fault("state_meta", _each_state(lambda s, k: s.__setitem__(k, s[k].to("meta"))),
           expect={i: "error" for i in IMPLS},
           why="torch's for-loop skips or garbles the update of a param whose state is on the "
@@ -253,10 +330,12 @@ FAULTS = [
           expect={i: "error" for i in IMPLS},
           why="torch reads and writes past the storage (heap corruption, or garbage)"),
     Fault("state_shared_by_two_params", _share_state,
-          expect={"foreach": "forloop", "fused": "forloop", **dict.fromkeys(STORAGE, "steps")},
+          expect={"foreach": "forloop", "fused": "forloop",
+                  **dict.fromkeys(STORAGE | BITS, "steps")},
           why=_FOREACH_FUSED_ORDER + "; " + _ROUNDS_TWICE),
     Fault("param_listed_twice", lambda opt, ps: opt.param_groups[0]["params"].append(ps[0]),
-          expect={"foreach": "forloop", "fused": "forloop", **dict.fromkeys(STORAGE, "steps")},
+          expect={"foreach": "forloop", "fused": "forloop",
+                  **dict.fromkeys(STORAGE | BITS, "steps")},
           why=_FOREACH_FUSED_ORDER + "; " + _ROUNDS_TWICE),
     Fault("params_overlap", _overlap_params, expect={"foreach": "forloop"},
           why="torch's foreach applies each op to every param before the next op, so params "
@@ -286,7 +365,7 @@ FAULTS = [
           after_grads=True,
           expect={"fused": "forloop", **{
               f"{a}/{i}": "runs" for a in ("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop")
-              for i in STORAGE}},
+              for i in STORAGE | BITS}},
           why=_LOOP + "; a storage format (state_dtype) computes in float32 from a grad of any "
           "floating dtype, where torch's in-place ops refuse a float64 grad for some algorithms "
           "(lerp_, addcdiv_ with a float32 tensor)"),
@@ -306,19 +385,28 @@ FAULTS = [
     Fault("load_adam_into_sgd", _load_other("Adam", dict(lr=0.1)), {"SGD": BASE["SGD"]}),
     Fault("load_sgd_into_adam", _load_other("SGD", dict(lr=0.1, momentum=0.9)),
           {"Adam": BASE["Adam"], "AdamW": BASE["AdamW"]}),
+    *BITS_FAULTS,
 ]
 BY_NAME = {f.name: f for f in FAULTS}
 
 
+def applies(algo: str, kwargs: dict, impl: str) -> bool:
+    """Whether ``algo`` with ``kwargs`` can be built for ``impl``: a storage format only where
+    the algorithm keeps elementwise state with its options, 8-bit states only where it offers
+    them (else it is an error at construction)."""
+    if impl in STORAGE | BITS and algo == "SGD" and not kwargs.get("momentum"):
+        return False
+    return not (impl in BITS and algo not in EIGHT_BIT)
+
+
 def cases() -> list[str]:
-    """Every case id: ``fault/algorithm/implementation`` (a storage format only where the
-    algorithm keeps elementwise state with its options: else it is an error at construction)."""
+    """Every case id: ``fault/algorithm/implementation`` (see :func:`applies`)."""
     return [
         f"{f.name}/{algo}/{impl}"
         for f in FAULTS
-        for algo in f.algorithms
-        for impl in IMPLS
-        if not (impl in STORAGE and algo == "SGD" and not f.algorithms[algo].get("momentum"))
+        for algo, kwargs in f.algorithms.items()
+        for impl in (f.impls or IMPLS)
+        if applies(algo, kwargs, impl)
     ]
 
 
@@ -400,6 +488,28 @@ class _RoundedStates:
         self._round()
 
 
+class _QuantizedStates(_RoundedStates):
+    """torch's optimizer as the oracle of 8-bit states: its float32 states that fuseopt keeps in
+    8 bits (``signs``: ``{name: signed}``) are quantized and dequantized after every step
+    (:mod:`fuseopt._quant`'s spec, what fuseopt's for-loop stores)."""
+
+    def __init__(self, opt, params, signs):
+        self.signs = signs
+        super().__init__(opt, params)
+
+    def _round(self):
+        with torch.no_grad():
+            for state in self.opt.state.values():
+                for k, v in state.items():
+                    signed = self.signs.get(k)
+                    if signed is not None and torch.is_tensor(v) and v.dtype == torch.float32:
+                        v.copy_(_quant.dequantize(*_quant.quantize(v, signed), signed))
+
+    def step(self):
+        self.opt.step()
+        self._round()
+
+
 class _Clipped:
     """A torch optimizer whose ``step`` clips the grads of ``params`` first, as its users do."""
 
@@ -435,6 +545,10 @@ def _close(ours_opt, theirs_opt, ours, theirs) -> str | None:
         mine, yours = ours_opt.state.get(p, {}), theirs_opt.state.get(q, {})
         for k, v in yours.items():
             w = mine.get(k)
+            absmax = mine.get(_quant.absmax_key(k))
+            if torch.is_tensor(w) and w.dtype == torch.uint8 and torch.is_tensor(absmax):
+                signed = _signs(ours_opt).get(k, True)  # (8-bit: compared dequantized)
+                w = _quant.dequantize(w, absmax, signed)
             if torch.is_tensor(v) and v.device.type != "meta":
                 tol = TOL
                 if torch.is_tensor(w) and w.dtype == torch.bfloat16 and v.dtype == torch.float32:
@@ -444,6 +558,12 @@ def _close(ours_opt, theirs_opt, ours, theirs) -> str | None:
                 except (AssertionError, TypeError) as e:
                     return f"state {k!r} of param {i}: {str(e)[:300]}"
     return None
+
+
+def _signs(opt) -> dict[str, bool]:
+    """``{state name: signed}`` of the states ``opt``'s algorithm may keep in 8 bits."""
+    rule = getattr(opt, "rule", None)
+    return {s.name: s.signed for s in getattr(rule, "state", ()) if s.signed is not None}
 
 
 def _mutate(fault, ours_opt, ours, theirs_opt, theirs) -> str | None:
@@ -485,12 +605,16 @@ def run_case(case: str) -> dict:
     if expect == "forloop" or (as_impl == "fused" and algo not in TORCH_FUSED):
         torch_flags = dict(foreach=False)
     ours, theirs = _params(), _params()
-    ours_opt = getattr(fuseopt, algo)(ours, **kwargs, **ours_flags)
+    # (8-bit: every param of the table quantizes, however small)
+    groups = [{"params": ours, "min_8bit_size": 0}] if impl in BITS else ours
+    ours_opt = getattr(fuseopt, algo)(groups, **kwargs, **ours_flags)
     theirs_opt = getattr(torch.optim, algo)(theirs, **kwargs, **torch_flags)
     if impl == "fused_clip":
         theirs_opt = _Clipped(theirs_opt, theirs)
     if impl in STORAGE:
         theirs_opt = _RoundedStates(theirs_opt, theirs)
+    if impl in BITS:
+        theirs_opt = _QuantizedStates(theirs_opt, theirs, _signs(ours_opt))
     for step in range(2):
         _set_grads(ours, step)
         _set_grads(theirs, step)

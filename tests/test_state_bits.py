@@ -415,3 +415,28 @@ def test_trajectory_converges_as_bitsandbytes(name):
     between = (pf - pb).abs().mean()
     assert ours <= 1.1 * theirs, (float(ours), float(theirs))
     assert between <= 0.1 * theirs, (float(between), float(theirs))
+
+
+# ------------------------------------------------------------------------------ layout faults
+_LAYOUT_MAKES = {
+    "state_bits": "fuseopt.AdamW([{'params': ps, 'min_8bit_size': 0}], lr=0.1, "
+    "max_grad_norm=1.0, state_bits=8, **impl)",
+    "state_dtype": "fuseopt.AdamW(ps, lr=0.1, max_grad_norm=1.0, state_dtype=torch.bfloat16, "
+    "**impl)",
+}
+
+
+@pytest.mark.parametrize("fmt", list(_LAYOUT_MAKES))
+@pytest.mark.parametrize("fault", ["grad_with_gaps", "grad_transposed", "grad_broadcast",
+                                   "param_storage_shrunk", "state_resized", "grad_other_dtype"])  # fmt: skip
+def test_storage_formats_under_layout_faults(fault, fmt):
+    """tests/layout_faults.py through the clipping pass of a storage-format group: never a
+    crash, always foreach's outcome (its numbers, or its error with nothing changed)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import layout_faults
+
+    assert fault in layout_faults.FAULTS
+    layout_faults.check(fault, _LAYOUT_MAKES[fmt], "exp_avg")
