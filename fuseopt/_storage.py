@@ -43,8 +43,8 @@ STATE_DTYPES = (torch.float32, torch.bfloat16)
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 COMPUTE = torch.float32  # what an entry with a storage format computes in
 KAHAN = "kahan_comp"  # the state key of a bfloat16 param's compensation
-# group keys, only where asked
-OPTIONS = ("state_dtype", "stochastic_rounding", "kahan_sum", "state_bits")
+# group keys, only where asked (``min_8bit_size``: a key users set in a group, with state_bits)
+OPTIONS = ("state_dtype", "stochastic_rounding", "kahan_sum", "state_bits", "min_8bit_size")
 STATE_BITS = (8,)  # besides None: full precision
 
 
