@@ -503,3 +503,28 @@ def test_nonfinite_blocks():
         assert state["exp_avg_absmax"].isnan().tolist() == [True, False, True, False]
         for k, v in out[-1].items():
             assert torch.equal(state[k].nan_to_num(7.0), v.nan_to_num(7.0)), k
+
+
+def test_triton_route_takes_foreach(monkeypatch):
+    """8-bit states on the Triton backend (here its interpreter on CPU) step through foreach
+    until a Triton kernel reads them (fuseopt._plan._route): the for-loop's numbers."""
+    pytest.importorskip("triton")
+    from fuseopt.kernels import foreach
+
+    monkeypatch.setenv("FUSEOPT_FUSED_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    seen = []
+    real = foreach.run
+    monkeypatch.setattr(foreach, "run", lambda launch: (seen.append(launch.quant), real(launch)))
+    out = []
+    for impl in (dict(fused=True), dict(foreach=False)):
+        gen = torch.Generator().manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(1000, generator=gen))
+        opt = fuseopt.Adam([{"params": [p], "min_8bit_size": SMALL}], state_bits=8, **impl)
+        for _ in range(3):
+            p.grad = torch.randn(1000, generator=gen)
+            opt.step()
+        out.append((p, opt.state[p]))
+    assert seen == [(("exp_avg", True), ("exp_avg_sq", False))] * 3
+    (p, state), (q, oracle) = out
+    assert torch.equal(p, q) and all(torch.equal(state[k], v) for k, v in oracle.items())
