@@ -131,3 +131,9 @@ def test_numba_codes_are_the_spec(signed):
     # the kernels' map tables are the spec's
     qmap = _numba_ops.QMAP_S if signed else _numba_ops.QMAP_U
     assert torch.equal(torch.from_numpy(qmap.copy()), _quant.dynamic_map(signed))
+
+
+def test_kernel_blocks_are_the_spec():
+    from fuseopt.kernels import numba_cpu
+
+    assert numba_cpu.BLOCK == _quant.BLOCK and numba_cpu.CHUNK % _quant.BLOCK == 0

@@ -32,6 +32,8 @@ from fuseopt.kernels.trace import Graph, trace
 
 CHUNK = 1 << 16  # elements per work item: large enough to amortise, small enough to balance threads
 BLOCK = 256  # elements per scale of an 8-bit state (fuseopt._quant.BLOCK; CHUNK is a multiple)
+# K10: a chunk holds whole blocks, and a block's scale is element ``start >> 8`` of its tensor's
+assert CHUNK % BLOCK == 0 and BLOCK == 1 << 8
 SERIAL_BELOW = CHUNK  # steps over fewer elements (all tensors together) run on one thread
 # param dtype -> (how the kernel reads the storage, the type it computes in). 16-bit floats are
 # read as their bits and widened in registers: math in float32, one rounding back per store.
