@@ -175,5 +175,14 @@ def quantized(rule, group: dict, p: torch.Tensor) -> dict[str, bool]:
     return {
         s.name: s.signed
         for s in rule.state
-        if getattr(s, "signed", None) is not None and s.wanted(group)
+        if getattr(s, "signed", None) is not None and _wanted(s, group)
     }
+
+
+def _wanted(spec, group: dict) -> bool:
+    """``spec.wanted(group)``; False for a group without the options it reads (another
+    algorithm's, loaded from its checkpoint: its step raises torch's KeyError, not this)."""
+    try:
+        return spec.wanted(group)
+    except KeyError:
+        return False
