@@ -295,9 +295,9 @@ def _collect(opt, group: dict, rule, specs, names) -> tuple[list[Entry], dict]:
 
 
 def _route(entry: Entry, names: list[str], where: str, state_dtype=None) -> None:
-    """Settle ``entry``'s backend from its tensors: a kernel takes it only where K2, K3, K5 and
-    K6 hold; the for-loop otherwise (foreach: torch's error where torch's foreach has one). A
-    state of the group's ``state_dtype`` is of its kind where the entry is ``wide``."""
+    """Settle ``entry``'s backend from its tensors: a kernel takes it only where K2, K3, K5, K6
+    and K10 hold; the for-loop otherwise (foreach: torch's error where torch's foreach has one).
+    A state of the group's ``state_dtype`` is of its kind where the entry is ``wide``."""
     p, g, state = entry.param, entry.grad, entry.state
     if entry.kind[2]:  # sparse: the rule's own per-tensor code
         return
