@@ -43,7 +43,7 @@ the one place that establishes, at every step and before any address is read:
   of the launch (K5: :func:`~fuseopt._facts.bits_problem`). A launch starts every tensor at its
   element 0 and cuts it into chunks of a multiple of a block, so that a chunk holds whole blocks.
   The kernels' quantization tables are module-owned constants whose sizes are checked when they
-  are built (:mod:`fuseopt.kernels._numba_ops`). Codes of another dtype or shape, an ``absmax``
+  are built (:mod:`fuseopt.kernels._numba_ops`; Triton's ``_quant_tables``, one copy per device). Codes of another dtype or shape, an ``absmax``
   of another dtype or size, or one missing are errors on every path
   (:func:`_check_bits`); an 8-bit state that only no longer fits a kernel (a param made
   non-contiguous, codes or scales laid out otherwise or sharing memory) takes the for-loop.
@@ -302,10 +302,6 @@ def _route(entry: Entry, names: list[str], where: str, state_dtype=None) -> None
     if entry.kind[2]:  # sparse: the rule's own per-tensor code
         return
     quant = dict(entry.quant)
-    if quant and entry.backend == "triton":
-        # 8-BIT STATES ON TRITON: no Triton kernel reads them yet; foreach steps them (the one
-        # place that routes them so; the Triton generator would take these launches as numba's)
-        entry.backend = "foreach"
     # (an 8-bit state's codes and scales are checked by K10, below and in _check_bits)
     tensors = [entry.tensor(n) for n in names if entry.tensor(n) is not None and n not in quant]
     also = state_dtype if entry.wide else None  # (a storage format: fp32 math, own dtypes)

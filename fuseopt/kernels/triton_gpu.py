@@ -36,12 +36,14 @@ CHUNK = 8 * BLOCK  # elements per program: enough programs for one large tensor 
 # Triton's interpreter runs each program in numpy: small blocks keep it fast, and let small test
 # tensors span several chunks and loop iterations.
 INTERPRET_BLOCK, INTERPRET_CHUNK = 64, 128
+QBLOCK = 256  # the vector step of a launch with 8-bit states: one quantization block
 # storage type of the pointers, compute type; bfloat16 is read as its bits (bf16_load/bf16_store)
 DTYPES = {
     torch.float32: ("tl.float32", "tl.float32"),
     torch.float16: ("tl.float16", "tl.float32"),
     torch.bfloat16: ("tl.uint16", "tl.float32"),
     torch.float64: ("tl.float64", "tl.float64"),
+    torch.uint8: ("tl.uint8", None),  # an 8-bit state's codes (never a param's dtype)
 }
 
 
@@ -53,7 +55,7 @@ def available() -> bool:
 
 def supports(dtype: torch.dtype) -> bool:
     """Whether this backend has kernels for params of ``dtype``."""
-    return dtype in DTYPES
+    return dtype in DTYPES and DTYPES[dtype][1] is not None
 
 
 def on_cpu() -> bool:
@@ -76,6 +78,13 @@ _HELPERS = '''
 def add(a, b):
     """The combine function of the reduction kernels' sums (tl.reduce)."""
     return a + b
+
+
+@triton.jit
+def umax(a, b):
+    """The larger of two unsigned ints (a combine function: ``tl.max``, a library function, is
+    not callable from a kernel Triton's interpreter runs unless it was imported interpreting)."""
+    return tl.maximum(a, b)
 
 
 @triton.jit
@@ -173,11 +182,13 @@ def _expr(op: str, a: list[str], f64: bool) -> str:
     raise ValueError(f"triton backend: unknown op {op!r}")
 
 
-def _evaluate(graph: Graph, operands, dtype, table: bool, unscale: bool):
+def _evaluate(graph: Graph, operands, dtype, table: bool, unscale: bool, quant: tuple = ()):
     """The lines that evaluate ``graph``'s nodes in a kernel, for an update or a reduction:
     ``(hoisted, body)``, before and inside the loop over a chunk's blocks. ``dtype``: one, or one
     per operand (each loaded in its own; the arithmetic in the param's compute type).
-    ``unscale``: the grad is divided by GradScaler's scale where the kernel's ``SCALE`` says so."""
+    ``unscale``: the grad is divided by GradScaler's scale where the kernel's ``SCALE`` says so.
+    ``quant``: the 8-bit states (see :func:`source`), read as their map's value times their
+    block's scale."""
     dtypes = per_operand(operands, dtype)
     compute = DTYPES[dtypes[0]][1]
     f64 = dtypes[0] == torch.float64
@@ -195,7 +206,12 @@ def _evaluate(graph: Graph, operands, dtype, table: bool, unscale: bool):
             if i not in used:
                 continue  # e.g. a FirstValue state on its first step: never read
             k = operands.index(a[0])
-            if dtypes[k] == torch.bfloat16:
+            if a[0] in dict(quant):
+                q, s = _quant_operand(operands, quant, a[0])
+                load = f"tl.load(qf + {q} + tl.load(a{k} + offs, mask=m, other=0).to(tl.int32))"
+                # (a step past the chunk's end reads no scale: there may be none)
+                load = f"{load} * tl.load(a{s} + ((lo + off) >> 8), mask=lo + off < hi, other=0.0)"
+            elif dtypes[k] == torch.bfloat16:
                 load = f"bf16_load(a{k}, offs, m)"
             else:
                 load = f"tl.load(a{k} + offs, mask=m).to({compute})"
@@ -214,23 +230,71 @@ def _evaluate(graph: Graph, operands, dtype, table: bool, unscale: bool):
     return hoisted, body
 
 
+# 8-bit states (fuseopt._quant): the kernel's two tables, ``qf`` (float32: the signed map, the
+# midpoints above its codes, the unsigned map, the midpoints above its codes; 256 each) and
+# ``ql`` (uint8: the signed bucket table, then the unsigned one)
+_QF = {True: (0, 256), False: (512, 768)}  # signed -> (offset of its map, of its midpoints)
+_QL = {True: 0, False: 1 << 16}  # signed -> offset of its bucket table (2**16, 2**17 entries)
+
+
+def _quant_operand(operands, quant: tuple, name: str) -> tuple[int, int]:
+    """``(offset of its map in qf, operand index of its scales)`` of the 8-bit state ``name``:
+    the scales are the last operands, in ``quant``'s order."""
+    i = [n for n, _ in quant].index(name)
+    return _QF[dict(quant)[name]][0], len(operands) - len(quant) + i
+
+
+def _quant_store(operands, quant: tuple, name: str, value: str) -> list[str]:
+    """The lines that store the new values ``value`` of the 8-bit state ``name`` over one block
+    (the loop's ``BLOCK`` is the quantization block): the block's largest magnitude (an integer
+    max over the magnitudes' bits: NaN above inf, as the numba kernels) is its new scale, and
+    each code is the nearest to the value times the scale's reciprocal (0 for a block of
+    zeros), through the bucket table and one comparison (:func:`fuseopt._quant.tables`)."""
+    from fuseopt import _quant
+
+    signed = dict(quant)[name]
+    k, (_, s) = operands.index(name), _quant_operand(operands, quant, name)
+    above, lut = _QF[signed][1], _QL[signed]
+    shift = _quant.tables(signed)[2]
+    return [
+        f"        w{k} = tl.where(m, {value}, 0.0).to(tl.float32)",
+        f"        amax{k} = tl.reduce(w{k}.to(tl.uint32, bitcast=True) & 0x7FFFFFFF, 0, umax)",
+        f"        amax{k} = amax{k}.to(tl.float32, bitcast=True)",
+        f"        inv{k} = tl.where(amax{k} > 0.0, tl.div_rn(1.0, amax{k}), 0.0)",
+        f"        y{k} = w{k} * inv{k}",
+        f"        c{k} = tl.load(ql + {lut} + (y{k}.to(tl.uint32, bitcast=True) >> {shift}),",
+        "                      mask=m, other=0).to(tl.int32)",
+        f"        c{k} += (y{k} > tl.load(qf + {above} + c{k}, mask=m, other=0.0)).to(tl.int32)",
+        f"        tl.store(a{k} + offs, c{k}.to(tl.uint8), mask=m)",
+        f"        tl.store(a{s} + ((lo + off) >> 8), amax{k}, mask=lo + off < hi)",
+    ]
+
+
 def source(
     graph: Graph, operands: tuple[str, ...], dtype, table: bool, sr: bool = False,
-    kahan: bool = False,
+    kahan: bool = False, quant: tuple = (),
 ) -> str:  # fmt: skip
     """Python source of the Triton kernel for ``graph`` on tensors of ``dtype`` (one, or one per
     operand); ``table``: the scalars come from a device table instead of kernel arguments;
     ``sr``: bfloat16 stores round stochastically (the ``seed`` argument: one random stream per
     operand and tensor, the numba kernels' hash); ``kahan``: the last operand (no input of
-    ``graph``) is a bfloat16 param's compensation (Kahan summation, as the numba kernels)."""
+    ``graph``) is a bfloat16 param's compensation (Kahan summation, as the numba kernels);
+    ``quant``: ``((name, signed), ...)``, the 8-bit states (uint8 codes), whose float32 scales
+    are the last operands in this order; the kernel then takes the tables ``qf`` and ``ql`` and
+    its ``BLOCK`` must be the quantization block (:func:`run` launches it so)."""
     dtypes = per_operand(operands, dtype)
     names = list(graph.scalars)
     args = ["scal, scal_stride"] if table else [f"s{k}" for k in range(len(names))]
-    hoisted, body = _evaluate(graph, operands, dtypes, table, unscale=True)
+    if quant:
+        args.append("qf, ql")
+    hoisted, body = _evaluate(graph, operands, dtypes, table, unscale=True, quant=quant)
     for name, node in graph.outputs.items():
         k = operands.index(name)
+        if name in dict(quant):
+            body += _quant_store(operands, quant, name, f"v{node}")
+            continue
         if kahan and name == "param":
-            kc = len(operands) - 1
+            kc = len(operands) - 1 - len(quant)
             if dtypes[kc] == torch.bfloat16:
                 load_c, store_c = f"bf16_load(a{kc}, offs, m)", f"bf16_store(a{kc}, offs, kc, m)"
             else:
@@ -329,7 +393,7 @@ def _interpreting() -> bool:
 
 def kernel(
     rule, flags, operands: tuple[str, ...], dtype, table: bool, sr: bool = False,
-    kahan: bool = False,
+    kahan: bool = False, quant: tuple = (),
 ):  # fmt: skip
     """The Triton kernel for ``rule`` with ``flags`` on ``operands`` of ``dtype``, and the names of
     the scalars it takes, in order: compiled, or interpreted under ``TRITON_INTERPRET=1`` (one
@@ -337,13 +401,16 @@ def kernel(
     addresses)."""
     if isinstance(dtype, tuple) and len(set(dtype)) == 1:
         dtype = dtype[0]
-    return _kernel(rule, flags, operands, dtype, table, _interpreting(), sr, kahan)
+    return _kernel(rule, flags, operands, dtype, table, _interpreting(), sr, kahan, quant)
 
 
 @cache
-def _kernel(rule, flags, operands, dtype, table, interpreting: bool, sr=False, kahan=False):
-    graph = trace(rule, flags, operands[:-1] if kahan else operands)
-    src = source(graph, operands, dtype, table, sr, kahan)
+def _kernel(
+    rule, flags, operands, dtype, table, interpreting: bool, sr=False, kahan=False, quant=(),
+):  # fmt: skip
+    # (the rule's operands: a compensation and 8-bit scales come after them)
+    graph = trace(rule, flags, operands[: len(operands) - int(kahan) - len(quant)])
+    src = source(graph, operands, dtype, table, sr, kahan, quant)
     # @triton.jit reads TRITON_INTERPRET when the module runs: one module per mode
     prefix = "fuseopt_triton_interp_" if interpreting else "fuseopt_triton_"
     return import_source(src, prefix).kernel, tuple(graph.scalars)
@@ -376,6 +443,27 @@ def _chunks(numels: tuple[int, ...], device: torch.device, chunk: int) -> torch.
     if not len(rows):  # only empty tensors: one program that does nothing (a grid cannot be 0)
         rows = np.zeros((1, 3), dtype=np.int64)
     return torch.tensor(rows, dtype=torch.int64).to(device)
+
+
+@lru_cache(maxsize=16)
+def _quant_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 8-bit kernels' tables ``(qf, ql)`` on ``device`` (see ``_QF``), kept for the process:
+    module-owned constants whose sizes are checked here, so that every index a kernel forms (a
+    code, below 256; an uint32 shifted right by the table's shift) is inside them (K10)."""
+    from fuseopt import _quant
+
+    floats, buckets = [], []
+    for signed in (True, False):
+        low, above, shift = _quant.tables(signed)
+        floats += [_quant.dynamic_map(signed), above]
+        buckets.append(low)
+        if low.numel() != 1 << (32 - shift) or above.numel() != 256:
+            raise AssertionError("fuseopt: 8-bit quantization tables of unexpected sizes")
+    qf = torch.cat(floats).to(torch.float32)
+    ql = torch.cat(buckets).to(torch.uint8)
+    if qf.numel() != 1024 or ql.numel() != (1 << 16) + (1 << 17):
+        raise AssertionError("fuseopt: 8-bit quantization tables of unexpected sizes")
+    return qf.to(device), ql.to(device)
 
 
 @lru_cache(maxsize=256)
@@ -411,15 +499,22 @@ def run(launch) -> None:
     grad_scale, found_inf = launch.grad_scale, launch.found_inf
     values = list(scalars.values())
     table = dtype == torch.float64 or any(torch.is_tensor(v) for v in values)
-    fn, names = kernel(rule, flags, operands, launch.dtypes, table, launch.sr, launch.kahan)
+    quant = launch.quant
+    fn, names = kernel(
+        rule, flags, operands, launch.dtypes, table, launch.sr, launch.kahan, quant
+    )  # fmt: skip
     ptrs = _pointers(tuple(launch.address_table().ravel().tolist()), device)
     block, chunk = (INTERPRET_BLOCK, INTERPRET_CHUNK) if _interpreting() else (BLOCK, CHUNK)
+    if quant:  # a quantization block per vector step; chunks of whole blocks
+        block, chunk = QBLOCK, max(chunk, QBLOCK)
     chunks = _chunks(launch.numels, device, chunk)
     if table:
         scal, stride = _scalar_table([scalars[n] for n in names], len(launch.numels), device)
         scalar_args = (scal, stride)
     else:
         scalar_args = tuple(float(scalars[n]) for n in names)
+    if quant:
+        scalar_args += _quant_tables(device)
     fn[(chunks.shape[0],)](
         ptrs, chunks, len(launch.numels), *scalar_args,
         ptrs if grad_scale is None else grad_scale.to(device),
