@@ -42,14 +42,16 @@ the one place that establishes, at every step and before any address is read:
   param's device, K4 for both, and neither reaching memory of the other nor of any other tensor
   of the launch (K5: :func:`~fuseopt._facts.bits_problem`). A launch starts every tensor at its
   element 0 and cuts it into chunks of a multiple of a block, so that a chunk holds whole blocks.
-  The kernels' quantization tables are module-owned constants whose sizes are checked when they
-  are built (:mod:`fuseopt.kernels._numba_ops`; Triton's ``_quant_tables``, one copy per device). Codes of another dtype or shape, an ``absmax``
-  of another dtype or size, or one missing are errors on every path
+  The kernels' maps are module-owned constants whose sizes are checked when they are built
+  (:mod:`fuseopt.kernels._numba_ops`; Triton's ``_quant_maps``, one copy per device); a code
+  (below 256) is the only index a kernel forms into them. Codes of another dtype or shape, an
+  ``absmax`` of another dtype or size, or one missing are errors on every path
   (:func:`_check_bits`); an 8-bit state that only no longer fits a kernel (a param made
   non-contiguous, codes or scales laid out otherwise or sharing memory) takes the for-loop.
 
-A step checked in full establishes K2-K5 and K10 per param
-(:func:`~fuseopt._facts.entry_check`, :func:`~fuseopt._facts.bits_problem`, with its grad and state) and K6 per counter (:func:`~fuseopt._facts.standard_step`); a group seen
+A step checked in full establishes K2-K5 and K10 per param (:func:`~fuseopt._facts.entry_check`,
+:func:`~fuseopt._facts.bits_problem`, with its grad and state) and K6 per counter
+(:func:`~fuseopt._facts.standard_step`); a group seen
 before is re-checked by :mod:`fuseopt._plan_cache`, which reads every fact of every tensor again
 (:mod:`fuseopt._facts`). A param that fails K2, K3 or K5 within itself takes the for-loop
 implementation (torch's ops decide: its numbers, or its error), a grad merely laid out otherwise

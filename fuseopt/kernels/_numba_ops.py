@@ -147,18 +147,6 @@ def store_bf16_sr(typingctx, x, noise):
 
 
 @intrinsic
-def f32_bits(typingctx, x):
-    """The bits of float32 ``x`` as an uint32."""
-    if x != types.float32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], _I32)
-
-    return types.uint32(x), codegen
-
-
-@intrinsic
 def mag_bits(typingctx, x):
     """The bits of ``abs(x)`` (float32) as an uint32: ordered as the magnitudes are, NaN above
     inf (an integer max over them is the float max, NaN-propagating, and vectorises)."""
@@ -189,40 +177,65 @@ def bits_f32(typingctx, bits):
     return types.float32(bits), codegen
 
 
-# ------------------------------------------------------------------- 8-bit states (K10 tables)
-def _quant_tables(signed: bool):
-    """The dynamic map (float32, 256), the bucket table (uint8, one entry per value of the top
-    ``32 - shift`` bits) and the midpoint above each code (float32, 256) of :mod:`fuseopt._quant`,
-    as module-owned constants (numba freezes them into the kernels), their sizes checked: every
-    index a kernel forms (a code; an uint32 shifted right by ``shift``) is inside them."""
+# -------------------------------------------------------------------------------- 8-bit states
+def _quant_map(signed: bool) -> np.ndarray:
+    """The dynamic map (float32, 256) of :mod:`fuseopt._quant`, a module-owned constant (numba
+    freezes it into the kernels) whose size is checked: every index a kernel forms (a code) is
+    inside it (K10)."""
     from fuseopt import _quant
 
     qmap = _quant.dynamic_map(signed).numpy().astype(np.float32)
-    low, above, shift = _quant.tables(signed)
-    lut, above = low.numpy().astype(np.uint8), above.numpy().astype(np.float32)
-    if qmap.shape != (256,) or above.shape != (256,) or lut.shape != (1 << (32 - shift),):
-        raise AssertionError("fuseopt: 8-bit quantization tables of unexpected sizes")
-    for a in (qmap, lut, above):
-        a.setflags(write=False)
-    return qmap, lut, above, np.uint32(shift)
+    if qmap.shape != (256,):
+        raise AssertionError("fuseopt: 8-bit quantization map of unexpected size")
+    qmap.setflags(write=False)
+    return qmap
 
 
-QMAP_S, LUT_S, ABOVE_S, SHIFT_S = _quant_tables(True)  # signed states
-QMAP_U, LUT_U, ABOVE_U, SHIFT_U = _quant_tables(False)  # unsigned (second moments)
+QMAP_S = _quant_map(True)  # signed states
+QMAP_U = _quant_map(False)  # unsigned (second moments)
 
 
-@numba.njit(inline="always")
-def code_s(y):
-    """The code of the scaled value ``y`` in the signed map (:func:`fuseopt._quant.tables`)."""
-    c = LUT_S[f32_bits(y) >> SHIFT_S]
-    return np.uint8(c + (y > ABOVE_S[c]))
+def _encoder(signed: bool):
+    """The code of a scaled value in the signed or unsigned map: :func:`fuseopt._quant.encode`'s
+    float32 operations, in its order, on one value (its constants written into the source; the
+    chain of comparisons compiles to vector selects)."""
+    from fuseopt import _quant
+
+    g = _quant.grid(signed)
+    f32 = "np.float32({!r})".format
+    lines = [
+        "def code(y):",
+        "    a = abs(y)",
+        f"    s, w, n, f0 = {f32(g.scale[0])}, {f32(g.width[0])}, {f32(g.cells[0])}, {f32(g.first[0])}",
+    ]
+    for k, split in enumerate(g.splits, start=1):
+        lines += [
+            f"    if a > {f32(split)}:",
+            f"        s, w, n, f0 = {f32(g.scale[k])}, {f32(g.width[k])}, {f32(g.cells[k])}, "
+            f"{f32(g.first[k])}",
+        ]
+    lines += [
+        "    cell = np.floor((a * s - np.float32(0.1)) * w)",
+        "    cell = min(max(cell, np.float32(0.0)), n - np.float32(1.0))",
+        "    pos = f0 + cell",
+        f"    pos = np.float32(0.0) if a <= {f32(g.lower)} else pos",
+        f"    pos = {f32(g.top)} if a > {f32(g.upper)} else pos",
+    ]
+    zero = f32(float(g.zero))
+    if signed:
+        lines.append(f"    c = {zero} + pos if y >= np.float32(0.0) else {zero} - min(pos, {zero})")
+    else:
+        lines.append("    c = pos")
+    lines += ["    c = np.float32(0.0) if y != y else c", "    return np.uint8(np.int32(c))"]
+    scope = {"np": np}
+    exec("\n".join(lines), scope)  # (our own source, built from the map's constants)
+    return numba.njit(inline="always")(scope["code"])
 
 
-@numba.njit(inline="always")
-def code_u(y):
-    """The code of the scaled value ``y`` in the unsigned map."""
-    c = LUT_U[f32_bits(y) >> SHIFT_U]
-    return np.uint8(c + (y > ABOVE_U[c]))
+code_s = _encoder(True)
+code_s.__doc__ = "The code of the scaled float32 value ``y`` in the signed map."
+code_u = _encoder(False)
+code_u.__doc__ = "The code of the scaled float32 value ``y`` in the unsigned map."
 
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)

@@ -230,41 +230,72 @@ def _evaluate(graph: Graph, operands, dtype, table: bool, unscale: bool, quant: 
     return hoisted, body
 
 
-# 8-bit states (fuseopt._quant): the kernel's two tables, ``qf`` (float32: the signed map, the
-# midpoints above its codes, the unsigned map, the midpoints above its codes; 256 each) and
-# ``ql`` (uint8: the signed bucket table, then the unsigned one)
-_QF = {True: (0, 256), False: (512, 768)}  # signed -> (offset of its map, of its midpoints)
-_QL = {True: 0, False: 1 << 16}  # signed -> offset of its bucket table (2**16, 2**17 entries)
+# 8-bit states (fuseopt._quant): the kernel's table ``qf`` (float32), the signed map then the
+# unsigned one, 256 codes each
+_QF = {True: 0, False: 256}  # signed -> offset of its map in qf
 
 
 def _quant_operand(operands, quant: tuple, name: str) -> tuple[int, int]:
     """``(offset of its map in qf, operand index of its scales)`` of the 8-bit state ``name``:
     the scales are the last operands, in ``quant``'s order."""
     i = [n for n, _ in quant].index(name)
-    return _QF[dict(quant)[name]][0], len(operands) - len(quant) + i
+    return _QF[dict(quant)[name]], len(operands) - len(quant) + i
+
+
+def _encoder(signed: bool) -> str:
+    """The source of the jitted helper ``encode_s`` (or ``encode_u``): the code of scaled float32
+    values in the signed (unsigned) map, :func:`fuseopt._quant.encode`'s float32 operations in
+    its order (its constants written into the source)."""
+    from fuseopt import _quant
+
+    g = _quant.grid(signed)
+    lines = [
+        "@triton.jit",
+        f"def encode_{'s' if signed else 'u'}(y):",
+        "    a = tl.abs(y)",
+        f"    s = tl.full(y.shape, {g.scale[0]!r}, tl.float32)",
+        f"    w = tl.full(y.shape, {g.width[0]!r}, tl.float32)",
+        f"    n = tl.full(y.shape, {g.cells[0]!r}, tl.float32)",
+        f"    f0 = tl.full(y.shape, {g.first[0]!r}, tl.float32)",
+    ]
+    for k, split in enumerate(g.splits, start=1):
+        lines += [
+            f"    past = a > {split!r}",
+            f"    s = tl.where(past, {g.scale[k]!r}, s)",
+            f"    w = tl.where(past, {g.width[k]!r}, w)",
+            f"    n = tl.where(past, {g.cells[k]!r}, n)",
+            f"    f0 = tl.where(past, {g.first[k]!r}, f0)",
+        ]
+    lines += [
+        "    cell = tl.floor((a * s - 0.1) * w)",
+        "    cell = tl.minimum(tl.maximum(cell, 0.0), n - 1.0)",
+        f"    pos = tl.where(a > {g.upper!r}, {g.top!r}, tl.where(a <= {g.lower!r}, 0.0, f0 + cell))",
+    ]
+    zero = float(g.zero)
+    if signed:
+        lines.append(
+            f"    c = tl.where(y >= 0.0, {zero!r} + pos, {zero!r} - tl.minimum(pos, {zero!r}))"
+        )
+    else:
+        lines.append("    c = pos")
+    lines += ["    c = tl.where(y != y, 0.0, c)", "    return c.to(tl.int32)", ""]
+    return "\n".join(lines)
 
 
 def _quant_store(operands, quant: tuple, name: str, value: str) -> list[str]:
     """The lines that store the new values ``value`` of the 8-bit state ``name`` over one block
     (the loop's ``BLOCK`` is the quantization block): the block's largest magnitude (an integer
     max over the magnitudes' bits: NaN above inf, as the numba kernels) is its new scale, and
-    each code is the nearest to the value times the scale's reciprocal (0 for a block of
-    zeros), through the bucket table and one comparison (:func:`fuseopt._quant.tables`)."""
-    from fuseopt import _quant
-
+    each code is that of the value times the scale's reciprocal (0 for a block of zeros), by
+    :func:`fuseopt._quant.encode`'s arithmetic (``encode_s``/``encode_u``)."""
     signed = dict(quant)[name]
     k, (_, s) = operands.index(name), _quant_operand(operands, quant, name)
-    above, lut = _QF[signed][1], _QL[signed]
-    shift = _quant.tables(signed)[2]
     return [
         f"        w{k} = tl.where(m, {value}, 0.0).to(tl.float32)",
         f"        amax{k} = tl.reduce(w{k}.to(tl.uint32, bitcast=True) & 0x7FFFFFFF, 0, umax)",
         f"        amax{k} = amax{k}.to(tl.float32, bitcast=True)",
         f"        inv{k} = tl.where(amax{k} > 0.0, tl.div_rn(1.0, amax{k}), 0.0)",
-        f"        y{k} = w{k} * inv{k}",
-        f"        c{k} = tl.load(ql + {lut} + (y{k}.to(tl.uint32, bitcast=True) >> {shift}),",
-        "                      mask=m, other=0).to(tl.int32)",
-        f"        c{k} += (y{k} > tl.load(qf + {above} + c{k}, mask=m, other=0.0)).to(tl.int32)",
+        f"        c{k} = encode_{'s' if signed else 'u'}(w{k} * inv{k})",
         f"        tl.store(a{k} + offs, c{k}.to(tl.uint8), mask=m)",
         f"        tl.store(a{s} + ((lo + off) >> 8), amax{k}, mask=lo + off < hi)",
     ]
@@ -280,13 +311,13 @@ def source(
     operand and tensor, the numba kernels' hash); ``kahan``: the last operand (no input of
     ``graph``) is a bfloat16 param's compensation (Kahan summation, as the numba kernels);
     ``quant``: ``((name, signed), ...)``, the 8-bit states (uint8 codes), whose float32 scales
-    are the last operands in this order; the kernel then takes the tables ``qf`` and ``ql`` and
-    its ``BLOCK`` must be the quantization block (:func:`run` launches it so)."""
+    are the last operands in this order; the kernel then takes the maps ``qf`` and its ``BLOCK``
+    must be the quantization block (:func:`run` launches it so)."""
     dtypes = per_operand(operands, dtype)
     names = list(graph.scalars)
     args = ["scal, scal_stride"] if table else [f"s{k}" for k in range(len(names))]
     if quant:
-        args.append("qf, ql")
+        args.append("qf")
     hoisted, body = _evaluate(graph, operands, dtypes, table, unscale=True, quant=quant)
     for name, node in graph.outputs.items():
         k = operands.index(name)
@@ -324,6 +355,7 @@ def source(
             "import triton",
             "import triton.language as tl",
             _HELPERS,
+            *(_encoder(signed) for signed in sorted({signed for _, signed in quant})),
             "",
             '@triton.jit(do_not_specialize=["NT", "seed"])',
             f"def kernel(ptrs, chunks, NT, {', '.join(args)}, grad_scale, found_inf, seed,",
@@ -446,24 +478,16 @@ def _chunks(numels: tuple[int, ...], device: torch.device, chunk: int) -> torch.
 
 
 @lru_cache(maxsize=16)
-def _quant_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The 8-bit kernels' tables ``(qf, ql)`` on ``device`` (see ``_QF``), kept for the process:
-    module-owned constants whose sizes are checked here, so that every index a kernel forms (a
-    code, below 256; an uint32 shifted right by the table's shift) is inside them (K10)."""
+def _quant_maps(device: torch.device) -> tuple[torch.Tensor]:
+    """The 8-bit kernels' maps ``(qf,)`` on ``device`` (see ``_QF``), kept for the process: a
+    module-owned constant whose size is checked here, so that every index a kernel forms (a
+    code, below 256, plus a map's offset) is inside it (K10)."""
     from fuseopt import _quant
 
-    floats, buckets = [], []
-    for signed in (True, False):
-        low, above, shift = _quant.tables(signed)
-        floats += [_quant.dynamic_map(signed), above]
-        buckets.append(low)
-        if low.numel() != 1 << (32 - shift) or above.numel() != 256:
-            raise AssertionError("fuseopt: 8-bit quantization tables of unexpected sizes")
-    qf = torch.cat(floats).to(torch.float32)
-    ql = torch.cat(buckets).to(torch.uint8)
-    if qf.numel() != 1024 or ql.numel() != (1 << 16) + (1 << 17):
-        raise AssertionError("fuseopt: 8-bit quantization tables of unexpected sizes")
-    return qf.to(device), ql.to(device)
+    qf = torch.cat([_quant.dynamic_map(True), _quant.dynamic_map(False)]).to(torch.float32)
+    if qf.numel() != 512:
+        raise AssertionError("fuseopt: 8-bit quantization maps of unexpected size")
+    return (qf.to(device),)
 
 
 @lru_cache(maxsize=256)
@@ -514,7 +538,7 @@ def run(launch) -> None:
     else:
         scalar_args = tuple(float(scalars[n]) for n in names)
     if quant:
-        scalar_args += _quant_tables(device)
+        scalar_args += _quant_maps(device)
     fn[(chunks.shape[0],)](
         ptrs, chunks, len(launch.numels), *scalar_args,
         ptrs if grad_scale is None else grad_scale.to(device),
