@@ -8,6 +8,7 @@ use OpenMP, so what it tests is fuseopt's step alone.)"""
 from __future__ import annotations
 
 import multiprocessing
+import sys
 
 import pytest
 import torch
@@ -68,3 +69,24 @@ def test_a_forked_child_steps_correctly(threads):
             torch.testing.assert_close(p, q, **FUSED_TOL)
     finally:
         torch.set_num_threads(before)
+
+
+def test_sources_name_the_helpers_they_inline():
+    """numba's cache keys on a kernel's source file only: the generated sources carry a hash of
+    the helpers they inline (_numba_ops), so that changed helpers give new files (and machine
+    code), never the old code out of the cache."""
+    import hashlib
+    from pathlib import Path
+
+    from fuseopt.kernels import _numba_ops, numba_cpu
+
+    digest = hashlib.sha1(Path(_numba_ops.__file__).read_bytes()).hexdigest()[:16]
+    assert digest in numba_cpu._HEADER
+    p = torch.randn(10, requires_grad=True)
+    p.grad = torch.ones(10)
+    fuseopt.Adam([p], fused=True).step()
+    sources = [m for m in sys.modules if m.startswith("fuseopt_kernel_")]
+    assert sources
+    for name in sources:
+        with open(sys.modules[name].__file__) as f:
+            assert f.readline().rstrip("\n") == numba_cpu._HEADER
