@@ -54,7 +54,8 @@ IMPLS = {
     "forloop_8bit_state": (dict(foreach=False, state_bits=8), dict(foreach=False)),
 }
 STORAGE = {"fused_bf16_state", "forloop_bf16_state"}  # the states are compared as bfloat16
-BITS = {"fused_8bit_state", "forloop_8bit_state"}  # 8-bit states: compared dequantized
+BITS = ("fused_8bit_state", "forloop_8bit_state")  # 8-bit states: compared dequantized (a tuple:
+# the case ids must come in the same order in every pytest-xdist worker)
 EIGHT_BIT = {"SGD", "Adam", "AdamW"}  # the algorithms of the table that offer them
 CLIP = 1.0
 TORCH_FUSED = {"SGD", "Adam", "AdamW", "Adagrad"}
@@ -331,11 +332,11 @@ FAULTS = [
           why="torch reads and writes past the storage (heap corruption, or garbage)"),
     Fault("state_shared_by_two_params", _share_state,
           expect={"foreach": "forloop", "fused": "forloop",
-                  **dict.fromkeys(STORAGE | BITS, "steps")},
+                  **dict.fromkeys(STORAGE | set(BITS), "steps")},
           why=_FOREACH_FUSED_ORDER + "; " + _ROUNDS_TWICE),
     Fault("param_listed_twice", lambda opt, ps: opt.param_groups[0]["params"].append(ps[0]),
           expect={"foreach": "forloop", "fused": "forloop",
-                  **dict.fromkeys(STORAGE | BITS, "steps")},
+                  **dict.fromkeys(STORAGE | set(BITS), "steps")},
           why=_FOREACH_FUSED_ORDER + "; " + _ROUNDS_TWICE),
     Fault("params_overlap", _overlap_params, expect={"foreach": "forloop"},
           why="torch's foreach applies each op to every param before the next op, so params "
@@ -365,7 +366,7 @@ FAULTS = [
           after_grads=True,
           expect={"fused": "forloop", **{
               f"{a}/{i}": "runs" for a in ("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop")
-              for i in STORAGE | BITS}},
+              for i in STORAGE | set(BITS)}},
           why=_LOOP + "; a storage format (state_dtype) computes in float32 from a grad of any "
           "floating dtype, where torch's in-place ops refuse a float64 grad for some algorithms "
           "(lerp_, addcdiv_ with a float32 tensor)"),
@@ -394,7 +395,7 @@ def applies(algo: str, kwargs: dict, impl: str) -> bool:
     """Whether ``algo`` with ``kwargs`` can be built for ``impl``: a storage format only where
     the algorithm keeps elementwise state with its options, 8-bit states only where it offers
     them (else it is an error at construction)."""
-    if impl in STORAGE | BITS and algo == "SGD" and not kwargs.get("momentum"):
+    if impl in STORAGE | set(BITS) and algo == "SGD" and not kwargs.get("momentum"):
         return False
     return not (impl in BITS and algo not in EIGHT_BIT)
 
