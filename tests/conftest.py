@@ -104,6 +104,30 @@ def clone_params(params) -> list[torch.Tensor]:
     return [p.detach().clone().requires_grad_() for p in params]
 
 
+def assert_refuses_sparse_grads(make) -> None:
+    """``make(params)`` builds an optimizer; its step with a sparse grad raises (a RuntimeError
+    naming sparse grads) and changes nothing: the param as it was, no state made."""
+    p = torch.ones(4, 2, requires_grad=True)
+    opt = make([p])
+    p.grad = torch.ones(4, 2).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    assert torch.equal(p, torch.ones(4, 2)) and not opt.state
+
+
+def assert_state_dict_round_trip(saved: dict, again: dict) -> None:
+    """``again``, the state dict of a fresh optimizer that loaded ``saved``, is ``saved``: the
+    same groups (backfilled, as torch's ``__setstate__``, with off flags only: None or False)
+    and the same state, key for key, in order."""
+    for group, before in zip(again["param_groups"], saved["param_groups"]):
+        assert {k: group[k] for k in before} == before
+        assert all(group[k] in (None, False) for k in set(group) - set(before))
+    for i, state in saved["state"].items():
+        assert list(again["state"][i]) == list(state)
+        for key, value in state.items():
+            assert torch.equal(again["state"][i][key], value)
+
+
 def assert_bfloat16_close(ours, theirs, share: float = 0.99, worst: float = 2**-3) -> None:
     """bfloat16 results of fuseopt's kernels (float32 math, one rounding per store) against a
     reference that rounds every op to bfloat16: at least ``share`` of the elements within 2**-6

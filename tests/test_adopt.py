@@ -22,7 +22,13 @@ import pickle
 import layout_faults
 import pytest
 import torch
-from conftest import assert_bfloat16_close, clone_params, make_grads, make_params
+from conftest import (
+    assert_bfloat16_close,
+    assert_refuses_sparse_grads,
+    clone_params,
+    make_grads,
+    make_params,
+)
 
 from fuseopt.adopt import ADOPT, default_clip
 
@@ -239,12 +245,7 @@ def test_errors(kwargs, error, match):
 
 
 def test_sparse_grads_are_refused_before_anything_changes():
-    p = torch.ones(4, 2, requires_grad=True)
-    opt = ADOPT([p], foreach=False)
-    p.grad = torch.ones(4, 2).to_sparse()
-    with pytest.raises(RuntimeError, match="sparse"):
-        opt.step()
-    assert torch.equal(p, torch.ones(4, 2)) and not opt.state
+    assert_refuses_sparse_grads(lambda params: ADOPT(params, foreach=False))
 
 
 @pytest.mark.parametrize("fault", list(layout_faults.FAULTS))

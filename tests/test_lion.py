@@ -22,7 +22,13 @@ import copy
 import layout_faults
 import pytest
 import torch
-from conftest import assert_bfloat16_close, clone_params, make_grads, make_params
+from conftest import (
+    assert_bfloat16_close,
+    assert_refuses_sparse_grads,
+    clone_params,
+    make_grads,
+    make_params,
+)
 
 from fuseopt.lion import Lion
 
@@ -306,12 +312,7 @@ def test_errors(kwargs, error, match):
 
 
 def test_sparse_grads_are_refused_before_anything_changes():
-    p = torch.ones(4, 2, requires_grad=True)
-    opt = Lion([p], foreach=False)
-    p.grad = torch.ones(4, 2).to_sparse()
-    with pytest.raises(RuntimeError, match="sparse"):
-        opt.step()
-    assert torch.equal(p, torch.ones(4, 2)) and not opt.state
+    assert_refuses_sparse_grads(lambda params: Lion(params, foreach=False))
 
 
 @pytest.mark.parametrize("fault", list(layout_faults.FAULTS))
