@@ -131,18 +131,19 @@ def new_state(rule, group: dict, p: torch.Tensor, specs, grad: torch.Tensor | No
     return state
 
 
-def zero_codes(p: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """An 8-bit state of zeros for ``p``: the code of 0.0 (uint8, ``p``'s shape, contiguous) and
-    a zero scale per block (float32)."""
-    zero = _quant.zero_code(signed)
-    codes = torch.full(p.shape, zero, dtype=torch.uint8, device=p.device)
-    return codes, torch.zeros(_quant.blocks(p.numel()), dtype=torch.float32, device=p.device)
-
-
 def empty_codes(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Uninitialised codes and scales for ``p`` (a first value the step writes in full)."""
-    codes = torch.empty(p.shape, dtype=torch.uint8, device=p.device)
-    return codes, torch.empty(_quant.blocks(p.numel()), dtype=torch.float32, device=p.device)
+    """Uninitialised codes and scales for ``p`` (contiguous, as :func:`fuseopt._quant.layout`
+    says; for a first value the step writes in full)."""
+    return tuple(
+        torch.empty(shape, dtype=dtype, device=p.device)
+        for dtype, shape in _quant.layout(p).values()
+    )
+
+
+def zero_codes(p: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """An 8-bit state of zeros for ``p``: the code of 0.0 and a zero scale per block."""
+    codes, absmax = empty_codes(p)
+    return codes.fill_(_quant.zero_code(signed)), absmax.zero_()
 
 
 def init_state(opt, group: dict, params) -> None:

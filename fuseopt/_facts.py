@@ -172,7 +172,7 @@ def bits_problem(p, g, written: list, packed: dict[str, tuple]) -> str | None:
 
     if not p.is_contiguous():
         return "the param is not contiguous (its 8-bit states' blocks run in flat order)"
-    want = {"codes": (torch.uint8, p.shape), "absmax": (torch.float32, (_quant.blocks(p.numel()),))}
+    want = _quant.layout(p)
     for name, pair in packed.items():
         for what, t in zip(want, pair):
             dtype, shape = want[what]

@@ -49,6 +49,15 @@ def blocks(numel: int) -> int:
     return -(-numel // BLOCK)
 
 
+def layout(p: torch.Tensor) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """The dtype and shape of each half of an 8-bit state of ``p``: its ``codes`` (uint8, the
+    param's shape) and its ``absmax`` (float32, one element per block)."""
+    return {
+        "codes": (torch.uint8, tuple(p.shape)),
+        "absmax": (torch.float32, (blocks(p.numel()),)),
+    }
+
+
 @cache
 def _map(signed: bool) -> torch.Tensor:
     parts = []

@@ -98,19 +98,17 @@ def problems(rule, p: torch.Tensor, value: Any) -> list[str]:
             bad.append(
                 f"{key!r} (uint8: 8-bit codes without their scales {_quant.absmax_key(key)!r})"
             )
+    want = _quant.layout(p)
+
+    def fits(t, half: str) -> bool:
+        return torch.is_tensor(t) and (t.dtype, tuple(t.shape)) == want[half]
+
     for name in compact_states(rule, value):
         codes, absmax = value.get(name), value[_quant.absmax_key(name)]
-        if codes is not None and not (
-            torch.is_tensor(codes) and codes.dtype == torch.uint8 and codes.shape == p.shape
-        ):
+        if codes is not None and not fits(codes, "codes"):
             bad.append(f"{name!r} ({_what(codes)}; 8-bit codes are uint8 in the param's shape)")
         n = _quant.blocks(p.numel())
-        if not (
-            torch.is_tensor(absmax)
-            and absmax.dtype == torch.float32
-            and absmax.dim() == 1
-            and absmax.numel() == n
-        ):
+        if not fits(absmax, "absmax"):
             bad.append(
                 f"{_quant.absmax_key(name)!r} ({_what(absmax)}; 8-bit scales are float32 of "
                 f"shape ({n},), one per block of {_quant.BLOCK} of the param's {p.numel()} "
