@@ -188,8 +188,9 @@ def _check_bits(rule, group, specs, state: dict, p: torch.Tensor, where: str) ->
         if key not in state and not (torch.is_tensor(codes) and codes.dtype == torch.uint8):
             continue  # a full-precision state
         absmax = state[key]  # KeyError naming the key, as torch's for a missing state
+        want = _quant.layout(p)
         for what, t in (("codes", codes), ("absmax", absmax)):
-            dtype, shape = _quant.layout(p)[what]
+            dtype, shape = want[what]
             label = name if what == "codes" else key
             if not torch.is_tensor(t):
                 raise RuntimeError(
