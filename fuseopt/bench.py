@@ -73,6 +73,9 @@ class Algorithm:
     reference: str = ""  # the package timed in torch's columns where torch.optim lacks the class
     # fuseopt-only constructor options (storage formats): the torch columns time the plain class
     options: Mapping[str, Any] = field(default_factory=dict)
+    # bytes read + written per element with bfloat16 params where the options make them other
+    # than ``bytes_per_element`` halved (a compensation, float32 moments); 0: halved
+    bf16_bytes: float = 0
 
     def make(self, library: str, params: list, flags: Mapping[str, Any]) -> Callable[[], Any]:
         """The step function of ``library``'s optimizer over ``params`` with ``flags``."""
@@ -111,15 +114,17 @@ class Algorithm:
 
         return opt, clipped_step
 
-    def moved_per_element(self, library: str) -> float | None:
-        """Float32 bytes ``library``'s step reads and writes per param element: the row's own
-        for fuseopt; for torch, whose columns time the plain class, that class's row's where the
-        row has storage options (None where no row names it)."""
+    def moved_per_element(self, library: str, dtype: torch.dtype = torch.float32) -> float | None:
+        """Bytes ``library``'s step reads and writes per param element with params of
+        ``dtype``: the row's own for fuseopt; for torch, whose columns time the plain class,
+        that class's row's where the row has storage options (None where no row names it)."""
         if library == "torch" and self.options:
             plain = ALGORITHMS.get(self.optimizer or self.name)
             known = plain is not None and not plain.options
-            return (plain.bytes_per_element or None) if known else None
-        return self.bytes_per_element or None  # (0: not counted)
+            return plain.moved_per_element(library, dtype) if known else None
+        if dtype == torch.bfloat16 and self.bf16_bytes:
+            return self.bf16_bytes
+        return (self.bytes_per_element * dtype.itemsize / 4) or None  # (0: not counted)
 
 
 BF16_STATES = {"state_dtype": torch.bfloat16}
@@ -143,18 +148,61 @@ ALGORITHMS: dict[str, Algorithm] = {
         # + one read of the grads for their norm (torch: that read, then a read and a write)
         Algorithm("AdamW+clip", {"lr": 1e-3}, 8 * 4, max_grad_norm=1.0, optimizer="AdamW"),
         # bfloat16 moments (state_dtype): read p, g (4 bytes each), m, v (2); write p (4), m, v (2)
-        Algorithm("AdamW+bf16", {"lr": 1e-3}, 20, optimizer="AdamW", options=BF16_STATES),
+        # (with bfloat16 params: AdamW's 14)
+        Algorithm(
+            "AdamW+bf16",
+            {"lr": 1e-3},
+            20,
+            optimizer="AdamW",
+            options=BF16_STATES,
+            bf16_bytes=7 * 2,
+        ),
         Algorithm(
             "AdamW+bf16+SR",
             {"lr": 1e-3},
             20,
             optimizer="AdamW",
             options={**BF16_STATES, "stochastic_rounding": True},
+            bf16_bytes=7 * 2,
         ),
         # 8-bit moments (state_bits=8): read p, g (4 bytes each), m, v (1); write p (4), m, v
-        # (1); and each block's two float32 absmax, read and written (16 bytes per 256 elements)
+        # (1); and each block's two float32 absmax, read and written (16 bytes per 256 elements);
+        # bfloat16 params: p, g, p' 2 bytes each
         Algorithm(
-            "AdamW+8bit", {"lr": 1e-3}, 16 + 16 / 256, optimizer="AdamW", options=STATE_BITS_8
+            "AdamW+8bit",
+            {"lr": 1e-3},
+            16 + 16 / 256,
+            optimizer="AdamW",
+            options=STATE_BITS_8,
+            bf16_bytes=3 * 2 + 4 + 16 / 256,
+        ),
+        # options for bfloat16 params (with float32 params they change nothing: 28 bytes). Kahan
+        # summation: read p, g, m, v, compensation; write p, m, v, compensation (2 bytes each)
+        Algorithm(
+            "AdamW+kahan",
+            {"lr": 1e-3},
+            7 * 4,
+            optimizer="AdamW",
+            options={"kahan_sum": True},
+            bf16_bytes=9 * 2,
+        ),
+        # the param's store rounded stochastically: as AdamW
+        Algorithm(
+            "AdamW+SR",
+            {"lr": 1e-3},
+            7 * 4,
+            optimizer="AdamW",
+            options={"stochastic_rounding": True},
+        ),
+        # float32 moments of bfloat16 params: read p, g (2 bytes each), m, v (4); write p (2),
+        # m, v (4)
+        Algorithm(
+            "AdamW+f32",
+            {"lr": 1e-3},
+            7 * 4,
+            optimizer="AdamW",
+            options={"state_dtype": torch.float32},
+            bf16_bytes=3 * 2 + 4 * 4,
         ),
         # a first pass reads p and g for their norms; then read p, g, buf; write p, buf
         Algorithm("LARS", {"lr": 1e-3}, 7 * 4, reference="pytorch_optimizer"),
@@ -399,11 +447,8 @@ def run(
         for algo_name in algos:
             algorithm = ALGORITHMS[algo_name]
             group = []
-            # bytes per element of this dtype (bytes_per_element counts float32 ones)
             per_element = {
-                library: None if b is None else b * dtype.itemsize / 4
-                for library in LIBRARIES
-                for b in [algorithm.moved_per_element(library)]
+                library: algorithm.moved_per_element(library, dtype) for library in LIBRARIES
             }
             moved = numel * per_element["fuseopt"]
             # Bandwidth drifts within seconds here: a step far larger than the caches is paired

@@ -69,6 +69,10 @@ STATE_PER_ELEMENT = {  # (torch, fuseopt) bytes per element, step tensor or not
     "AdamW+bf16": (8, 4, True),  # torch's columns: float32 AdamW; fuseopt: bfloat16 moments
     "AdamW+bf16+SR": (8, 4, True),  # (the rounding's generator is not state)
     "AdamW+8bit": (8, 8, True),  # params under 4,096 elements keep float32 moments
+    # options for bfloat16 params: with float32 ones, float32 AdamW's state
+    "AdamW+kahan": (8, 8, True),
+    "AdamW+SR": (8, 8, True),
+    "AdamW+f32": (8, 8, True),
     "Adagrad": (4, 4, True),  # sum
     "RMSprop": (4, 4, True),  # square_avg
 }
@@ -138,6 +142,25 @@ def test_moved_bytes_per_param(tiny_rows):
     bf16 = {r["library"]: r["moved_bytes_per_param"] for r in tiny_rows
             if r["algorithm"] == "AdamW+bf16"}  # fmt: skip
     assert bf16 == {"torch": 28, "fuseopt": 20}
+
+
+def test_bfloat16_params_options_count_their_own_bytes():
+    """With bfloat16 params, each storage option's row counts what its step keeps and moves:
+    a Kahan compensation (2 bytes kept, 4 moved per element), float32 moments (8 kept; 16
+    moved), stochastic rounding of the param's store (nothing more); torch's columns time
+    plain AdamW on the same bfloat16 params (4 kept, 14 moved)."""
+    names = ["AdamW", "AdamW+kahan", "AdamW+SR", "AdamW+f32"]
+    rows = bench.run(TINY, names, impls=["fused"], steps=1, dtype=torch.bfloat16, progress=False)
+    assert len(rows) == 2 * len(names)
+    ours = {  # (moved, kept) bytes per element
+        "AdamW": (14, 4), "AdamW+kahan": (18, 6), "AdamW+SR": (14, 4), "AdamW+f32": (22, 8),
+    }  # fmt: skip
+    for r in rows:
+        moved, kept = (14, 4) if r["library"] == "torch" else ours[r["algorithm"]]
+        assert r["error"] is None, r
+        assert r["moved_bytes_per_param"] == moved, r
+        steps = 4 * len(TINY["tiny"])  # a float32 step tensor per param
+        assert r["state_bytes"] == kept * 105 + steps, r
 
 
 def test_state_bytes_counts_each_tensor_once():
