@@ -252,15 +252,39 @@ def _mix(z):
 
 @numba.njit(inline="always")
 def sr_key(seed, t, k):
-    """The key of the random stream of operand ``k`` of tensor ``t`` under a launch's ``seed``."""
-    return _mix(seed + (np.uint64(t) * np.uint64(64) + np.uint64(k) + np.uint64(1)) * _GOLDEN)
+    """The key (an uint32) of the random stream of operand ``k`` of tensor ``t`` under a
+    launch's ``seed``: the upper half of a 64-bit mix (once per chunk; the per-element hash,
+    :func:`sr_bits`, works in 32-bit lanes)."""
+    z = _mix(seed + (np.uint64(t) * np.uint64(64) + np.uint64(k) + np.uint64(1)) * _GOLDEN)
+    return np.uint32(z >> np.uint64(32))
 
 
-@numba.njit(inline="always")
-def sr_bits(key, i):
-    """16 random bits for element ``i`` of the stream ``key`` (counter-based: any element,
-    in any order, on any thread, gets the same bits)."""
-    return np.uint32(_mix(key ^ (np.uint64(i) * _GOLDEN)) >> np.uint64(48))
+_MURMUR = (0x85EBCA6B, 0xC2B2AE35)  # murmur3's 32-bit finaliser's multipliers
+_GOLDEN32 = 0x9E3779B9
+
+
+@intrinsic
+def sr_bits(typingctx, key, i):
+    """16 random bits (an uint32) for element ``i`` of the stream ``key``, counter-based: any
+    element, in any order, on any thread, gets the same bits. The low 32 bits of ``i`` times the
+    golden ratio, xor ``key``, through murmur3's 32-bit finaliser (a bijection: over 2**32
+    consecutive elements every 16-bit value comes equally often); its upper half. In 32-bit
+    integer ops, as Triton's ``sr_noise``: 16 lanes to an AVX-512 vector (a 64-bit hash took
+    a bfloat16 AdamW step with three stochastic stores from 5.4 to 9.1 ms on 16.8M elements;
+    this, 7.0)."""
+    if key != types.uint32 or not isinstance(i, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        b = builder
+        index = b.trunc(args[1], _I32) if args[1].type.width > 32 else args[1]
+        x = b.xor(b.mul(index, _I32(_GOLDEN32)), args[0])
+        for shift, factor in zip((16, 13), _MURMUR):
+            x = b.mul(b.xor(x, b.lshr(x, _I32(shift))), _I32(factor))
+        x = b.xor(x, b.lshr(x, _I32(16)))
+        return b.lshr(x, _I32(16))
+
+    return types.uint32(key, i), codegen
 
 
 @intrinsic

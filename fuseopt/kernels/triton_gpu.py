@@ -142,17 +142,29 @@ def sr_mix(z):
 
 @triton.jit
 def sr_key(seed, t, k):
-    """The key of the random stream of operand ``k`` of tensor ``t`` under a launch's seed."""
-    return sr_mix(seed.to(tl.uint64) + (t.to(tl.uint64) * 64 + k + 1) * 0x9E3779B97F4A7C15)
+    """The key (uint32) of the random stream of operand ``k`` of tensor ``t`` under a launch's
+    seed: the upper half of a 64-bit mix, as numba's ``sr_key``."""
+    z = sr_mix(seed.to(tl.uint64) + (t.to(tl.uint64) * 64 + k + 1) * 0x9E3779B97F4A7C15)
+    return (z >> 32).to(tl.uint32)
+
+
+@triton.jit
+def sr_noise(key, offs):
+    """16 random bits (uint32) per element offset: numba's ``sr_bits``, op for op (the low
+    32 bits of the offset times the golden ratio, xor the key, murmur3's 32-bit finaliser, its
+    upper half)."""
+    x = (offs.to(tl.uint32) * 0x9E3779B9) ^ key
+    x = (x ^ (x >> 16)) * 0x85EBCA6B
+    x = (x ^ (x >> 13)) * 0xC2B2AE35
+    return (x ^ (x >> 16)) >> 16
 
 
 @triton.jit
 def bf16_store_sr(ptr, offs, x, mask, key):
-    """float32 to bfloat16 bits, rounded stochastically: 16 random bits (a counter-based hash of
-    the stream ``key`` and the element's offset) added below the kept half, then cut off."""
+    """float32 to bfloat16 bits, rounded stochastically: 16 random bits (``sr_noise`` of the
+    stream ``key`` and the element's offset) added below the kept half, then cut off."""
     u = x.to(tl.uint32, bitcast=True)
-    noise = (sr_mix(key ^ (offs.to(tl.uint64) * 0x9E3779B97F4A7C15)) >> 48).to(tl.uint32)
-    r = (u + noise) >> 16
+    r = (u + sr_noise(key, offs)) >> 16
     r = tl.where(x != x, 0x7FC0, r)
     tl.store(ptr + offs, r.to(tl.uint16), mask=mask)
 '''

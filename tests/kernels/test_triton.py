@@ -502,7 +502,7 @@ def test_reduction_kernel_compiles_for_sm90(make, dtype, monkeypatch):
                (torch.bfloat16, torch.bfloat16, torch.float32, torch.float32)]
 )  # fmt: skip
 def test_storage_kernel_compiles_for_sm90(dtypes, monkeypatch):
-    """A storage format's kernel (a dtype per operand, stochastic rounding's hash on uint64)
+    """A storage format's kernel (a dtype per operand, stochastic rounding's hash)
     compiles to PTX for an H100 without a GPU: Adam's moments in one dtype, the param in
     another."""
     import triton
@@ -530,4 +530,5 @@ def test_storage_kernel_compiles_for_sm90(dtypes, monkeypatch):
     )
     ptx = compiled.asm["ptx"]
     assert "ld.global.b16" in ptx or "ld.global.u16" in ptx  # (the bfloat16 operands' bits)
-    assert "mul.lo.s64" in ptx or "mul.lo.u64" in ptx  # (the hash)
+    assert "mul.lo.s64" in ptx or "mul.lo.u64" in ptx  # (the stream's key, once per tensor)
+    assert "mul.lo.s32" in ptx or "mul.lo.u32" in ptx  # (the hash of each element)
