@@ -170,6 +170,35 @@ def kahan(group: dict, p: torch.Tensor) -> bool:
     return bool(group.get("kahan_sum")) and p.dtype == torch.bfloat16
 
 
+def check_sparse(rule, group: dict, p: torch.Tensor, states: tuple, param_store: bool) -> None:
+    """Errors, raised before a step with a sparse grad of ``p`` changes anything, for the storage
+    options its sparse step cannot honour: an 8-bit state (quantized in blocks of the whole
+    tensor), and stochastic rounding of a bfloat16 store of the sparse step, whose random bits
+    could not be those of the dense step. ``states``: the state tensors the sparse step
+    stores; ``param_store``: whether it stores the param too (Adagrad's plain code; SGD's
+    for-loop rounds the param as a dense step does, with its random bits)."""
+    from fuseopt import _quant  # (it needs nothing of this module; imported where used)
+
+    if _quant.quantized(rule, group, p):
+        raise RuntimeError(
+            "state_bits=8 option is not compatible with sparse gradients: 8-bit states are "
+            "quantized in blocks of the whole tensor (keep this param's states in full "
+            "precision: state_bits=None, or a min_8bit_size above its size)"
+        )
+    if not group.get("stochastic_rounding"):
+        return
+    stored = [f"state {n!r}" for n in states if state_dtype(group, p) == torch.bfloat16]
+    if param_store and p.dtype == torch.bfloat16 and not kahan(group, p):
+        stored.insert(0, "param")
+    if stored:
+        raise RuntimeError(
+            "stochastic_rounding option is not compatible with sparse gradients where the "
+            f"sparse step stores a bfloat16 {' and '.join(stored)}: it cannot draw the random "
+            "bits of the dense step (stochastic_rounding=False rounds it to nearest; or store it "
+            "in float32)"
+        )
+
+
 # ------------------------------------------------------------------------ torch's ops (oracle)
 def sr_bits(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """float32 ``x`` rounded stochastically to bfloat16: 16 random low bits added, then cut
@@ -182,8 +211,14 @@ def sr_bits(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 def write(target: torch.Tensor, value: torch.Tensor, generator: torch.Generator | None) -> None:
     """``target.copy_(value)``; stochastically rounded where ``generator`` is given and
-    ``target`` is bfloat16 (``value`` float32)."""
-    if generator is not None and target.dtype == torch.bfloat16 and value.dtype == COMPUTE:
+    ``target`` is bfloat16 (``value`` float32). A sparse ``value`` (SGD's momentum under a
+    sparse grad) is coalesced first, so that each element is stored once, rounded once (see
+    :func:`check_sparse`: such a store is never stochastic)."""
+    if value.is_sparse:
+        # (its repeated indices summed in float32 here: copied as they are, each piece would
+        # be rounded to the state's dtype on its own, and summed again in it when read)
+        value = value.coalesce()
+    elif generator is not None and target.dtype == torch.bfloat16 and value.dtype == COMPUTE:
         value = sr_bits(value.contiguous(), generator)
     target.copy_(value)
 
@@ -218,11 +253,22 @@ def kahan_write(p: torch.Tensor, new: torch.Tensor, comp: torch.Tensor) -> None:
     """Store float32 ``new`` into bfloat16 param ``p`` with Kahan summation: the compensation
     ``comp`` joins the update, ``p`` takes the sum rounded to nearest, and ``comp`` what that
     rounding lost (the fused kernels' arithmetic, op for op)."""
-    old = p.float()
-    y = (new - old) + comp.float()
-    rounded = (old + y).to(p.dtype)
-    comp.copy_(y - (rounded.float() - old))
+    rounded, lost = kahan_sum(p, new, comp)
+    comp.copy_(lost)
     p.copy_(rounded)
+
+
+def kahan_sum(
+    old: torch.Tensor, new: torch.Tensor, comp: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Kahan store of float32 ``new`` over the bfloat16 values ``old`` with their
+    compensation ``comp``, written nowhere: ``(stored, lost)``, the value to store (in ``old``'s
+    dtype, rounded to nearest) and the new compensation (float32). :func:`kahan_write` on whole
+    tensors; a sparse grad's step on the rows it touches."""
+    wide = old.float()
+    y = (new - wide) + comp.float()
+    rounded = (wide + y).to(old.dtype)
+    return rounded, y - (rounded.float() - wide)
 
 
 def carry_options(ours: dict, saved: dict) -> None:

@@ -39,10 +39,17 @@ class AdagradRule(Rule):
     def check_sparse(self, group, param, grad):
         if group["weight_decay"] != 0:
             raise RuntimeError("weight_decay option is not compatible with sparse gradients")
+        _storage.check_sparse(self, group, param, ("sum",), param_store=True)
 
     @staticmethod
     def sparse_update(g, param, grad, state, step):
+        """Adagrad's step on the rows a sparse ``grad`` touches (the others stay as they are):
+        torch's sparse arithmetic, or, where the group asks for a storage format, the dense
+        step's on those rows (:func:`_stored_update`)."""
         # Plain code: only the rows a sparse grad touches change (gather/scatter, not elementwise).
+        if _storage.widened(g, param):
+            _stored_update(g, param, grad, state, step)
+            return
         if g["maximize"]:
             grad = -grad
         clr = to_scalar(g["lr"]) / (1 + (step - 1) * g["lr_decay"])
@@ -52,6 +59,31 @@ class AdagradRule(Rule):
         state["sum"].add_(sparse(values.pow(2)))
         std = state["sum"].sparse_mask(grad)._values().sqrt_().add_(g["eps"])
         param.add_(sparse(values / std), alpha=-clr)
+
+
+def _stored_update(g: dict, param: Tensor, grad: Tensor, state: dict, step) -> None:
+    """The sparse step of a group with a storage format (:mod:`fuseopt._storage`): the dense
+    step's float32 arithmetic, op for op, on the rows ``grad`` touches, read from the stored
+    ``sum`` and param and rounded once per store (the param with Kahan summation where the
+    group asks for it); the other rows, and their ``kahan_comp``, stay as they are, as a dense
+    step's zero grad leaves them."""
+    clr = to_scalar(g["lr"]) / (1 + (step - 1) * g["lr_decay"])
+    # (repeated indices summed in float32, as the dense grad would hold them)
+    grad = grad.to(_storage.COMPUTE).coalesce()
+    rows = tuple(grad._indices())  # one index tensor per sparse dim: the touched slices
+    values = -grad._values() if g["maximize"] else grad._values()
+    total = torch.addcmul(state["sum"][rows].to(_storage.COMPUTE), values, values, value=1)
+    new = torch.addcdiv(
+        param[rows].to(_storage.COMPUTE), values, torch.sqrt(total) + g["eps"], value=-clr
+    )
+    state["sum"][rows] = total.to(state["sum"].dtype)
+    if _storage.kahan(g, param):
+        comp = state[_storage.KAHAN]
+        stored, lost = _storage.kahan_sum(param[rows], new, comp[rows])
+        comp[rows] = lost.to(comp.dtype)
+        param[rows] = stored
+    else:
+        param[rows] = new.to(param.dtype)
 
 
 class Adagrad(Optimizer):
@@ -66,7 +98,9 @@ class Adagrad(Optimizer):
 
     with :math:`g_t` the gradient (negated if maximize) plus :math:`\lambda\theta_{t-1}`. State
     (``step``, ``sum``) is created at construction, as :class:`torch.optim.Adagrad` does. Sparse
-    gradients are supported (without weight decay).
+    gradients are supported (without weight decay); with a storage option their step is the
+    dense step on the rows they touch (not with stochastic rounding of a bfloat16 store,
+    docs/storage.md).
 
     Args:
         {params}

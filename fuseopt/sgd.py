@@ -49,6 +49,18 @@ class SGDRule(Rule):
             )
         return dict(param=ops.add(param, grad, alpha=s.neg_lr), momentum_buffer=momentum_buffer)
 
+    def check_sparse(self, group, param, grad):
+        if group["weight_decay"] != 0:
+            # torch's error (ATen's, from grad.add(param)), raised here before any param of the
+            # group is stepped rather than part-way through it
+            raise RuntimeError(
+                "add(sparse, dense) is not supported. Use add(dense, sparse) instead."
+            )
+        # (a sparse grad runs the for-loop: it stores the param as a dense step does, random
+        # bits included, and the momentum buffer as a sparse tensor)
+        buffer = ("momentum_buffer",) if group["momentum"] != 0 else ()
+        _storage.check_sparse(self, group, param, buffer, param_store=False)
+
 
 class SGD(Optimizer):
     r"""Implements stochastic gradient descent (optionally with momentum).
@@ -64,7 +76,9 @@ class SGD(Optimizer):
        \end{aligned}
 
     State (``momentum_buffer``, only with momentum) and state dicts are those of
-    :class:`torch.optim.SGD`. Sparse gradients run the reference implementation.
+    :class:`torch.optim.SGD`. Sparse gradients run the reference implementation (with a storage
+    option: not with ``state_bits=8`` nor stochastic rounding of a bfloat16 momentum,
+    docs/storage.md).
 
     Args:
         {params}
