@@ -284,6 +284,8 @@ def _norms(launches: list, norm_type: float) -> list[torch.Tensor]:
             pieces.append(torch.from_numpy(sums).to(launch.dtype))
             continue
         for g in launch.grads:
+            if g.is_sparse:  # (SGD's sparse grads step in a for-loop launch)
+                raise RuntimeError("max_grad_norm does not support sparse gradients")
             if id(g) not in seen_grads:
                 seen_grads.add(id(g))
                 by_kind.setdefault((g.device, g.dtype), []).append(g)

@@ -15,6 +15,7 @@ is stored in bfloat16, so within 2 bfloat16 ulps there.
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 
@@ -275,13 +276,21 @@ def test_inf_norm_of_an_empty_grad_is_torchs_error():
         assert not opt.state  # nothing was made
 
 
-def test_sparse_grads_are_refused():
-    p = torch.zeros(5, requires_grad=True)
-    opt = fuseopt.Adagrad([p], max_grad_norm=1.0)
+@pytest.mark.parametrize("name", ["Adagrad", "SGD"])
+def test_sparse_grads_are_refused(name):
+    """Adagrad's sparse grads take a sparse launch, SGD's a for-loop one: both refuse the
+    norm with the same error, before the dense param beside them steps."""
+    p, q = torch.zeros(5, requires_grad=True), torch.ones(3, requires_grad=True)
+    opt = getattr(fuseopt, name)([q, p], lr=0.1, max_grad_norm=1.0)
+    q.grad = torch.ones(3)
     p.grad = torch.sparse_coo_tensor([[1, 3]], [1.0, 2.0], (5,))
+    before = copy.deepcopy(opt.state_dict()["state"])  # (Adagrad's is made at construction)
     with pytest.raises(RuntimeError, match="max_grad_norm does not support sparse gradients"):
         opt.step()
-    assert torch.equal(p, torch.zeros(5))
+    assert torch.equal(p, torch.zeros(5)) and torch.equal(q, torch.ones(3))
+    after = opt.state_dict()["state"]
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[i][k], v) for i in before for k, v in before[i].items())
 
 
 # --------------------------------------------------------------------------- the other parts
