@@ -409,7 +409,8 @@ def step_in_backward(optimizer: Optimizer) -> StepInBackward:
     ``backward()``, and free that gradient at once.
 
     Each param's step is the optimizer's step of that param alone (the numbers of
-    ``optimizer.step()``, bit for bit), run by a
+    ``optimizer.step()``, bit for bit; with ``stochastic_rounding=True``, other random bits for
+    the bfloat16 stores, as each param is a launch of its own), run by a
     :meth:`~torch.Tensor.register_post_accumulate_grad_hook` when autograd has accumulated the
     param's grad; the grad is then set to None. A training step never holds every grad at once:
     its peak memory drops by up to the size of the grads.

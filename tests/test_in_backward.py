@@ -105,6 +105,64 @@ def test_trajectory_is_the_normal_steps_bit_for_bit(algo, impl):
     assert opt_b.steps_taken == STEPS and opt_b.stepped
 
 
+STORAGE = {  # (param dtype, options; min_8bit_size as a group key: 16 puts each matrix in 8 bits)
+    "bf16_states": (torch.float32, dict(state_dtype=torch.bfloat16)),
+    "8bit": (torch.float32, dict(state_bits=8)),
+    "kahan": (torch.bfloat16, dict(kahan_sum=True)),
+    "float32_states": (torch.bfloat16, dict(state_dtype=torch.float32)),
+}
+
+
+def _storage_run(options: dict, dtype, impl: str, inside: bool, steps: int = STEPS):
+    model = make().to(dtype)
+    params = [{**g, "min_8bit_size": 16} for g in groups(model)]
+    opt = fuseopt.AdamW(params, lr=0.01, weight_decay=0.1, **options, **IMPLS[impl])
+    if inside:
+        fuseopt.step_in_backward(opt)
+    train(model, opt, steps)
+    return model, opt
+
+
+@pytest.mark.parametrize("impl", ["forloop", "foreach", "fused"])
+@pytest.mark.parametrize("storage", list(STORAGE))
+def test_storage_options_step_as_the_normal_step(storage, impl):
+    """bfloat16 and 8-bit states, Kahan-compensated bfloat16 params, float32 states of
+    bfloat16 params: the normal step's numbers, bit for bit (8-bit codes and scales too)."""
+    dtype, options = STORAGE[storage]
+    normal, opt_a = _storage_run(options, dtype, impl, inside=False)
+    inside, opt_b = _storage_run(options, dtype, impl, inside=True)
+    assert_same(normal, inside, opt_a, opt_b)
+    if storage == "8bit":
+        assert opt_b.state[inside.l1.weight]["exp_avg"].dtype == torch.uint8
+
+
+@pytest.mark.parametrize("impl", ["forloop", "fused"])
+def test_stochastic_rounding_rounds_alike_not_bit_for_bit(impl):
+    """Stochastic rounding draws its bits per launch, and inside backward each param is a launch
+    of its own: each stored bfloat16 value is one of the normal step's two neighbours (after one
+    step: within a bfloat16 ulp of it), and a run repeats bit for bit from the same seed."""
+    options = dict(state_dtype=torch.bfloat16, stochastic_rounding=True)
+    torch.manual_seed(0)
+    normal, opt_a = _storage_run(options, torch.float32, impl, inside=False, steps=1)
+    torch.manual_seed(0)
+    inside, opt_b = _storage_run(options, torch.float32, impl, inside=True, steps=1)
+    torch.manual_seed(0)
+    again, opt_c = _storage_run(options, torch.float32, impl, inside=True, steps=1)
+    assert_same(inside, again, opt_b, opt_c)
+    for p, q in zip(normal.parameters(), inside.parameters()):
+        assert torch.equal(p, q)  # (float32 params: rounded to nearest, from the same moments'
+        # first values, which are the grads times constants)
+        for key in ("exp_avg", "exp_avg_sq"):
+            a, b = opt_a.state[p][key].float(), opt_b.state[q][key].float()
+            ulp = torch.finfo(torch.bfloat16).eps * torch.maximum(a.abs(), b.abs())
+            assert bool(((a - b).abs() <= ulp).all()), key
+    differ = [
+        not torch.equal(opt_a.state[p]["exp_avg"], opt_b.state[q]["exp_avg"])
+        for p, q in zip(normal.parameters(), inside.parameters())
+    ]
+    assert any(differ)  # (other bits: if this fails, the streams became launch-independent)
+
+
 def _every_optimizer():
     """(id, constructor over a Net, sparse embedding?) for every fuseopt optimizer that can step
     one param at a time, default implementation."""
