@@ -148,6 +148,47 @@ def test_fullgraph_every_algorithm_on_functionalized_copies():
     assert "OK" in _run(_EVERY_ALGORITHM)
 
 
+_STORAGE = """
+options = [
+    (torch.float32, dict(state_bits=8)),
+    (torch.float32, dict(state_dtype=torch.bfloat16, stochastic_rounding=True)),
+    (torch.bfloat16, dict(kahan_sum=True)),
+    (torch.bfloat16, dict(stochastic_rounding=True, state_dtype=torch.float32)),
+]
+torch._dynamo.config.recompile_limit = len(options)
+for dtype, kwargs in options:
+    results = []
+    for compiled in (True, False):
+        torch.manual_seed(0)  # (the stochastic rounding's seeds: the same in both runs)
+        params = [torch.randn(64, 80, dtype=dtype).requires_grad_(), torch.randn(80, dtype=dtype)]
+        opt = fuseopt.AdamW([{"params": params, "min_8bit_size": 256}], lr=1e-2, fused=True,
+                            **kwargs)
+        step = torch.compile(lambda: opt.step(), fullgraph=True, backend="aot_eager")
+        for i in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(i)).to(dtype)
+            (step if compiled else opt.step)()
+        results.append((params, opt.state_dict(compact=True)["state"]))
+    (ours, ours_state), (eager, eager_state) = results
+    assert all(torch.equal(a, b) for a, b in zip(ours, eager)), kwargs
+    for i, state in eager_state.items():
+        assert ours_state[i].keys() == state.keys()
+        for key, value in state.items():
+            assert torch.equal(torch.as_tensor(ours_state[i][key]), torch.as_tensor(value)), key
+    if "state_bits" in kwargs:
+        assert eager_state[0]["exp_avg"].dtype == torch.uint8
+print("OK")
+"""
+
+
+def test_fullgraph_storage_options():
+    """The storage options through the compiled step: 8-bit states, bfloat16 states rounded
+    stochastically, Kahan-compensated bfloat16 params, float32 states of bfloat16 params;
+    three compiled steps equal three eager ones bitwise (params, states, 8-bit codes and
+    scales), the random bits included."""
+    assert "OK" in _run(_STORAGE)
+
+
 _ORDER = """
 def f(scale):
     before = [p.detach().clone() for p in model.parameters()]
