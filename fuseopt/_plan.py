@@ -344,7 +344,7 @@ def _route(entry: Entry, names: list[str], where: str, state_dtype=None) -> None
         entry.backend = "reference"  # (the kernels quantize in float32, on whole tensors)
         return
     if _dtensor.is_dtensor(p):  # FSDP2: the kernel runs on shards sharded alike
-        entry.backend = _dtensor.fused_backend(p, g, state, names)
+        entry.backend = _dtensor.fused_backend(p, g, state, names, also)
         if entry.backend != "numba":
             return
     if entry.odd or (entry.step is not None and not _kernel_step(entry)):

@@ -34,6 +34,8 @@ from typing import NamedTuple
 
 import torch
 
+from fuseopt import _dtensor
+
 __all__ = [
     "BLOCK", "MIN_SIZE", "dynamic_map", "quantize", "dequantize", "encode", "blocks", "grid",
     "zero_code",
@@ -200,18 +202,27 @@ def quantized(rule, group: dict, p: torch.Tensor) -> dict[str, bool]:
     """``{state name: signed}`` for the states of ``p`` kept in 8 bits: those its rule offers
     (:attr:`~fuseopt.rule.StateSpec.signed`) and its group's options want, in a group with
     ``state_bits=8``, for a contiguous param of at least ``min_8bit_size`` elements (the
-    group's, else :data:`MIN_SIZE`); empty otherwise."""
+    group's, else :data:`MIN_SIZE`); empty otherwise. Raises for a DTensor param such a
+    group would keep in 8 bits (before any state is made: a step's plan asks first)."""
     if rule is None or group.get("state_bits") != 8:
         return {}
     if p.numel() < group.get("min_8bit_size", MIN_SIZE) or not p.is_contiguous():
         # (blocks run in the flat order of a contiguous state: a param laid out otherwise keeps
         # full-precision states, as a small one does)
         return {}
-    return {
+    out = {
         s.name: s.signed
         for s in rule.state
         if getattr(s, "signed", None) is not None and _wanted(s, group)
     }
+    if out and _dtensor.is_dtensor(p):
+        raise RuntimeError(
+            "state_bits=8 does not support DTensor params (FSDP2's fully_shard, tensor "
+            "parallelism): its blocks of 256 elements would follow each rank's shard, and its "
+            "checkpoints could not be resharded; state_dtype=torch.bfloat16 halves the state "
+            "of such params"
+        )
+    return out
 
 
 def _wanted(spec, group: dict) -> bool:

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from fuseopt import _dtensor
 from fuseopt.rule import Flags, Rule, ScalarState
 
 __all__ = ["options", "check_group", "widened", "COMPUTE"]
@@ -202,7 +203,14 @@ def check_sparse(rule, group: dict, p: torch.Tensor, states: tuple, param_store:
 # ------------------------------------------------------------------------ torch's ops (oracle)
 def sr_bits(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """float32 ``x`` rounded stochastically to bfloat16: 16 random low bits added, then cut
-    off (an exact bfloat16 value, as float32). NaN and inf stay as they are."""
+    off (an exact bfloat16 value, as float32). NaN and inf stay as they are. A DTensor is
+    rounded shard by shard, each rank its own (the noise is drawn for its local shard)."""
+    if _dtensor.is_dtensor(x):
+        rounded = sr_bits(x.to_local(), generator)
+        return type(x).from_local(
+            rounded, x.device_mesh, x.placements, run_check=False, shape=x.shape,
+            stride=x.stride(),
+        )  # fmt: skip
     bits = x.view(torch.int32)
     noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, generator=generator)
     out = ((bits + noise) & -65536).view(torch.float32)

@@ -122,6 +122,79 @@ def test_dtensor_state_of_another_dtype_never_reaches_the_kernel(one_rank_mesh):
     assert _dtensor.fused_backend(p, g, state, ["exp_avg"]) == "foreach"
 
 
+DTENSOR_STORAGE = [
+    (torch.float32, dict(state_dtype=torch.bfloat16)),
+    (torch.float32, dict(state_dtype=torch.bfloat16, stochastic_rounding=True)),
+    (torch.bfloat16, dict(kahan_sum=True)),
+    (torch.bfloat16, dict(state_dtype=torch.float32, stochastic_rounding=True)),
+]
+
+
+@pytest.mark.parametrize("impl", ["forloop", "foreach", "fused"])
+@pytest.mark.parametrize("dtype, options", DTENSOR_STORAGE)
+def test_dtensor_storage_options(one_rank_mesh, monkeypatch, impl, dtype, options):
+    """The storage options on DTensor params step as on plain ones, bit for bit (stochastic
+    rounding's bits included: a shard draws them as the whole tensor does on one rank); the
+    fused step runs the kernel on the local shards, states of the group's ``state_dtype``
+    included (they took DTensor's ops before)."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from fuseopt.kernels import numba_cpu
+
+    launches = []
+    run = numba_cpu.run
+    monkeypatch.setattr(numba_cpu, "run", lambda launch: launches.append(1) or run(launch))
+    flags = {"forloop": dict(foreach=False), "foreach": dict(foreach=True)}.get(impl, {})
+    flags = flags or dict(fused=True)
+    gen = torch.Generator().manual_seed(0)
+    value = torch.randn(6, 40, generator=gen).to(dtype)
+    grads = [torch.randn(6, 40, generator=gen).to(dtype) for _ in range(3)]
+    results = []
+    for sharded in (False, True):
+        p = torch.nn.Parameter(value.clone())
+        if sharded:
+            p = torch.nn.Parameter(distribute_tensor(value.clone(), one_rank_mesh, [Shard(0)]))
+        torch.manual_seed(3)  # (the stochastic rounding's seeds)
+        opt = fuseopt.AdamW([p], lr=0.1, **flags, **options)
+        for g in grads:
+            p.grad = distribute_tensor(g, one_rank_mesh, [Shard(0)]) if sharded else g.clone()
+            opt.step()
+        state = {k: _dtensor_full(v) for k, v in opt.state[p].items()}
+        results.append((_dtensor_full(p.detach()), state))
+    (plain, plain_state), (ours, our_state) = results
+    assert torch.equal(plain, ours)
+    assert plain_state.keys() == our_state.keys()
+    assert all(torch.equal(plain_state[k], our_state[k]) for k in plain_state)
+    assert len(launches) == (6 if impl == "fused" else 0)  # 3 steps, plain then sharded
+
+
+def _dtensor_full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def test_dtensor_state_bits_refused(one_rank_mesh):
+    """8-bit states would be quantized in blocks of each rank's shard: a DTensor param that
+    ``state_bits=8`` would keep in 8 bits is refused at its step, before anything changes; one
+    under ``min_8bit_size`` keeps full-precision states, as on one process."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    value = torch.randn(64, 80)
+    big = torch.nn.Parameter(distribute_tensor(value.clone(), one_rank_mesh, [Shard(0)]))
+    small = torch.nn.Parameter(distribute_tensor(torch.ones(8, 4), one_rank_mesh, [Shard(0)]))
+    opt = fuseopt.AdamW([small, big], state_bits=8)
+    for p in (small, big):
+        p.grad = distribute_tensor(torch.ones(p.shape), one_rank_mesh, [Shard(0)])
+    with pytest.raises(RuntimeError, match="state_bits=8 does not support DTensor params"):
+        opt.step()
+    assert torch.equal(big.full_tensor(), value)
+    assert torch.equal(small.full_tensor(), torch.ones(8, 4))
+    assert not opt.state
+    alone = fuseopt.AdamW([small], state_bits=8)
+    alone.step()
+    assert alone.state[small]["exp_avg"].dtype == torch.float32
+    assert not torch.equal(small.full_tensor(), torch.ones(8, 4))
+
+
 def test_ddp_equals_single_process_training(tmp_path):
     spawn(ddp_worker, 2, str(tmp_path))
     ranks = load_results(str(tmp_path), 2)
