@@ -149,3 +149,73 @@ def test_rules_with_a_first_pass_leave_unscaling_to_grad_scaler(make):
         runs.append([p.detach() for p in model.parameters()])
     for p, q in zip(*runs):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+STORAGE = {  # (param dtype, options)
+    "8bit": (torch.float32, dict(state_bits=8)),
+    "bf16_states": (torch.float32, dict(state_dtype=torch.bfloat16)),
+    "bf16_states_sr": (torch.float32, dict(state_dtype=torch.bfloat16, stochastic_rounding=True)),
+    "kahan": (torch.bfloat16, dict(kahan_sum=True)),
+    "float32_states": (torch.bfloat16, dict(state_dtype=torch.float32)),
+}
+
+
+def _storage_run(dtype, options, scaled: bool):
+    """Six iterations, the INF_AT one with an inf loss: under GradScaler (the fused step unscales
+    and skips it), or unscaled with that iteration left out."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    model.to(dtype)
+    group = {"params": list(model.parameters()), "min_8bit_size": 64}  # (both weights 8-bit)
+    opt = fuseopt.AdamW([group], lr=0.01, fused=True, **options)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    seen = []  # (params, state) after each iteration
+    for i in range(6):
+        opt.zero_grad()
+        loss = model(x).float().square().mean() * (float("inf") if i == INF_AT else 1.0)
+        if scaled:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        elif i != INF_AT:
+            loss.backward()
+            opt.step()
+        seen.append(([p.detach().clone() for p in model.parameters()], _compact(opt)))
+    return model, opt, seen
+
+
+def _compact(opt) -> list:
+    state = opt.state_dict(compact=True)["state"]
+    return [
+        (i, k, v.clone() if torch.is_tensor(v) else v) for i in state for k, v in state[i].items()
+    ]
+
+
+def _same(a, b) -> bool:
+    (pa, sa), (pb, sb) = a, b
+    same = lambda x, y: torch.equal(x, y) if torch.is_tensor(x) else x == y
+    return (
+        all(map(torch.equal, pa, pb))
+        and len(sa) == len(sb)
+        and all(x[:2] == y[:2] and same(x[2], y[2]) for x, y in zip(sa, sb))
+    )
+
+
+@pytest.mark.parametrize("storage", list(STORAGE))
+def test_storage_options_under_grad_scaler(storage):
+    """The fused step of each storage format unscales the grads (by a power of two: exactly)
+    and skips the inf iteration before anything changes: the unscaled run's params and states
+    (8-bit codes and scales, compensations) bit for bit. Stochastic rounding draws its seed
+    at each launch, the skipped one too: there the skipped iteration is checked alone."""
+    dtype, options = STORAGE[storage]
+    model, opt, seen = _storage_run(dtype, options, scaled=True)
+    assert opt._step_supports_amp_scaling and opt.steps_taken == 5
+    assert all(s["step"].item() == 5 for s in opt.state.values())
+    assert _same(seen[INF_AT - 1], seen[INF_AT])  # the skipped iteration changed nothing
+    assert not _same(seen[INF_AT], seen[INF_AT + 1])
+    if storage == "8bit":
+        assert opt.state[model[0].weight]["exp_avg"].dtype == torch.uint8
+    if not options.get("stochastic_rounding"):
+        _, _, plain = _storage_run(dtype, options, scaled=False)
+        assert _same(seen[-1], plain[-1])
