@@ -125,9 +125,12 @@ def check_group(rule, group: dict) -> None:
             )
     for p in group["params"]:
         if p.dtype not in PARAM_DTYPES:
+            given = [n for n in ("state_dtype", "stochastic_rounding", "kahan_sum", "state_bits")
+                     if group.get(n) not in (None, False)]  # fmt: skip
             raise ValueError(
-                "state_dtype, stochastic_rounding and kahan_sum need float32, bfloat16 or "
-                f"float16 params (computed in float32), got a param of {p.dtype}"
+                f"{', '.join(given)}: these storage options (state_dtype, stochastic_rounding, "
+                "kahan_sum, state_bits) need float32, bfloat16 or float16 params (computed in "
+                f"float32), got a param of {p.dtype}"
             )
 
 

@@ -177,6 +177,10 @@ def test_groups_stay_torchs_unless_asked():
             lambda p: fuseopt.Adam([torch.zeros(2, dtype=torch.complex64)], state_dtype=BF16),
             ValueError, "complex64",
         ),
+        (  # (the message names the option given)
+            lambda p: fuseopt.Adam([torch.zeros(2, dtype=torch.float64)], state_bits=8),
+            ValueError, r"^state_bits: these storage options .* got a param of torch.float64",
+        ),
         (lambda p: fuseopt.SGD([p], state_dtype=BF16), ValueError, "no elementwise state"),
         (lambda p: fuseopt.Adam([p], stochastic_rounding=1), TypeError, "must be a bool"),
         (lambda p: fuseopt.Adam([p], kahan_sum="yes"), TypeError, "must be a bool"),
