@@ -256,7 +256,10 @@ def _misfits(opt: Optimizer, param: torch.Tensor, value: Any) -> list[str]:
     # 8-bit states saved compact: codes and scales checked as such (uint8 in the param's shape;
     # float32, one per block)
     bad = _quant_io.problems(rule, param, value)
-    checked = {*_quant_io.compact_states(rule, value), *_quant_io.scale_keys(rule)}
+    checked = {
+        *_quant_io.compact_states(rule, value), *_quant_io.scale_keys(rule),
+        *_quant_io.codes_keys(rule),
+    }  # fmt: skip
     for key, v in value.items():
         if not isinstance(v, torch.Tensor) or key in checked:
             continue

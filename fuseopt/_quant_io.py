@@ -8,8 +8,11 @@ block of 256 elements.
 - The default form is torch's layout: each 8-bit state dequantized, under its own key, in the
   dtype a full-precision state of that param takes in its group (the group's ``state_dtype``,
   else the param's), and no ``_absmax`` keys. ``torch.optim`` loads and continues from it.
-- The compact form (``state_dict(compact=True)``) holds the codes and scales as stored: a load
-  gives back exactly the state saved.
+- The compact form (``state_dict(compact=True)``) holds the codes and scales as stored, the codes
+  under ``name + "_codes"``: a load gives back exactly the state saved. (Under ``name`` itself,
+  ``torch.optim`` would load the codes, cast to floats, as the state's values and step on them;
+  without a ``name`` it raises a ``KeyError`` at its step. A compact state with its codes under
+  ``name``, as the first compact checkpoints held them, loads here too.)
 
 On load each state is brought to the format of the group it loads into (after the load: the
 saved group's options, with ours where it has none): a full-precision state of an 8-bit state is
@@ -29,7 +32,9 @@ import torch
 
 from fuseopt import _quant, _storage
 
-__all__ = ["signed_states", "compact_states", "scale_keys", "saved", "problems", "loaded"]
+__all__ = [
+    "signed_states", "compact_states", "scale_keys", "codes_keys", "saved", "problems", "loaded",
+]  # fmt: skip
 
 
 def signed_states(rule) -> dict[str, bool]:
@@ -44,6 +49,26 @@ def scale_keys(rule) -> dict[str, str]:
     return {_quant.absmax_key(name): name for name in signed_states(rule)}
 
 
+def codes_key(name: str) -> str:
+    """The key of the codes of the 8-bit state ``name`` in a compact state dict."""
+    return f"{name}_codes"
+
+
+def codes_keys(rule) -> dict[str, str]:
+    """``{codes key: state name}`` of the states ``rule`` may keep in 8 bits."""
+    return {codes_key(name): name for name in signed_states(rule)}
+
+
+def _held_form(rule, value: dict) -> tuple[dict, dict[str, str]]:
+    """A saved param state with its compact codes back under their state's key (in place of
+    ``name + "_codes"``), and ``{state name: the saved key}`` for the messages; as it is where
+    it holds no ``_codes`` key (a state saved under both keys keeps both: :func:`problems`)."""
+    renamed = {k: n for k, n in codes_keys(rule).items() if k in value and n not in value}
+    if not renamed:
+        return value, {}
+    return {renamed.get(k, k): v for k, v in value.items()}, {n: k for k, n in renamed.items()}
+
+
 def compact_states(rule, value: dict) -> dict[str, bool]:
     """``{state name: signed}`` of the states of ``value`` (a saved or held param state) held as
     codes and scales: those whose ``_absmax`` key is present."""
@@ -51,12 +76,15 @@ def compact_states(rule, value: dict) -> dict[str, bool]:
 
 
 def saved(rule, group: dict, p: torch.Tensor, state: dict, compact: bool) -> dict:
-    """The entry of ``p``'s ``state`` in a state dict: as it is held where ``compact`` or where
-    it has no 8-bit state; else each 8-bit state dequantized to the dtype of ``p``'s full-precision
-    states in ``group`` and its ``_absmax`` key left out (torch's layout)."""
+    """The entry of ``p``'s ``state`` in a state dict: as it is held where it has no 8-bit state,
+    or where ``compact`` with each 8-bit state's codes under ``name + "_codes"``; else each 8-bit
+    state dequantized to the dtype of ``p``'s full-precision states in ``group`` and its
+    ``_absmax`` key left out (torch's layout)."""
     held = compact_states(rule, state) if isinstance(state, dict) else {}
-    if compact or not held:
+    if not held:
         return state
+    if compact:  # (the codes under their own key: see the module's docstring)
+        return {(codes_key(k) if k in held else k): v for k, v in state.items()}
     dtype = _storage.state_dtype(group, p)
     scales = {_quant.absmax_key(n) for n in held}
     out = {}
@@ -83,12 +111,18 @@ def problems(rule, p: torch.Tensor, value: Any) -> list[str]:
     all is well (or the state holds none)."""
     if not isinstance(value, dict):
         return []
+    bad = [
+        f"{k!r} and {n!r} (8-bit codes beside another value of the same state)"
+        for k, n in codes_keys(rule).items()
+        if k in value and n in value
+    ]
+    value, saved_as = _held_form(rule, value)
     offered = signed_states(rule)
     scale_of = scale_keys(rule)
-    bad = []
     for key, v in value.items():
         if key in scale_of and scale_of[key] not in value:
-            bad.append(f"{key!r} (8-bit scales without their codes {scale_of[key]!r})")
+            codes = codes_key(scale_of[key])
+            bad.append(f"{key!r} (8-bit scales without their codes {codes!r})")
         elif (
             key in offered
             and torch.is_tensor(v)
@@ -96,7 +130,8 @@ def problems(rule, p: torch.Tensor, value: Any) -> list[str]:
             and _quant.absmax_key(key) not in value
         ):
             bad.append(
-                f"{key!r} (uint8: 8-bit codes without their scales {_quant.absmax_key(key)!r})"
+                f"{saved_as.get(key, key)!r} (uint8: 8-bit codes without their scales "
+                f"{_quant.absmax_key(key)!r})"
             )
     want = _quant.layout(p)
 
@@ -106,7 +141,8 @@ def problems(rule, p: torch.Tensor, value: Any) -> list[str]:
     for name in compact_states(rule, value):
         codes, absmax = value.get(name), value[_quant.absmax_key(name)]
         if codes is not None and not fits(codes, "codes"):
-            bad.append(f"{name!r} ({_what(codes)}; 8-bit codes are uint8 in the param's shape)")
+            key = saved_as.get(name, name)
+            bad.append(f"{key!r} ({_what(codes)}; 8-bit codes are uint8 in the param's shape)")
         n = _quant.blocks(p.numel())
         if not fits(absmax, "absmax"):
             bad.append(
@@ -129,6 +165,7 @@ def loaded(rule, group: dict, p: torch.Tensor, value: dict) -> tuple[dict, set]:
         raise ValueError(
             f"the saved {', '.join(bad)} cannot be the state of a param of shape {tuple(p.shape)}"
         )
+    value, _ = _held_form(rule, value)
     held = compact_states(rule, value)
     want = _quant.quantized(rule, group, p)
     if not held and not want:

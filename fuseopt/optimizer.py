@@ -586,9 +586,10 @@ class Optimizer(torch.optim.Optimizer):
 
         Args:
             compact (bool, keyword-only): save 8-bit states as they are held, the uint8 codes
-                under the state's key and the float32 scales of its blocks under
+                under ``<key>_codes`` and the float32 scales of its blocks under
                 ``<key>_absmax``: a quarter of the bytes, and a load gives back exactly the
-                state saved (fuseopt only: torch.optim cannot load it) (default: False)
+                state saved (fuseopt only: torch.optim loads it but its step raises a
+                ``KeyError`` for ``<key>``) (default: False)
         """
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)

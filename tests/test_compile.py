@@ -176,7 +176,7 @@ for dtype, kwargs in options:
         for key, value in state.items():
             assert torch.equal(torch.as_tensor(ours_state[i][key]), torch.as_tensor(value)), key
     if "state_bits" in kwargs:
-        assert eager_state[0]["exp_avg"].dtype == torch.uint8
+        assert eager_state[0]["exp_avg_codes"].dtype == torch.uint8
 print("OK")
 """
 

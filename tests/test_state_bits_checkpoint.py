@@ -264,13 +264,24 @@ def test_the_largest_negative_value_is_why_the_default_form_is_not_exact():
 
 
 # ------------------------------------------------------------------------- the compact form
+def held(saved: dict) -> dict:
+    """A compact param state as the optimizer holds it: codes under their state's key."""
+    return {k.removesuffix("_codes"): v for k, v in saved.items()}
+
+
 @pytest.mark.parametrize("row", ROWS, ids=lambda r: r.name)
 def test_compact_form_round_trips_exactly(row):
+    """The codes under ``<name>_codes`` (no ``<name>``: torch.optim would cast the codes to
+    floats and step on them), the scales under ``<name>_absmax``; a load gives back exactly
+    the state, and so does one of the first compact layout (the codes under ``<name>``)."""
     opt, params = by_hand(row)
     sd = opt.state_dict(compact=True)
     for i, (n, p) in enumerate(params.items()):
-        assert_same_state(sd["state"][i], opt.state[p])
+        assert_same_state(held(sd["state"][i]), opt.state[p])
         assert any(k.endswith("_absmax") for k in sd["state"][i]) == (n in BIG)
+        assert any(k.endswith("_codes") for k in sd["state"][i]) == (n in BIG)
+        assert not any(v.dtype == torch.uint8 for k, v in sd["state"][i].items()
+                       if not k.endswith("_codes"))  # fmt: skip
     buffer = io.BytesIO()
     torch.save(sd, buffer)
     buffer.seek(0)
@@ -279,6 +290,23 @@ def test_compact_form_round_trips_exactly(row):
     for p, q in zip(params.values(), fresh_params.values()):
         assert_same_state(fresh.state[q], opt.state[p])
     assert fresh.param_groups[0]["state_bits"] == 8
+    first_layout = {**sd, "state": {i: held(v) for i, v in sd["state"].items()}}
+    again, again_params = fresh_8bit(row)
+    again.load_state_dict(copy.deepcopy(first_layout))
+    for p, q in zip(params.values(), again_params.values()):
+        assert_same_state(again.state[q], opt.state[p])
+
+
+def test_torch_refuses_to_step_from_a_compact_checkpoint():
+    """torch.optim loads any state dict; from a compact one its step finds no ``exp_avg`` and
+    raises, instead of taking the cast codes for moments."""
+    opt, params = by_hand(BY_ROW["AdamW"])
+    theirs = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone()) for p in params.values()])
+    theirs.load_state_dict(copy.deepcopy(opt.state_dict(compact=True)))
+    for p in theirs.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    with pytest.raises(KeyError, match="exp_avg"):
+        theirs.step()
 
 
 @pytest.mark.parametrize("impl", [dict(foreach=False), dict(fused=True)], ids=["forloop", "fused"])
@@ -417,11 +445,11 @@ def _bad(name: str):
     """A compact state dict of Adam with one fault, and the error it must give."""
 
     def edit(state):
-        codes, absmax = state["exp_avg"], state["exp_avg_absmax"]
+        codes, absmax = state["exp_avg_codes"], state["exp_avg_absmax"]
         if name == "codes shape":
-            state["exp_avg"] = codes.reshape(-1)
+            state["exp_avg_codes"] = codes.reshape(-1)
         elif name == "codes dtype":
-            state["exp_avg"] = codes.to(torch.int16)
+            state["exp_avg_codes"] = codes.to(torch.int16)
         elif name == "absmax dtype":
             state["exp_avg_absmax"] = absmax.half()
         elif name == "absmax blocks":
@@ -429,24 +457,29 @@ def _bad(name: str):
         elif name == "absmax 2-d":
             state["exp_avg_absmax"] = absmax[:, None]
         elif name == "absmax without codes":
-            del state["exp_avg"]
+            del state["exp_avg_codes"]
         elif name == "codes without absmax":
             del state["exp_avg_absmax"]
+        elif name == "codes twice":
+            state["exp_avg"] = codes.clone()
         elif name == "full state shape":
-            del state["exp_avg_absmax"]
+            del state["exp_avg_absmax"], state["exp_avg_codes"]
             state["exp_avg"] = torch.zeros(7)
 
     match = {
-        "codes shape": r"'exp_avg' \(torch.uint8 of shape \(4900,\); 8-bit codes are uint8 in "
-        r"the param's shape\)",
-        "codes dtype": r"'exp_avg' \(torch.int16 of shape \(70, 70\); 8-bit codes are uint8",
+        "codes shape": r"'exp_avg_codes' \(torch.uint8 of shape \(4900,\); 8-bit codes are uint8 "
+        r"in the param's shape\)",
+        "codes dtype": r"'exp_avg_codes' \(torch.int16 of shape \(70, 70\); 8-bit codes are uint8",
         "absmax dtype": r"'exp_avg_absmax' \(torch.float16 of shape \(20,\); 8-bit scales are "
         r"float32 of shape \(20,\), one per block of 256 of the param's 4900 elements\)",
         "absmax blocks": r"'exp_avg_absmax' \(torch.float32 of shape \(19,\); 8-bit scales",
         "absmax 2-d": r"'exp_avg_absmax' \(torch.float32 of shape \(20, 1\); 8-bit scales",
-        "absmax without codes": r"'exp_avg_absmax' \(8-bit scales without their codes 'exp_avg'\)",
-        "codes without absmax": r"'exp_avg' \(uint8: 8-bit codes without their scales "
+        "absmax without codes": r"'exp_avg_absmax' \(8-bit scales without their codes "
+        r"'exp_avg_codes'\)",
+        "codes without absmax": r"'exp_avg_codes' \(uint8: 8-bit codes without their scales "
         r"'exp_avg_absmax'\)",
+        "codes twice": r"'exp_avg_codes' and 'exp_avg' \(8-bit codes beside another value of "
+        r"the same state\)",
         "full state shape": r"'exp_avg' \(torch.float32 of shape \(7,\)\) cannot be quantized",
     }[name]
     return edit, match
@@ -454,7 +487,7 @@ def _bad(name: str):
 
 FAULTS = [
     "codes shape", "codes dtype", "absmax dtype", "absmax blocks", "absmax 2-d",
-    "absmax without codes", "codes without absmax", "full state shape",
+    "absmax without codes", "codes without absmax", "codes twice", "full state shape",
 ]  # fmt: skip
 
 
