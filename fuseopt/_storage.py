@@ -124,6 +124,14 @@ def check_group(rule, group: dict) -> None:
                 f"state_dtype={sd}: this optimizer keeps no elementwise state with these options"
             )
     for p in group["params"]:
+        if p.dtype == torch.float16:
+            for name in ("kahan_sum", "stochastic_rounding"):
+                if group.get(name):  # (they would leave its store rounded to nearest, silently)
+                    raise ValueError(
+                        f"{name}=True applies to bfloat16 params and stores, got a float16 "
+                        "param, whose store would round to nearest (float16 training keeps "
+                        "float32 params; or train in bfloat16)"
+                    )
         if p.dtype not in PARAM_DTYPES:
             given = [n for n in ("state_dtype", "stochastic_rounding", "kahan_sum", "state_bits")
                      if group.get(n) not in (None, False)]  # fmt: skip

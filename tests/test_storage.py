@@ -177,6 +177,16 @@ def test_groups_stay_torchs_unless_asked():
             lambda p: fuseopt.Adam([torch.zeros(2, dtype=torch.complex64)], state_dtype=BF16),
             ValueError, "complex64",
         ),
+        (  # (a float16 store rounds to nearest: the option would do nothing to it)
+            lambda p: fuseopt.Adam([torch.zeros(2, dtype=torch.float16)], kahan_sum=True),
+            ValueError, r"kahan_sum=True applies to bfloat16 params and stores, got a float16",
+        ),
+        (
+            lambda p: fuseopt.Adam(
+                [torch.zeros(2, dtype=torch.float16)], state_dtype=BF16, stochastic_rounding=True
+            ),
+            ValueError, r"stochastic_rounding=True applies to bfloat16 params and stores",
+        ),
         (  # (the message names the option given)
             lambda p: fuseopt.Adam([torch.zeros(2, dtype=torch.float64)], state_bits=8),
             ValueError, r"^state_bits: these storage options .* got a param of torch.float64",
