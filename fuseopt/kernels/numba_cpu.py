@@ -170,18 +170,21 @@ def _quant_lines(graph: Graph, operands, quant: tuple, T: str):
     """What 8-bit states change in an update kernel whose chunks are walked a block
     (:data:`BLOCK` elements, one scale) at a time (``lo``, ``n``: the block's start and size):
     ``(before, loads, stores, after)``, the lines before the block's loop, the expressions
-    that read and write an operand there, and the lines after it.
+    that read an operand there and the lines that write it, and the lines after it.
 
     Operand ``k`` of ``quant`` holds its codes (uint8); its scales are an operand after the
     others (``quant``'s order). Before the loop, the block's values are dequantized into a
     float32 buffer ``q{k}``: the map's value times the block's scale, as
-    :func:`fuseopt._quant.dequantize` (a loop of its own: it vectorises, a table gather, and
-    leaves the main loop fewer arrays to prove apart). The main loop reads ``q{k}`` and writes
-    the new value back into it; after it, the block's largest magnitude (an integer max over
-    the magnitudes' bits: the float max, NaN above inf; vectorises) is the new scale, and each
-    code is that of the value times the scale's reciprocal (0 for a block of zeros), found by
-    :func:`fuseopt._quant.encode`'s arithmetic (``code_s``/``code_u``: it vectorises)."""
+    :func:`fuseopt._quant.dequantize` (one loop of its own for every state: it vectorises, a
+    table gather, and leaves the main loop fewer arrays to prove apart). The main loop reads
+    ``q{k}`` and writes the new value back into it, and keeps the block's largest magnitude (an
+    integer max over the magnitudes' bits: the float max, NaN above inf; vectorises). After
+    it, that is the new scale, and each code is that of the value times the scale's reciprocal
+    (0 for a block of zeros), found by :func:`fuseopt._quant.encode`'s arithmetic
+    (``code_s``/``code_u``: it vectorises), in one more loop for every state. (Three loops
+    over the block, not one per state and step: measured 7% less time for AdamW's step.)"""
     before, loads, stores, after = [], {}, {}, []
+    dequantize, encode = [], []
     n_ops = len(operands)
     for i, (name, signed) in enumerate(quant):
         k, s = operands.index(name), n_ops - len(quant) + i
@@ -191,24 +194,22 @@ def _quant_lines(graph: Graph, operands, quant: tuple, T: str):
             f"            m{k} = numba.carray(ptr_float32(ptrs[{s}, t] + (lo >> 8) * 4), 1)",
         ]
         if name in graph.inputs:
-            before += [
-                f"            s{k} = m{k}[0]  # {operands[s]}",
-                "            for j in range(n):",
-                f"                q{k}[j] = QMAP_{mark}[a{k}[j]] * s{k}",
-            ]
+            before.append(f"            s{k} = m{k}[0]  # {operands[s]}")
+            dequantize.append(f"                q{k}[j] = QMAP_{mark}[a{k}[j]] * s{k}")
             loads[k] = f"q{k}[j]"
         if name in graph.outputs:
-            stores[k] = f"q{k}[j] = {{}}"
+            before.append(f"            x{k} = np.uint32(0)")
+            stores[k] = [f"q{k}[j] = {{}}", f"x{k} = umax(x{k}, mag_bits({{}}))"]
             after += [
-                f"            x{k} = np.uint32(0)",
-                "            for j in range(n):",
-                f"                x{k} = umax(x{k}, mag_bits(q{k}[j]))",
                 f"            amax = bits_f32(x{k})",
                 f"            m{k}[0] = amax",
-                "            inv = ONE / amax if amax > ZERO else ZERO",
-                "            for j in range(n):",
-                f"                a{k}[j] = code_{mark.lower()}(q{k}[j] * inv)",
+                f"            inv{k} = ONE / amax if amax > ZERO else ZERO",
             ]
+            encode.append(f"                a{k}[j] = code_{mark.lower()}(q{k}[j] * inv{k})")
+    if dequantize:
+        before += ["            for j in range(n):", *dequantize]
+    if encode:
+        after += ["            for j in range(n):", *encode]
     return before, loads, stores, after
 
 
@@ -278,7 +279,7 @@ def _source(
         for name, node in outputs:
             k = operands.index(name)
             if k in q_stores:  # (an 8-bit state: its codes after the block, see _quant_lines)
-                body.append(f"            {q_stores[k].format(f'v{node}')}")
+                body += [f"            {line.format(f'v{node}')}" for line in q_stores[k]]
                 continue
             if kahan and name == "param":
                 body += _kahan_store(graph, node, storages, pointers, compute, kc)
