@@ -182,8 +182,15 @@ class _ScheduleFree(Optimizer):
                     ps, zs = batches[(p.device, p.dtype, z.device, z.dtype)]
                     ps.append(p)
                     zs.append(z)
-            for ps, zs in batches.values():
-                torch._foreach_lerp_(ps, zs, weight)
+            for (_, p_dtype, _, z_dtype), (ps, zs) in batches.items():
+                if p_dtype == z_dtype:
+                    torch._foreach_lerp_(ps, zs, weight)
+                    continue
+                # a storage format (state_dtype: z in another dtype than the param): float32
+                # math, the param rounded once, as the step computes
+                for p, z in zip(ps, zs):
+                    wide = z.to(device=p.device, dtype=torch.float32)
+                    p.copy_(torch.lerp(p.float(), wide, weight))
             group["train_mode"] = train
 
     def _step(self, closure=None):

@@ -590,3 +590,35 @@ def test_step_in_backward_is_refused():
     params[0].grad = torch.ones(4, 3)
     opt.step()  # (nothing was installed)
     assert opt.param_groups[0]["k"] == 1
+
+
+@pytest.mark.parametrize(
+    "param_dtype, state_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)]
+)
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_storage_formats_switch_modes(param_dtype, state_dtype, impl):
+    """``state_dtype`` keeps ``z`` in another dtype than the param: ``eval()`` and ``train()``
+    lerp in float32 and round the param once (they raised before: ATen's lerp refuses mixed
+    dtypes), and the step goes on from the switched-back params."""
+    torch.manual_seed(0)
+    params = [torch.randn(6, 5, dtype=param_dtype, requires_grad=True) for _ in range(2)]
+    opt = AdamWScheduleFree(params, lr=0.01, state_dtype=state_dtype, **IMPLS[impl])
+    opt.train()
+    for step in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(step)).to(p.dtype)
+        opt.step()
+    beta1 = opt.param_groups[0]["betas"][0]
+    ys = [p.detach().clone() for p in params]
+    zs = [opt.state[p]["z"] for p in params]
+    assert all(z.dtype == state_dtype for z in zs)
+    opt.eval()
+    xs = [torch.lerp(y.float(), z.float(), 1 - 1 / beta1).to(param_dtype) for y, z in zip(ys, zs)]
+    assert all(torch.equal(p, x) for p, x in zip(params, xs))
+    opt.train()
+    back = [torch.lerp(x.float(), z.float(), 1 - beta1).to(param_dtype) for x, z in zip(xs, zs)]
+    assert all(torch.equal(p, y) for p, y in zip(params, back))
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in params)
