@@ -35,23 +35,21 @@ def any_dtensor(tensors) -> bool:
     return cls is not None and any(isinstance(t, cls) for t in tensors)
 
 
-def fused_backend(
-    p: torch.Tensor, g: torch.Tensor, state: dict, names: list[str], also=None
-) -> str:
-    """The backend for DTensor ``p``: ``"numba"`` where the grad and the state are sharded like
-    ``p``, the grad of its dtype and each state of its dtype or ``also`` (the group's
-    ``state_dtype``), and every local shard is contiguous (the kernel walks shards as flat
-    arrays), else ``"foreach"`` (torch ops through DTensor's dispatch, which redistributes what it
-    must)."""
+def shards_fit(p: torch.Tensor, g: torch.Tensor, state: dict, names: list[str], also=None) -> bool:
+    """Whether a fused kernel may step DTensor ``p`` on its local shard: the grad and the state
+    sharded like ``p``, the grad of its dtype and each state of its dtype or ``also`` (the
+    group's ``state_dtype``), and every local shard contiguous (the kernel walks shards as flat
+    arrays). Else its step takes foreach (torch ops through DTensor's dispatch, which
+    redistributes what it must). The kernel stays the one the param's device takes."""
     states = [state[n] for n in names if n in state]
     for t in (g, *states):
         if not is_dtensor(t) or t.device_mesh != p.device_mesh or t.placements != p.placements:
-            return "foreach"
+            return False
         if t.shape != p.shape or not t.to_local().is_contiguous():
-            return "foreach"
+            return False
         if t.dtype != p.dtype and (t is g or t.dtype != also):
-            return "foreach"
-    return "numba" if p.to_local().is_contiguous() else "foreach"
+            return False
+    return p.to_local().is_contiguous()
 
 
 def local_shards(p: torch.Tensor, g: torch.Tensor, state: dict, names: list[str]):

@@ -10,11 +10,11 @@ the one place that establishes, at every step and before any address is read:
 
 - K1 *operands*: the launch's operands are ``param``, ``grad`` and the states that the group's
   options call for now, and each of those states exists;
-- K2 *kind*: every tensor is strided, on the launch's device, of its operand's dtype in the
-  launch (``Launch.dtypes``, the kernel's pointer types: the param's dtype for param and grad;
-  for each state the param's, or, in a group with a storage format (:mod:`fuseopt._storage`),
-  the group's ``state_dtype``; complex params: their real views), without the negative or
-  conjugate bit;
+- K2 *kind*: every tensor is strided, on the launch's device (the host's for numba), of its
+  operand's dtype in the launch (``Launch.dtypes``, the kernel's pointer types: the param's
+  dtype for param and grad; for each state the param's, or, in a group with a storage format
+  (:mod:`fuseopt._storage`), the group's ``state_dtype``; complex params: their real views),
+  without the negative or conjugate bit;
 - K3 *layout*: every grad and state has its param's shape and strides, and the param is dense
   (no gaps, no overlap): the kernel walks the three as flat arrays of the same length;
 - K4 *bounds*: every tensor's storage holds each byte its shape, strides and offset address;
@@ -343,15 +343,16 @@ def _route(entry: Entry, names: list[str], where: str, state_dtype=None) -> None
     if quant and (_dtensor.is_dtensor(p) or p.dtype not in _storage.PARAM_DTYPES):
         entry.backend = "reference"  # (the kernels quantize in float32, on whole tensors)
         return
-    if _dtensor.is_dtensor(p):  # FSDP2: the kernel runs on shards sharded alike
-        entry.backend = _dtensor.fused_backend(p, g, state, names, also)
-        if entry.backend != "numba":
-            return
+    if _dtensor.is_dtensor(p) and not _dtensor.shards_fit(p, g, state, names, also):
+        entry.backend = "foreach"  # (FSDP2: a kernel runs on local shards sharded alike)
+        return
     if entry.odd or (entry.step is not None and not _kernel_step(entry)):
         entry.backend = "reference"
         return
     kp, kg, kstates = _views(entry, [n for n in names if n not in quant])
     problem, kg = entry_check(kp, kg, kstates, also)
+    if entry.backend == "numba" and not kp.is_cpu:  # K2: numba's kernels read host memory
+        problem = f"a numba kernel on a tensor of device {kp.device}"
     if problem is None and quant:  # K10
         packed = {
             n: (state[n], state[_quant.absmax_key(n)]) for n in quant if state.get(n) is not None

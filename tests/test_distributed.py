@@ -117,9 +117,37 @@ def test_dtensor_state_of_another_dtype_never_reaches_the_kernel(one_rank_mesh):
     p = torch.nn.Parameter(distribute_tensor(value, one_rank_mesh, [Shard(0)]))
     g = distribute_tensor(torch.ones_like(value), one_rank_mesh, [Shard(0)])
     state = {"exp_avg": distribute_tensor(torch.zeros_like(value), one_rank_mesh, [Shard(0)])}
-    assert _dtensor.fused_backend(p, g, state, ["exp_avg"]) == "numba"
+    assert _dtensor.shards_fit(p, g, state, ["exp_avg"])
     state["exp_avg"] = distribute_tensor(torch.zeros(6, 2), one_rank_mesh, [Shard(0)])  # float32
-    assert _dtensor.fused_backend(p, g, state, ["exp_avg"]) == "foreach"
+    assert not _dtensor.shards_fit(p, g, state, ["exp_avg"])
+
+
+def test_dtensor_keeps_its_devices_kernel(one_rank_mesh, monkeypatch):
+    """A DTensor whose shards fit takes the kernel of its device's backend on its local shard,
+    never another: here Triton (interpreted, as on a GPU), not numba, whose kernels read host
+    memory (K2: a numba launch holds only CPU tensors)."""
+    pytest.importorskip("triton")
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from fuseopt.kernels import numba_cpu, triton_gpu
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("FUSEOPT_FUSED_BACKEND", "triton")
+    runs = []
+    for module in (numba_cpu, triton_gpu):
+        run = module.run
+        monkeypatch.setattr(
+            module, "run", lambda launch, m=module, r=run: runs.append(m.__name__) or r(launch)
+        )
+    value, grad = torch.randn(6, 40), torch.randn(6, 40)
+    plain = torch.nn.Parameter(value.clone())
+    plain.grad = grad.clone()
+    fuseopt.Adam([plain], lr=0.1, fused=True).step()
+    p = torch.nn.Parameter(distribute_tensor(value.clone(), one_rank_mesh, [Shard(0)]))
+    p.grad = distribute_tensor(grad.clone(), one_rank_mesh, [Shard(0)])
+    fuseopt.Adam([p], lr=0.1, fused=True).step()
+    assert runs == ["fuseopt.kernels.triton_gpu"] * 2
+    assert torch.equal(p.full_tensor(), plain.detach())
 
 
 DTENSOR_STORAGE = [
