@@ -171,7 +171,7 @@ def _check_bits(rule, group, specs, state: dict, p: torch.Tensor, where: str) ->
     codes (an ``absmax`` beside them, or uint8 codes), and a first value the group would make
     8-bit; errors (K10) for codes or scales that no path can read: another dtype, shape,
     device, a missing ``absmax``."""
-    want = None
+    wanted = layout = None  # (what the group would keep in 8 bits, and how: made if needed)
     out = {}
     for spec in specs:
         signed = getattr(spec, "signed", None)
@@ -180,17 +180,17 @@ def _check_bits(rule, group, specs, state: dict, p: torch.Tensor, where: str) ->
         name, key = spec.name, _quant.absmax_key(spec.name)
         codes = state.get(name)
         if codes is None:  # (a missing Zeros state raised in _check_state)
-            if want is None:
-                want = _quant.quantized(rule, group, p)
-            if name in want:
+            if wanted is None:
+                wanted = _quant.quantized(rule, group, p)
+            if name in wanted:
                 out[name] = signed
             continue
         if key not in state and not (torch.is_tensor(codes) and codes.dtype == torch.uint8):
             continue  # a full-precision state
         absmax = state[key]  # KeyError naming the key, as torch's for a missing state
-        want = _quant.layout(p)
+        layout = layout or _quant.layout(p)
         for what, t in (("codes", codes), ("absmax", absmax)):
-            dtype, shape = want[what]
+            dtype, shape = layout[what]
             label = name if what == "codes" else key
             if not torch.is_tensor(t):
                 raise RuntimeError(
@@ -414,8 +414,9 @@ class Launch:
     """One backend call: ``rule`` over a batch of tensors, with everything the backend reads.
 
     ``tensors`` holds one list per operand (``operands``: param, grad, then states, then a
-    bfloat16 param's ``kahan_comp``, then the scales of 8-bit states) in batch order; for a kernel, what the kernel walks, checked here (K1-K5). ``states`` holds the
-    params' state dicts for the for-loop, which reads them when it runs (a
+    bfloat16 param's ``kahan_comp``, then the scales of 8-bit states) in batch order; for a
+    kernel, what the kernel walks, checked here (K1-K5). ``states`` holds the params' state
+    dicts for the for-loop, which reads them when it runs (a
     :class:`~fuseopt.rule.FirstValue` it creates there), and ``odd`` whether each param's
     tensors differ in dtype (the for-loop then rounds as torch's in-place ops do).
     :meth:`address_table` reads a kernel's data addresses, one row per operand.
